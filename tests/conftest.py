@@ -26,3 +26,31 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "HAM10000_metadata.csv").is_file():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic HAM10000-layout folder (metadata CSV + images/), 7 learnable classes."""
+    from skinlesion.data.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("synth") / "ham"
+    write_synthetic(out, n_per_class=30, size=(96, 72), seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_dir, tmp_path_factory) -> Path:
+    """A trained run folder (config.json, splits.csv, history.csv, best.pt, last.pt) on synthetic data.
+
+    Small and fast; used by the evaluate / report / predict / export / serve tests.
+    """
+    from skinlesion.cli import main
+
+    out = tmp_path_factory.mktemp("runs")
+    rc = main(
+        ["train", "--data-dir", str(synth_dir), "--out", str(out), "--run-name", "tiny",
+         "--backbone", "efficientnet_b0", "--no-pretrained", "--img-size", "64", "--epochs", "4",
+         "--batch-size", "16", "--lr", "3e-3", "--seed", "0", "--workers", "0"]
+    )
+    assert rc == 0
+    return out / "tiny"
