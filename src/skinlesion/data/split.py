@@ -1,0 +1,151 @@
+"""Lesion-grouped, class-stratified train/val(/test) split (scikit-learn StratifiedGroupKFold).
+
+Every image of a lesion lands in the same part. The table is sorted by image id first, so the
+result depends only on its content and the seed, never on the CSV row order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from skinlesion.classes import CLASSES
+from skinlesion.errors import SkinLesionError
+from skinlesion.fileio import write_csv
+
+SPLIT_COLUMNS = ("image_id", "lesion_id", "dx", "split")
+PARTS = ("train", "val", "test")
+
+
+def _held_out(table: pd.DataFrame, n_splits: int, fold: int, seed: int) -> np.ndarray:
+    """Boolean mask of fold ``fold`` of ``n_splits`` lesion-grouped stratified folds."""
+    n_lesions = table["lesion_id"].nunique()
+    if n_splits > n_lesions:
+        raise SkinLesionError(f"cannot make {n_splits} folds from {n_lesions} lesions; use fewer folds or more data")
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # Rare classes with fewer lesions than folds are still split as evenly as possible.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for i, (_, held) in enumerate(sgkf.split(table, table["dx"], groups=table["lesion_id"])):
+            if i == fold:
+                mask = np.zeros(len(table), dtype=bool)
+                mask[held] = True
+                return mask
+    raise AssertionError("unreachable: fold < n_splits was checked")
+
+
+def make_split(
+    table: pd.DataFrame,
+    val_frac: float = 0.2,
+    test_frac: float = 0.0,
+    folds: int | None = None,
+    fold: int = 0,
+    seed: int = 42,
+) -> pd.DataFrame:
+    """Return image_id, lesion_id, dx, split (train / val / test), sorted by image_id.
+
+    A part of fraction f is one fold of round(1/f) folds, so fractions are met as closely as whole
+    lesions allow. With ``test_frac`` the test part is carved first, then val from the rest.
+    With ``folds=K``, val is fold ``fold`` of K (of what remains after the test part).
+    """
+    if folds is None and not 0 < val_frac < 1:
+        raise SkinLesionError(f"--val-frac must be between 0 and 1, got {val_frac}")
+    if not 0 <= test_frac < 1 or (folds is None and val_frac + test_frac >= 1):
+        raise SkinLesionError(f"--test-frac must be >= 0 and leave room for train (val {val_frac}, test {test_frac})")
+    if folds is not None and (folds < 2 or not 0 <= fold < folds):
+        raise SkinLesionError(f"--folds must be >= 2 and --fold in 0..{(folds or 2) - 1}, got {folds} and {fold}")
+    missing = [c for c in ("image_id", "lesion_id", "dx") if c not in table.columns]
+    if missing:
+        raise SkinLesionError(f"table lacks column(s) {', '.join(missing)}")
+
+    frame = table[["image_id", "lesion_id", "dx"]].astype(str)
+    frame = frame.sort_values(["image_id", "lesion_id"], kind="stable").reset_index(drop=True)
+    frame["split"] = "train"
+    rest = np.ones(len(frame), dtype=bool)
+    if test_frac > 0:
+        test = _held_out(frame, max(2, round(1 / test_frac)), 0, seed)
+        frame.loc[test, "split"] = "test"
+        rest = ~test
+    remaining = frame[rest]
+    if folds is not None:
+        val = _held_out(remaining, folds, fold, seed)
+    else:
+        val = _held_out(remaining, max(2, round((1 - test_frac) / val_frac)), 0, seed)
+    frame.loc[remaining.index[val], "split"] = "val"
+    return frame
+
+
+def read_splits(path: str | Path) -> pd.DataFrame:
+    """Read and check a splits.csv (image_id, lesion_id, dx, split)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SkinLesionError(f"splits file {path} does not exist; write one with `skinlesion split --out {path}`")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise SkinLesionError(f"cannot read splits file {path} ({e})") from e
+    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise SkinLesionError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(SPLIT_COLUMNS)}")
+    bad_parts = sorted(set(frame["split"]) - set(PARTS))
+    if bad_parts:
+        raise SkinLesionError(f"{path}: unknown split value(s) {bad_parts}; allowed: {', '.join(PARTS)}")
+    bad_dx = sorted(set(frame["dx"]) - set(CLASSES))
+    if bad_dx:
+        raise SkinLesionError(f"{path}: unknown dx value(s) {bad_dx}; allowed: {', '.join(CLASSES)}")
+    dups = frame["image_id"][frame["image_id"].duplicated()].tolist()
+    if dups:
+        raise SkinLesionError(f"{path}: image id(s) listed twice: {', '.join(dups[:10])}")
+    crossing = frame.groupby("lesion_id")["split"].nunique()
+    crossing = crossing[crossing > 1].index.tolist()
+    if crossing:
+        raise SkinLesionError(f"{path}: lesion(s) in more than one part: {', '.join(crossing[:10])}")
+    return frame[list(SPLIT_COLUMNS)]
+
+
+def write_splits(path: str | Path, frame: pd.DataFrame) -> Path:
+    """Write the split atomically (columns image_id, lesion_id, dx, split)."""
+    return write_csv(path, frame[list(SPLIT_COLUMNS)])
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Images per class and part (rows: classes + total + lesions; columns: parts present + all)."""
+    parts = [p for p in PARTS if (frame["split"] == p).any()]
+    counts = pd.crosstab(frame["dx"], frame["split"]).reindex(index=list(CLASSES), columns=parts, fill_value=0)
+    counts["all"] = counts.sum(axis=1)
+    counts.loc["images"] = counts.sum(axis=0)
+    lesions = frame.groupby("split")["lesion_id"].nunique().reindex(parts, fill_value=0)
+    counts.loc["lesions"] = [*lesions.tolist(), frame["lesion_id"].nunique()]
+    counts.index.name = None
+    counts.columns.name = None
+    return counts
+
+
+def format_summary(frame: pd.DataFrame) -> str:
+    counts = summary(frame)
+    share = counts.loc[list(CLASSES)] / counts.loc["images"] * 100
+    out = counts.astype(object)
+    for part in counts.columns:
+        out.loc[list(CLASSES), part] = [
+            f"{n} ({s:.1f}%)" for n, s in zip(counts.loc[list(CLASSES), part], share[part], strict=True)
+        ]
+    return out.to_string()
+
+
+def main(args: argparse.Namespace) -> None:
+    from skinlesion.data.ham10000 import load_table
+
+    table = load_table(args.data_dir, args.metadata, args.images, allow_missing=args.allow_missing)
+    frame = make_split(
+        table, val_frac=args.val_frac, test_frac=args.test_frac, folds=args.folds, fold=args.fold, seed=args.seed
+    )
+    path = write_splits(args.out, frame)
+    how = f"fold {args.fold} of {args.folds}" if args.folds else f"val {args.val_frac:g}"
+    print(f"split of {len(frame)} images ({how}, test {args.test_frac:g}, seed {args.seed}); images per class:")
+    print(format_summary(frame))
+    print(f"wrote {path}")

@@ -1,0 +1,127 @@
+"""Image cache: built once, exact pixels, rebuilt when stale, never written into read-only data."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skinlesion.data.cache import LOCAL_DIRNAME, ImageCache, cache_short_side, decode_resized
+from skinlesion.data.dataset import LesionDataset
+from skinlesion.data.ham10000 import load_table
+from skinlesion.data.synth import write_synthetic
+from skinlesion.data.transforms import eval_transform
+from skinlesion.errors import SkinLesionError
+
+SHORT = 40
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("cache") / "ham", n_per_class=2, size=(80, 60), seed=3)
+
+
+@pytest.fixture()
+def data(source, tmp_path) -> Path:
+    return Path(shutil.copytree(source, tmp_path / "ham"))
+
+
+def _pixels_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("pixels-*.u8"))
+
+
+def test_built_once_with_exact_resized_pixels(data, tmp_path):
+    table = load_table(data)
+    cache = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    assert len(cache) == len(table) and cache.folder.is_relative_to(tmp_path / "c")
+    for image_id, path in zip(table["image_id"][:5], table["path"][:5], strict=True):
+        got = cache.get(image_id)
+        assert got.dtype == np.uint8 and got.shape == (SHORT, int(SHORT * 80 / 60), 3)
+        np.testing.assert_array_equal(got, decode_resized(path, SHORT))
+    files = _pixels_files(cache.folder)
+    again = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    assert _pixels_files(again.folder) == files  # opened, not rebuilt
+    # A subset (e.g. the val part), even without the table's attrs (lost in merges), reuses the full cache.
+    subset = table.iloc[:3].copy()
+    subset.attrs = {}
+    assert ImageCache.open_or_build(subset, SHORT, cache_dir=tmp_path / "c", progress=False).folder == cache.folder
+    assert _pixels_files(cache.folder) == files
+    # Keyed by size: another short side is another cache.
+    other = ImageCache.open_or_build(table, 24, cache_dir=tmp_path / "c", progress=False)
+    assert other.folder != cache.folder and min(other.get(table["image_id"][0]).shape[:2]) == 24
+    assert cache_short_side(224) == 257
+
+
+def test_never_upscales(data, tmp_path):
+    table = load_table(data)
+    cache = ImageCache.open_or_build(table, 200, cache_dir=tmp_path / "c", progress=False)
+    np.testing.assert_array_equal(cache.get(table["image_id"][0]), np.asarray(Image.open(table["path"][0])))
+
+
+def test_rebuilt_when_a_source_file_changes(data, tmp_path):
+    table = load_table(data)
+    cache = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    image_id, path = table["image_id"][4], Path(table["path"][4])
+    before = cache.get(image_id).copy()
+    Image.new("RGB", (80, 60), (0, 200, 0)).save(path, quality=95)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    rebuilt = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    after = rebuilt.get(image_id)
+    assert not np.array_equal(before, after)
+    np.testing.assert_array_equal(after, decode_resized(path, SHORT))
+    assert len(_pixels_files(rebuilt.folder)) == 1  # the old pixels file is gone
+    # The old object keeps reading its own (now unlinked) memory map without crashing.
+    np.testing.assert_array_equal(cache.get(table["image_id"][0]), rebuilt.get(table["image_id"][0]))
+
+
+def test_location_next_to_data_or_user_cache_for_read_only_data(data, tmp_path, monkeypatch):
+    monkeypatch.delenv("SKINLESION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    table = load_table(data)
+    writable = ImageCache.open_or_build(table, SHORT, progress=False)
+    assert writable.folder.parent == data.resolve() / LOCAL_DIRNAME
+    shutil.rmtree(data / LOCAL_DIRNAME)
+
+    before = sorted(str(p.relative_to(data)) for p in data.rglob("*"))
+    for p in [data, *data.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        cache = ImageCache.open_or_build(load_table(data), SHORT, progress=False)
+        assert cache.folder.is_relative_to(tmp_path / "xdg" / "skinlesion")
+        assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before
+        assert cache.get(table["image_id"][0]).shape[0] == SHORT
+    finally:
+        for p in [data, *data.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_unwritable_cache_dir_is_a_clear_error(data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SkinLesionError, match="cannot write the image cache.*--cache-dir"):
+        ImageCache.open_or_build(load_table(data), SHORT, cache_dir=blocker, progress=False)
+
+
+def test_usable_from_dataloader_workers(data, tmp_path):
+    table = load_table(data)
+    cache = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    cache.get(table["image_id"][0])  # the parent opened its memory map; workers must open their own
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone._pixels is None
+    np.testing.assert_array_equal(clone.get(table["image_id"][1]), cache.get(table["image_id"][1]))
+
+    dataset = LesionDataset(table, eval_transform(32, SHORT), cache=cache)
+    plain = LesionDataset(table, eval_transform(32, SHORT))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=7, num_workers=2)
+    batches = torch.cat([x for x, _ in loader])
+    assert batches.shape == (len(table), 3, 32, 32)
+    expected = torch.stack([plain[i][0] for i in range(len(table))])
+    # Cached pixels are PIL-resized, the originals torch-resized: close, not bit-identical.
+    assert (batches - expected).abs().mean() < 0.05
