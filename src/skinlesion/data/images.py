@@ -12,6 +12,10 @@ from skinlesion.errors import SkinLesionError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
+class ImageTooLargeError(SkinLesionError):
+    """Over the pixel limit (decompression-bomb guard); the web app answers 413 instead of 415."""
+
+
 def open_rgb(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode ``source`` (a path or raw bytes) to an RGB PIL image with EXIF rotation applied.
 
@@ -23,7 +27,7 @@ def open_rgb(source: str | Path | bytes, max_pixels: int | None = None) -> Image
     try:
         with Image.open(fp) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise SkinLesionError(
+                raise ImageTooLargeError(
                     f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,}; "
                     "downsize the image first"
                 )
@@ -36,11 +40,14 @@ def open_rgb(source: str | Path | bytes, max_pixels: int | None = None) -> Image
                     bg = Image.new("RGB", im.size, (255, 255, 255))
                     bg.paste(im, mask=im.getchannel("A"))
                     im = bg
+                elif im.mode == "I" or im.mode.startswith("I;16"):
+                    # 16-bit grayscale PNG: a plain convert clips everything above 255 to white.
+                    im = im.convert("I").point(lambda v: v * (1 / 256)).convert("RGB")
                 else:
                     im = im.convert("RGB")
             return im
     except Image.DecompressionBombError as e:
-        raise SkinLesionError(f"{name}: refused as a decompression bomb ({e})") from e
+        raise ImageTooLargeError(f"{name}: refused as a decompression bomb ({e})") from e
     except FileNotFoundError as e:
         raise SkinLesionError(f"{name}: file not found") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

@@ -1,0 +1,243 @@
+"""Inference speed: PyTorch eager vs ONNX Runtime, and the web server under a bounded local load.
+
+    python benchmarks/bench_infer.py [--img-size 224] [--runs 50] [--requests 200] [--duration 30]
+
+Builds an efficientnet_b0 checkpoint with random weights (speed does not depend on them) in a
+temporary run folder, exports it with ``skinlesion export``, then prints side by side:
+single-image latency p50/p95 and batch-32 images/s for both backends; and requests/s and
+latency of ``POST /api/predict`` for ``skinlesion serve --backend torch|onnx`` on 127.0.0.1,
+loaded by ``--concurrency`` client threads for a fixed request count, stopped early at ``--duration``.
+Loopback only; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+from skinlesion import checkpoint
+from skinlesion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
+from skinlesion.export import export_onnx
+from skinlesion.onnx_backend import OnnxPredictor
+
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000_originals"
+
+
+def make_run(run_dir: Path, backbone: str, img_size: int) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(backbone, pretrained=False, num_classes=7).eval()
+    meta = dict(
+        backbone=backbone,
+        img_size=img_size,
+        resize_size=resize_for(img_size),
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        epoch=0,
+        metrics={},
+        config={},
+        splits_sha256="",
+    )
+    checkpoint.save(run_dir / "best.pt", model, meta)
+
+
+def timings(fn, runs: int, warmup: int = 5) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return np.array(out)
+
+
+def bench_backends(run_dir: Path, img_size: int, runs: int) -> dict[str, dict[str, float]]:
+    model = checkpoint.load(run_dir).model
+    session = OnnxPredictor(run_dir).session
+    x1, x32 = torch.randn(1, 3, img_size, img_size), torch.randn(32, 3, img_size, img_size)
+
+    def torch_run(x):
+        with torch.inference_mode():
+            model(x)
+
+    def onnx_run(x):
+        session.run(None, {"input": x.numpy()})
+
+    results = {}
+    for name, run in (("PyTorch eager", torch_run), ("ONNX Runtime", onnx_run)):
+        single = timings(lambda run=run: run(x1), runs) * 1000
+        batch = timings(lambda run=run: run(x32), max(3, runs // 10), warmup=2)
+        results[name] = {
+            "p50_ms": float(np.percentile(single, 50)),
+            "p95_ms": float(np.percentile(single, 95)),
+            "batch32_img_s": 32 / float(np.median(batch)),
+        }
+    return results
+
+
+def sample_jpeg(img_size: int) -> bytes:
+    """A 224-px (img_size) JPEG: a real HAM10000 image when ../shared is present, else noise."""
+    files = sorted(SAMPLE.glob("**/*.jpg"))
+    if files:
+        image = Image.open(files[0]).convert("RGB")
+    else:
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (450, 600, 3), dtype=np.uint8))
+    image = image.resize((img_size * image.width // image.height, img_size))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_test(
+    run_dir: Path, backend: str, payload: bytes, requests: int, duration: float, concurrency: int, cam: bool = False
+) -> dict[str, float]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "skinlesion",
+        "serve",
+        "--run-dir",
+        str(run_dir),
+        "--port",
+        str(port),
+        "--backend",
+        backend,
+        "--log-level",
+        "warning",
+    ]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/api/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        with httpx.Client() as c:  # warm-up
+            for _ in range(3):
+                c.post(f"{url}/api/predict", params={"cam": cam}, files={"file": ("x.jpg", payload, "image/jpeg")})
+
+        latencies: list[float] = []
+        errors = [0]
+        lock = threading.Lock()
+        remaining = [requests]
+        stop_at = time.monotonic() + duration
+
+        def worker():
+            with httpx.Client(timeout=60) as c:
+                while time.monotonic() < stop_at:
+                    with lock:
+                        if remaining[0] == 0:
+                            return
+                        remaining[0] -= 1
+                    t = time.perf_counter()
+                    r = c.post(
+                        f"{url}/api/predict", params={"cam": cam}, files={"file": ("x.jpg", payload, "image/jpeg")}
+                    )
+                    dt = time.perf_counter() - t
+                    with lock:
+                        latencies.append(dt)
+                        errors[0] += r.status_code != 200
+
+        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    lat = np.array(latencies) * 1000
+    return {
+        "requests": len(lat),
+        "errors": errors[0],
+        "req_s": len(lat) / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbone", default="efficientnet_b0")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--runs", type=int, default=50, help="single-image timings per backend")
+    ap.add_argument("--requests", type=int, default=200, help="requests per server load test")
+    ap.add_argument("--duration", type=float, default=30.0, help="cap on each load test, seconds")
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--cam-requests", type=int, default=20, help="requests with ?cam=true (0 to skip)")
+    args = ap.parse_args()
+
+    print(
+        f"# {args.backbone} at {args.img_size} px, torch {torch.__version__}, {os.cpu_count()} CPU cores, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "bench"
+        make_run(run_dir, args.backbone, args.img_size)
+        export_onnx(run_dir)
+
+        res = bench_backends(run_dir, args.img_size, args.runs)
+        torch_r, onnx_r = res["PyTorch eager"], res["ONNX Runtime"]
+        print("\n## model only (preprocessed tensors)")
+        print(f"{'':24}{'PyTorch eager':>15}{'ONNX Runtime':>15}{'ONNX / PyTorch':>16}")
+        print(
+            f"{'batch 1 p50 latency ms':24}{torch_r['p50_ms']:15.2f}{onnx_r['p50_ms']:15.2f}"
+            f"{torch_r['p50_ms'] / onnx_r['p50_ms']:15.2f}x"
+        )
+        print(
+            f"{'batch 1 p95 latency ms':24}{torch_r['p95_ms']:15.2f}{onnx_r['p95_ms']:15.2f}"
+            f"{torch_r['p95_ms'] / onnx_r['p95_ms']:15.2f}x"
+        )
+        print(
+            f"{'batch 32 images/s':24}{torch_r['batch32_img_s']:15.1f}{onnx_r['batch32_img_s']:15.1f}"
+            f"{onnx_r['batch32_img_s'] / torch_r['batch32_img_s']:15.2f}x"
+        )
+
+        payload = sample_jpeg(args.img_size)
+        print(
+            f"\n## server: POST /api/predict, {len(payload) / 1024:.0f} kB JPEG, concurrency {args.concurrency}, "
+            f"up to {args.requests} requests / {args.duration:g} s each, 127.0.0.1"
+        )
+        print(f"{'serve --backend':24}{'requests':>10}{'errors':>8}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}")
+        rows = [("torch", False, args.requests), ("onnx", False, args.requests)]
+        if args.cam_requests:
+            rows.append(("onnx", True, args.cam_requests))
+        for backend, cam, n in rows:
+            r = load_test(run_dir, backend, payload, n, args.duration, args.concurrency, cam)
+            label = backend + (" + ?cam=true" if cam else "")
+            print(
+                f"{label:24}{r['requests']:10d}{r['errors']:8d}{r['req_s']:10.1f}{r['p50_ms']:10.1f}{r['p95_ms']:10.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""``skinlesion export``: best.pt -> model.onnx (dynamic batch, self-describing metadata), checked by ONNX Runtime.
+
+The graph outputs raw logits; the temperature travels in the metadata and is applied by
+``onnx_backend.OnnxPredictor`` exactly like ``inference.Predictor`` does, so both backends
+report the same calibrated probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skinlesion import checkpoint, fileio
+from skinlesion.errors import SkinLesionError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+TOLERANCE = 1e-4  # max abs difference allowed between PyTorch and ONNX Runtime probabilities
+
+
+def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
+    """``metadata_props`` of model.onnx: everything a consumer needs, JSON-encoded strings."""
+    return {
+        "classes": json.dumps(list(meta["classes"])),
+        "mean": json.dumps([float(v) for v in meta["mean"]]),
+        "std": json.dumps([float(v) for v in meta["std"]]),
+        "img_size": str(int(meta["img_size"])),
+        "resize_size": str(int(meta["resize_size"])),
+        "temperature": repr(float(meta.get("temperature", 1.0))),
+        "backbone": str(meta["backbone"]),
+        "source_sha256": source_sha256,
+        "input_name": INPUT_NAME,
+        "output": "logits (apply softmax(logits / temperature))",
+    }
+
+
+def to_onnx_bytes(model: torch.nn.Module, img_size: int, opset: int) -> bytes:
+    """Export with the torch.export-based (dynamo) exporter; batch is a dynamic dimension."""
+    # Batch 2 as the example: torch.export specialises dimensions of size 0 and 1.
+    example = torch.randn(2, 3, img_size, img_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    quiet = io.StringIO()
+    try:
+        # The exporter prints progress lines to stdout; keep stdout for our own messages.
+        with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as e:  # noqa: BLE001 - any exporter failure is reported in one line
+        raise SkinLesionError(
+            f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "try another --opset (17-21)"
+        ) from e
+    return program.model_proto.SerializeToString()
+
+
+def add_metadata(model_bytes: bytes, props: dict[str, str]) -> bytes:
+    import onnx
+
+    proto = onnx.load_from_string(model_bytes)
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def sample_inputs(meta: dict[str, Any], n_real: int = 3, seed: int = 0) -> torch.Tensor:
+    """Bundled real HAM10000 images through the eval transform, plus one random-pixel image.
+
+    Real images keep the logits in their usual range, so the probability check is not blunted by a
+    saturated softmax. The batch (n_real + 1) differs from the export batch (2): dynamic batch exercised.
+    """
+    from skinlesion.data.ham10000 import sample_dir
+    from skinlesion.data.images import open_rgb
+    from skinlesion.data.transforms import eval_transform
+
+    transform = eval_transform(meta["img_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
+    files = sorted((sample_dir() / "images").glob("*.jpg"))[:n_real]
+    size = int(meta["img_size"])
+    pixels = torch.rand(1 + n_real - len(files), 3, size, size, generator=torch.Generator().manual_seed(seed))
+    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"], dtype=torch.float32).view(1, 3, 1, 1)
+    real = [transform(open_rgb(f)) for f in files]
+    return torch.cat([torch.stack(real), (pixels - mean) / std]) if real else (pixels - mean) / std
+
+
+def check_against_torch(
+    model: torch.nn.Module, model_bytes: bytes, x: torch.Tensor, temperature: float
+) -> tuple[float, float, float]:
+    """Max abs differences of the calibrated probabilities and of the logits (ONNX Runtime vs PyTorch on
+    ``x``), and the largest |logit|."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        ref = model(x).float()
+    got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+    if got.shape != ref.shape:
+        raise SkinLesionError(f"ONNX output shape {tuple(got.shape)} != PyTorch {tuple(ref.shape)}; export is broken")
+    p_diff = (torch.softmax(got / temperature, 1) - torch.softmax(ref / temperature, 1)).abs().max().item()
+    return p_diff, (got - ref).abs().max().item(), ref.abs().max().item()
+
+
+def export_onnx(
+    run_dir: str | Path, out: str | Path | None = None, opset: int = 18
+) -> tuple[Path, float, float, float]:
+    """Write ``out`` (default RUN/model.onnx) atomically, only after ONNX Runtime agrees with PyTorch.
+
+    Returns the path, max |dp|, max |dlogit| and the largest |logit| seen in the check.
+    """
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "best.pt" if run_dir.is_dir() else run_dir
+    loaded = checkpoint.load(ckpt_path)
+    model = loaded.model.float().eval()
+    img_size = int(loaded.meta["img_size"])
+    onnx_bytes = to_onnx_bytes(model, img_size, opset)
+    onnx_bytes = add_metadata(onnx_bytes, metadata(loaded.meta, fileio.sha256_file(ckpt_path)))
+    x = sample_inputs(loaded.meta)
+    p_diff, logit_diff, logit_scale = check_against_torch(model, onnx_bytes, x, loaded.temperature)
+    # Logits are compared relative to their size: random pixels can push them into the thousands.
+    if not (p_diff <= TOLERANCE and logit_diff <= TOLERANCE * max(1.0, logit_scale)):
+        raise SkinLesionError(
+            f"ONNX Runtime and PyTorch disagree: max |dp| = {p_diff:.2e}, max |dlogit| = {logit_diff:.2e} "
+            f"(logits up to {logit_scale:.3g}; tolerance {TOLERANCE:g}); nothing written — try another --opset"
+        )
+    target = Path(out) if out else ckpt_path.parent / "model.onnx"
+    fileio.write_bytes(target, onnx_bytes)
+    return target, p_diff, logit_diff, logit_scale
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.format != "onnx":
+        raise SkinLesionError(f"unsupported --format {args.format}; only onnx")
+    target, p_diff, logit_diff, logit_scale = export_onnx(args.run_dir, args.out, args.opset)
+    size_mb = target.stat().st_size / 1e6
+    print(f"wrote {target} ({size_mb:.1f} MB, opset {args.opset}, dynamic batch)")
+    print(
+        f"check: ONNX Runtime vs PyTorch on 3 bundled HAM10000 images + 1 random-pixel image: "
+        f"max |dp| = {p_diff:.2e} (tolerance {TOLERANCE:g}), max |dlogit| = {logit_diff:.2e} "
+        f"(largest |logit| {logit_scale:.3g})"
+    )

@@ -1,0 +1,97 @@
+"""ONNX Runtime predictor with the interface of ``inference.Predictor.predict_images``.
+
+Everything it needs (classes, normalisation, sizes, temperature) comes from model.onnx's
+metadata, written by ``skinlesion export``; preprocessing is the same eval transform.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from skinlesion import fileio
+from skinlesion.data.transforms import eval_transform
+from skinlesion.errors import SkinLesionError
+
+REQUIRED_KEYS = ("classes", "mean", "std", "img_size", "resize_size", "temperature", "backbone")
+
+
+def onnx_path(run_dir: str | Path) -> Path:
+    path = Path(run_dir)
+    return path if path.suffix == ".onnx" else path / "model.onnx"
+
+
+def read_metadata(session: Any, path: Path) -> dict[str, Any]:
+    props = session.get_modelmeta().custom_metadata_map
+    missing = [k for k in REQUIRED_KEYS if k not in props]
+    if missing:
+        raise SkinLesionError(f"{path} lacks metadata {missing}; re-create it with `skinlesion export`")
+    return {
+        "classes": json.loads(props["classes"]),
+        "mean": json.loads(props["mean"]),
+        "std": json.loads(props["std"]),
+        "img_size": int(props["img_size"]),
+        "resize_size": int(props["resize_size"]),
+        "temperature": float(props["temperature"]),
+        "backbone": props["backbone"],
+        "source_sha256": props.get("source_sha256", ""),
+    }
+
+
+class OnnxPredictor:
+    """``predict_images(pil_list, tta)`` -> calibrated probabilities (N, num_classes), like the torch one."""
+
+    def __init__(self, source: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = onnx_path(source)
+        if not self.path.is_file():
+            raise SkinLesionError(
+                f"no ONNX model at {self.path}; run `skinlesion export --run-dir {self.path.parent}` first"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - a corrupt file is the user's to fix
+            raise SkinLesionError(f"could not load {self.path} ({e}); re-run `skinlesion export`") from e
+        self.meta = read_metadata(self.session, self.path)
+        self.classes: list[str] = list(self.meta["classes"])
+        self.img_size: int = self.meta["img_size"]
+        self.input_name = self.session.get_inputs()[0].name
+        self.transform = eval_transform(
+            self.img_size, self.meta["resize_size"], tuple(self.meta["mean"]), tuple(self.meta["std"])
+        )
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta["temperature"])
+
+    def is_stale(self, checkpoint_path: str | Path) -> bool:
+        """True when best.pt changed (retrained / recalibrated) after this model.onnx was exported."""
+        src = self.meta["source_sha256"]
+        return bool(src) and Path(checkpoint_path).is_file() and fileio.sha256_file(checkpoint_path) != src
+
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return torch.stack([self.transform(im) for im in images]).numpy()
+
+    def logits(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Raw logits; with ``tta`` the mean over identity, h, v and hv flips (as inference.tta_views)."""
+        views = [batch]
+        if tta:
+            views += [batch[..., ::-1], batch[..., ::-1, :], batch[..., ::-1, ::-1]]
+        out = [self.session.run(None, {self.input_name: np.ascontiguousarray(v)})[0] for v in views]
+        return np.mean(out, axis=0).astype(np.float32)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(logits) / self.temperature, dim=1).numpy()
+
+    def predict_images(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
+        return self.probabilities(self.logits(self.preprocess(images), tta=tta))

@@ -1,0 +1,231 @@
+"""The web app: ``GET /`` page, ``POST /api/predict``, ``GET /api/health``, ``GET /api/model``, ``/docs``.
+
+Hardening: request bodies are capped (Content-Length checked up front, and counted while
+streaming — FastAPI's ``max_body_size``), images are decoded by content, not by the declared
+type (415 otherwise), pixel counts are capped before decoding (413), and the model is loaded
+once when the app is created. Inference runs in FastAPI's threadpool (sync endpoints) behind a
+lock, so the event loop stays free and concurrent requests do not oversubscribe the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+
+from skinlesion import __version__, fileio
+from skinlesion.classes import FULL_NAMES
+from skinlesion.data.images import ImageTooLargeError, open_rgb
+from skinlesion.errors import SkinLesionError
+from skinlesion.predict import load_predictor
+
+STATIC = Path(__file__).with_name("static")
+MULTIPART_OVERHEAD = 64 * 1024  # boundary + part headers on top of the file itself
+HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def gradcam_overlay(torch_predictor: Any, image: Image.Image, target_class: str) -> Image.Image:
+    """Grad-CAM of ``target_class`` blended over the model's view of ``image`` (resized, centre-cropped).
+
+    The one seam to skinlesion.explain: its ``explain()`` picks the layer and computes the map.
+    """
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from skinlesion.explain import explain
+
+    exp = explain(torch_predictor, image, target_class)
+    return Image.fromarray(show_cam_on_image(exp.rgb, exp.cam, use_rgb=True))
+
+
+def png_data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def headline_metrics(run_dir: Path) -> dict[str, float] | None:
+    """Point estimates from metrics.json (evaluation's file), or None before evaluation ran."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    out = {}
+    for key in HEADLINE_METRICS:
+        value = data.get(key)
+        value = value.get("value") if isinstance(value, dict) else value
+        if isinstance(value, int | float):
+            out[key] = float(value)
+    if "n_images" in data:
+        out["n_images"] = data["n_images"]
+    return out
+
+
+def choose_backend(run_dir: Path, backend: str) -> str:
+    """``auto``: ONNX Runtime when model.onnx exists and was exported from the current best.pt."""
+    if backend != "auto":
+        return backend
+    onnx_file = run_dir / "model.onnx"
+    if not onnx_file.is_file():
+        return "torch"
+    from skinlesion.onnx_backend import OnnxPredictor
+
+    return "torch" if OnnxPredictor(onnx_file).is_stale(run_dir / "best.pt") else "onnx"
+
+
+class ModelService:
+    """Everything loaded once: the probability model (torch or ONNX) and the torch model for Grad-CAM."""
+
+    def __init__(self, run_dir: str | Path, backend: str = "auto"):
+        self.run_dir = Path(run_dir)
+        ckpt = self.run_dir / "best.pt"
+        if not ckpt.is_file():
+            raise SkinLesionError(f"no best.pt in {self.run_dir}; pass the --run-dir of a trained run")
+        self.backend = choose_backend(self.run_dir, backend)
+        self.predictor = load_predictor(self.run_dir, self.backend)
+        # Grad-CAM needs gradients, so the torch model is kept even when ONNX Runtime scores.
+        self.torch_predictor = self.predictor if self.backend == "torch" else load_predictor(self.run_dir, "torch")
+        self.model_id = f"{self.run_dir.name}@{fileio.sha256_file(ckpt)[:12]}"
+        self.lock = threading.Lock()
+        meta = self.torch_predictor.meta
+        self.info = {
+            "model_id": self.model_id,
+            "run": self.run_dir.name,
+            "backbone": meta["backbone"],
+            "backend": self.backend,
+            "img_size": int(meta["img_size"]),
+            "resize_size": int(meta["resize_size"]),
+            "classes": list(self.predictor.classes),
+            "full_names": {c: FULL_NAMES.get(c, c) for c in self.predictor.classes},
+            "temperature": float(self.predictor.temperature),
+            "epoch": meta.get("epoch"),
+            "metrics": headline_metrics(self.run_dir),
+            "version": __version__,
+        }
+
+    def predict(self, image: Image.Image, cam: bool) -> dict[str, Any]:
+        classes = self.predictor.classes
+        with self.lock:  # one inference at a time: each already uses every core
+            probs = self.predictor.predict_images([image])[0]
+            best = int(np.argmax(probs))
+            overlay = gradcam_overlay(self.torch_predictor, image, classes[best]) if cam else None
+        out: dict[str, Any] = {
+            "prediction": classes[best],
+            "prediction_name": FULL_NAMES.get(classes[best], classes[best]),
+            "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
+            "model_id": self.model_id,
+            "temperature": float(self.predictor.temperature),
+            "backend": self.backend,
+            "image": {"width": image.width, "height": image.height},
+        }
+        if overlay is not None:
+            out["overlay"] = png_data_url(overlay)
+        return out
+
+
+def create_app(
+    run_dir: str | Path,
+    max_upload_mb: float = 20.0,
+    backend: str = "auto",
+    max_megapixels: float = 50.0,
+) -> FastAPI:
+    """Build the app; the model is loaded here, once, not per request."""
+    service = ModelService(run_dir, backend)
+    max_upload = int(max_upload_mb * 1024 * 1024)
+    max_pixels = int(max_megapixels * 1_000_000)
+    app = FastAPI(
+        title="skinlesion",
+        version=__version__,
+        description="Dermatoscopic skin-lesion classifier (HAM10000 classes). A research tool, not a diagnosis.",
+        max_body_size=max_upload + MULTIPART_OVERHEAD,
+    )
+    app.state.service = service
+    too_large = f"upload is over the {max_upload_mb:g} MB limit; send a smaller image"
+
+    @app.exception_handler(413)
+    async def explain_413(request: Request, exc: HTTPException) -> JSONResponse:
+        # Say what the user can do. (A too-large Content-Length is answered by Starlette itself, as plain text.)
+        if exc.detail == "Content Too Large":
+            exc = HTTPException(413, too_large)
+        return await http_exception_handler(request, exc)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        if request.url.path == "/" or request.url.path.startswith("/static/"):
+            # The Swagger page at /docs loads its own scripts, so the strict policy is for our page only.
+            response.headers["Content-Security-Policy"] = PAGE_CSP
+        return response
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "model_id": service.model_id, "backend": service.backend}
+
+    @app.get("/api/model")
+    def model_info() -> dict[str, Any]:
+        return {**service.info, "max_upload_mb": max_upload_mb, "max_megapixels": max_megapixels}
+
+    @app.post(
+        "/api/predict",
+        responses={413: {"description": "upload or pixel count too large"}, 415: {"description": "not an image"}},
+    )
+    def predict(
+        file: Annotated[UploadFile, File(description="a JPEG or PNG image")],
+        cam: Annotated[bool, Query(description="also return the Grad-CAM overlay as a PNG data URL")] = False,
+    ) -> dict[str, Any]:
+        # A sync endpoint: FastAPI runs it in its threadpool, so decoding and inference never block the loop.
+        data = file.file.read(max_upload + 1)
+        if len(data) > max_upload:
+            raise HTTPException(413, too_large)
+        if not data:
+            raise HTTPException(415, "empty upload; send a JPEG or PNG image")
+        try:
+            image = open_rgb(data, max_pixels=max_pixels)
+        except ImageTooLargeError as e:
+            raise HTTPException(413, str(e)) from e
+        except SkinLesionError as e:
+            raise HTTPException(415, "the upload is not a readable image; send a JPEG or PNG file") from e
+        return service.predict(image, cam)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def main(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
+        raise SkinLesionError("--max-upload-mb and --max-megapixels must be positive")
+    app = create_app(args.run_dir, args.max_upload_mb, args.backend, args.max_megapixels)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: listening on {args.host}, reachable from other machines; this app has no authentication",
+            file=sys.stderr,
+        )
+    service = app.state.service
+    print(f"serving {service.model_id} ({service.backend}) on http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -1,0 +1,104 @@
+// The page's only script: upload one image to /api/predict?cam=true and draw the answer.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let fullNames = {};
+let maxUploadMb = null;
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function loadModelInfo() {
+  try {
+    const info = await (await fetch("/api/model")).json();
+    fullNames = info.full_names || {};
+    maxUploadMb = info.max_upload_mb;
+    const metrics = info.metrics && info.metrics.balanced_accuracy !== undefined
+      ? ` · validation balanced accuracy ${(100 * info.metrics.balanced_accuracy).toFixed(1)}%` : "";
+    $("model-info").textContent =
+      `model ${info.model_id} · ${info.backbone} at ${info.img_size} px · ${info.backend}${metrics}`;
+  } catch (err) {
+    $("model-info").textContent = "could not reach the model API";
+  }
+}
+
+function drawBars(probabilities, prediction) {
+  const bars = $("bars");
+  bars.replaceChildren();
+  for (const [cls, p] of Object.entries(probabilities)) {
+    const top = cls === prediction ? " top" : "";
+    const label = document.createElement("div");
+    label.className = "bar-label" + top;
+    label.setAttribute("role", "listitem");
+    label.textContent = `${fullNames[cls] || cls} (${cls})`;
+    const track = document.createElement("div");
+    track.className = "bar-track";
+    const fill = document.createElement("div");
+    fill.className = "bar-fill" + top;
+    fill.style.width = `${(100 * p).toFixed(1)}%`;
+    track.appendChild(fill);
+    const value = document.createElement("div");
+    value.className = "bar-value" + top;
+    value.textContent = `${(100 * p).toFixed(1)}%`;
+    bars.append(label, track, value);
+  }
+}
+
+async function predict(file) {
+  if (!file) return;
+  if (maxUploadMb !== null && file.size > maxUploadMb * 1024 * 1024) {
+    setStatus(`${file.name} is over the ${maxUploadMb} MB upload limit; choose a smaller image`, true);
+    return;
+  }
+  $("result").hidden = true;
+  $("overlay-figure").hidden = true;
+  setStatus(`analysing ${file.name}…`);
+  $("preview").src = URL.createObjectURL(file);
+  const form = new FormData();
+  form.append("file", file, file.name);
+  let body;
+  try {
+    const response = await fetch("/api/predict?cam=true", { method: "POST", body: form });
+    const text = await response.text();
+    try {
+      body = JSON.parse(text);
+    } catch {
+      body = { detail: text };  // e.g. the server's plain-text 413
+    }
+    if (!response.ok) {
+      setStatus(`${response.status}: ${body.detail || "request failed"}`, true);
+      return;
+    }
+  } catch (err) {
+    setStatus(`request failed: ${err}`, true);
+    return;
+  }
+  $("prediction-name").textContent = body.prediction_name;
+  $("prediction").textContent = body.prediction;
+  drawBars(body.probabilities, body.prediction);
+  if (body.overlay) {
+    $("overlay").src = body.overlay;
+    $("overlay-figure").hidden = false;
+  }
+  $("meta").textContent = `model ${body.model_id} · temperature ${body.temperature.toFixed(3)} · ` +
+    `image ${body.image.width}×${body.image.height} px`;
+  $("result").hidden = false;
+  setStatus("");
+}
+
+function setUpDrop() {
+  const drop = $("drop");
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+  }
+  drop.addEventListener("drop", (e) => predict(e.dataTransfer.files[0]));
+  $("file").addEventListener("change", (e) => predict(e.target.files[0]));
+}
+
+loadModelInfo();
+setUpDrop();

@@ -1,0 +1,99 @@
+"""One real browser round trip: headless Chromium uploads an image and sees the prediction and the overlay."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from skinlesion.classes import FULL_NAMES
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+pytestmark = pytest.mark.browser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(onnx_run) -> Iterator[str]:
+    """uvicorn on a free loopback port, in a background thread of this process."""
+    import uvicorn
+
+    from skinlesion.serve.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(onnx_run), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1000,1250",
+    ):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+
+
+def test_upload_shows_prediction_bars_and_overlay(browser, server_url, synth_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = tmp_path / "lesion.jpg"
+    shutil.copy(sorted((synth_dir / "images").glob("*.jpg"))[0], image)
+    browser.get(server_url + "/")
+    wait = WebDriverWait(browser, 60)
+    assert "not a diagnosis" in browser.find_element(By.ID, "disclaimer").text
+    wait.until(lambda d: "model tiny@" in d.find_element(By.ID, "model-info").text)
+
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    wait.until(ec.visibility_of_element_located((By.ID, "prediction-name")))
+    name = browser.find_element(By.ID, "prediction-name").text
+    code = browser.find_element(By.ID, "prediction").text
+    assert code in FULL_NAMES and name == FULL_NAMES[code]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar-fill")) == 7
+    overlay = wait.until(ec.visibility_of_element_located((By.ID, "overlay")))
+    assert overlay.get_attribute("src").startswith("data:image/png;base64,")
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay) == 64
+    if shot := os.environ.get("SKINLESION_SCREENSHOT"):  # how docs/screenshot_serve.png is made
+        browser.get_screenshot_as_file(shot)
