@@ -1,0 +1,154 @@
+"""``skinlesion gradcam``: class activation maps (pytorch-grad-cam) for one image.
+
+The target layer is found automatically: for CNNs, the module whose output *is* the tensor that
+``forward_features`` returns (the last feature map before global pooling: EfficientNet ``bn2``,
+ResNet ``layer4``, ConvNeXt ``stages[-1]``, DenseNet ``features``); for ViTs, the last block's
+``norm1`` with its tokens reshaped onto the patch grid (class / register tokens dropped).
+The map is shown on the image as the model sees it (resized and centre-cropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+from torchvision.transforms import v2
+
+from skinlesion import fileio
+from skinlesion.classes import CLASS_INDEX, FULL_NAMES
+from skinlesion.data.images import open_rgb
+from skinlesion.device import resolve_device
+from skinlesion.errors import SkinLesionError
+from skinlesion.inference import Predictor
+
+METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}
+
+
+def vit_reshape(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, prefix + H*W, C) tokens -> (B, C, H, W) feature map, the patch grid taken from the model."""
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, prefix:, :]
+        n = patches.shape[1]
+        h, w = grid if grid is not None and grid[0] * grid[1] == n else (math.isqrt(n), n // math.isqrt(n))
+        if h * w != n:
+            raise SkinLesionError(f"cannot lay {n} ViT patch tokens on a grid; Grad-CAM needs a square patch grid")
+        return patches.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+def target_layer(model: nn.Module, img_size: int) -> tuple[nn.Module, Callable | None]:
+    """The layer to explain and the reshape transform it needs (None for CNN feature maps)."""
+    blocks = getattr(model, "blocks", None)
+    if (
+        hasattr(model, "patch_embed")
+        and isinstance(blocks, nn.Sequential | nn.ModuleList)
+        and hasattr(blocks[-1], "norm1")
+    ):
+        return blocks[-1].norm1, vit_reshape(model)
+    outputs: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, _i, out: outputs.setdefault(mod, out)) for m in model.modules()]
+    try:
+        param = next(model.parameters())
+        with torch.no_grad():
+            features = model.forward_features(torch.zeros(1, 3, img_size, img_size, device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    if features.ndim != 4:
+        raise SkinLesionError(f"no 2-D feature map in {type(model).__name__}; Grad-CAM supports timm CNNs and ViTs")
+    # The outermost module producing exactly that tensor (outer modules' hooks fire after inner ones');
+    # pass-through Identity modules (e.g. ConvNeXt's norm_pre) are skipped for a layer name that means something.
+    producers = [
+        m for m, out in outputs.items() if out is features and m is not model and not isinstance(m, nn.Identity)
+    ]
+    if not producers:
+        raise SkinLesionError(f"could not find the last feature layer of {type(model).__name__}")
+    return producers[-1], None
+
+
+@dataclass
+class Explanation:
+    rgb: np.ndarray  # (H, W, 3) float in [0, 1]: the image as the model sees it
+    cam: np.ndarray  # (H, W) in [0, 1]
+    probs: np.ndarray  # calibrated class probabilities
+    predicted: str
+    target: str
+    classes: list[str]
+
+
+def model_view(predictor: Predictor) -> v2.Compose:
+    """The geometric part of the eval transform (resize + centre crop), for showing images and masks."""
+    return v2.Compose(
+        [v2.Resize(int(predictor.meta["resize_size"]), antialias=True), v2.CenterCrop(predictor.img_size)]
+    )
+
+
+def explain(predictor: Predictor, image: Image.Image, target_class: str | None = None, method: str = "gradcam"):
+    if method not in METHODS:
+        raise SkinLesionError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    if target_class is not None and target_class not in CLASS_INDEX:
+        raise SkinLesionError(f"unknown --target-class {target_class!r}; choose from {', '.join(CLASS_INDEX)}")
+    model = predictor.model
+    x = predictor.preprocess([image]).to(predictor.device)
+    probs = predictor.probabilities(predictor.logits(x))[0]
+    predicted = predictor.classes[int(probs.argmax())]
+    target = target_class or predicted
+    layer, reshape = target_layer(model, predictor.img_size)
+    with torch.inference_mode(False), torch.enable_grad(), METHODS[method](model, [layer], reshape) as cam:
+        grey = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(predictor.classes.index(target))])[0]
+    rgb = np.asarray(model_view(predictor)(image), dtype=np.float32) / 255.0
+    return Explanation(rgb, grey, probs, predicted, target, predictor.classes)
+
+
+def title(exp: Explanation) -> str:
+    top = np.argsort(exp.probs)[::-1][:3]
+    top3 = ", ".join(f"{exp.classes[i]} {exp.probs[i]:.2f}" for i in top)
+    text = f"Predicted: {FULL_NAMES[exp.predicted]} ({exp.predicted})   top-3: {top3}"
+    if exp.target != exp.predicted:
+        text += f"\nmap for: {FULL_NAMES[exp.target]} ({exp.target})"
+    return text
+
+
+def figure(exp: Explanation, path: str | Path, method: str = "gradcam") -> Path:
+    """image | heatmap | overlay, titled with the prediction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    overlay = show_cam_on_image(exp.rgb, exp.cam, use_rgb=True)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.8))
+    for ax, img, name in zip(axes, (exp.rgb, exp.cam, overlay), ("image", f"{method} heatmap", "overlay"), strict=True):
+        ax.imshow(img, cmap="jet" if img.ndim == 2 else None, vmin=0, vmax=1 if img.ndim == 2 else None)
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(title(exp), fontsize=9)
+    fig.tight_layout()
+    fileio.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return Path(path)
+
+
+def main(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run_dir)
+    predictor = Predictor(run_dir, device=str(resolve_device(args.device)))
+    image = open_rgb(args.image)
+    exp = explain(predictor, image, args.target_class, args.method)
+    out = Path(args.out) if args.out else run_dir / "figures" / f"gradcam_{Path(args.image).stem}.png"
+    figure(exp, out, args.method)
+    print(title(exp).replace("\n", "; "))
+    print(f"wrote {out}")

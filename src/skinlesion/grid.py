@@ -1,0 +1,91 @@
+"""``skinlesion grid``: a labelled grid of example lesions, one column per class with its full name."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from skinlesion import fileio
+from skinlesion.classes import CLASSES, FULL_NAMES
+from skinlesion.data.images import open_rgb
+from skinlesion.errors import SkinLesionError
+
+PAD = 8
+
+
+@dataclass
+class Tile:
+    dx: str
+    image_id: str | None  # None: the class had fewer images than asked for
+    box: tuple[int, int, int, int]  # left, top, right, bottom in the grid image
+
+
+def pick_examples(table: pd.DataFrame, n_per_class: int, seed: int = 0) -> dict[str, list[pd.Series]]:
+    """Up to ``n_per_class`` rows per class, from different lesions where possible."""
+    rng = np.random.default_rng(seed)
+    picked: dict[str, list[pd.Series]] = {}
+    for dx in CLASSES:
+        rows = table[table["dx"] == dx]
+        rows = rows.iloc[rng.permutation(len(rows))]
+        one_per_lesion = rows.drop_duplicates("lesion_id")
+        rest = rows.drop(one_per_lesion.index)
+        picked[dx] = [r for _, r in pd.concat([one_per_lesion, rest]).head(n_per_class).iterrows()]
+    return picked
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def make_grid(
+    table: pd.DataFrame, n_per_class: int = 1, size: int = 256, seed: int = 0
+) -> tuple[Image.Image, list[Tile]]:
+    """The grid image (white background, ``size`` px square tiles) and where each tile lies."""
+    if n_per_class < 1 or size < 32:
+        raise SkinLesionError("--n-per-class must be >= 1 and --size >= 32")
+    picked = pick_examples(table, n_per_class, seed)
+    font = _font(max(10, size // 14))
+    line_h = font.getbbox("Ag")[3] + 4
+    chars = max(8, int(size / (font.getlength("x") or 1)))
+    headers = {
+        dx: [f"{dx} (n={int((table['dx'] == dx).sum())})", *textwrap.wrap(FULL_NAMES[dx], chars)] for dx in CLASSES
+    }
+    header_h = max(len(v) for v in headers.values()) * line_h + PAD
+    width = len(CLASSES) * (size + PAD) + PAD
+    height = header_h + n_per_class * (size + PAD) + PAD
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    tiles = []
+    for col, dx in enumerate(CLASSES):
+        left = PAD + col * (size + PAD)
+        for k, line in enumerate(headers[dx]):
+            draw.text((left, PAD // 2 + k * line_h), line, fill="black", font=font)
+        for row in range(n_per_class):
+            top = header_h + row * (size + PAD)
+            box = (left, top, left + size, top + size)
+            if row < len(picked[dx]):
+                r = picked[dx][row]
+                canvas.paste(ImageOps.fit(open_rgb(r["path"]), (size, size)), box[:2])
+                tiles.append(Tile(dx, str(r["image_id"]), box))
+            else:
+                draw.rectangle(box, outline="grey")
+                draw.text((left + PAD, top + size // 2), "no image", fill="grey", font=font)
+                tiles.append(Tile(dx, None, box))
+    return canvas, tiles
+
+
+def main(args: argparse.Namespace) -> None:
+    from skinlesion.data.ham10000 import load_table
+
+    table = load_table(data_dir=args.data_dir, metadata=args.metadata, images=args.images)
+    image, tiles = make_grid(table, args.n_per_class, args.size, args.seed)
+    out = Path(args.out)
+    fileio.atomic_write(out, lambda p: image.save(p, format="PNG"))
+    shown = sum(t.image_id is not None for t in tiles)
+    print(f"wrote {out} ({image.width}x{image.height}, {shown} images, {len(CLASSES)} classes)")
