@@ -49,8 +49,26 @@ def tiny_run(synth_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     rc = main(
         ["train", "--data-dir", str(synth_dir), "--out", str(out), "--run-name", "tiny",
-         "--backbone", "efficientnet_b0", "--no-pretrained", "--img-size", "64", "--epochs", "4",
+         "--backbone", "efficientnet_b0", "--no-pretrained", "--img-size", "64", "--epochs", "6",
          "--batch-size", "16", "--lr", "3e-3", "--seed", "0", "--workers", "0"]
     )
     assert rc == 0
     return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def onnx_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of ``tiny_run`` with temperature 1.5 stored and model.onnx exported (predict / export / serve tests).
+
+    The non-unit temperature makes the tests see calibrated probabilities in both backends.
+    """
+    import shutil
+
+    from skinlesion import checkpoint
+    from skinlesion.export import export_onnx
+
+    run = tmp_path_factory.mktemp("onnx") / "tiny"
+    shutil.copytree(tiny_run, run)
+    checkpoint.set_temperature(run, 1.5)
+    export_onnx(run)
+    return run

@@ -90,10 +90,13 @@ class Loaded:
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """Rebuild the model from a checkpoint file or a run folder (its best.pt), in eval mode."""
     ckpt = read(path)
-    model = timm.create_model(ckpt["backbone"], pretrained=False, num_classes=ckpt["num_classes"])
+    model = timm.create_model(
+        ckpt["backbone"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {})
+    )
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
+    training_state = ("model", "optimizer", "scheduler", "scaler", "rng", "ema", "train_state")
+    meta = {k: v for k, v in ckpt.items() if k not in training_state}
     return Loaded(model, meta)
 
 

@@ -62,27 +62,60 @@ def _add_synth(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a timm backbone; writes a run folder")
+    p = sub.add_parser(
+        "train", help="fine-tune a timm backbone; writes a run folder",
+        description="Every option left out takes its value from --recipe (see docs/readme_train.md).",
+    )  # fmt: skip
     _data_args(p)
     _cache_args(p)
     p.add_argument("--run-name", help="run folder name (default: <backbone>_<timestamp>)")
     p.add_argument("--out", default="outputs", help="parent folder of run folders (default outputs)")
     p.add_argument("--recipe", default="reference", help="named preset of defaults: reference | improved")
     p.add_argument("--backbone", help="timm model name (reference: efficientnet_b0)")
-    p.add_argument("--weights", help="local ImageNet weights (.pth/.safetensors; timm or EfficientNet-PyTorch keys)")
+    p.add_argument("--weights", help="local ImageNet weights (.pth/.safetensors; timm or EfficientNet-PyTorch keys); "
+                   "'lite0' = the packaged EfficientNet-Lite0 file (use with --backbone tf_efficientnet_lite0)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
                    help="train from scratch")
     p.add_argument("--splits", help="reuse this splits.csv instead of splitting again")
-    p.add_argument("--img-size", type=int, help="input size (reference 224)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"])
-    p.add_argument("--workers", type=int, help="data loader workers")
+    p.add_argument("--val-frac", type=float, help="validation fraction of a new split (reference 0.2)")
+    p.add_argument("--img-size", type=int, help="input size (reference 224; resize = round(size*257/224))")
+    p.add_argument("--augment", choices=["reference", "dermoscopy"], help="train augmentation (reference: reference)")
+    p.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default: the backbone's)")
+    p.add_argument("--std", type=float, nargs=3, help="normalisation std (default: the backbone's)")
+    p.add_argument("--epochs", type=int, help="reference 20")
+    p.add_argument("--batch-size", type=int, help="per process (reference 32)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (reference 3e-4)")
+    p.add_argument("--weight-decay", type=float, help="reference 1e-4")
+    p.add_argument("--head-lr-mult", type=float, help="classifier lr = lr * this (reference 1)")
+    p.add_argument("--drop-rate", type=float, help="dropout before the classifier (reference 0.2)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine (reference 0)")
+    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (reference: off)")
+    p.add_argument("--grad-accum", type=int, help="accumulate gradients over N batches (reference 1)")
+    p.add_argument("--loss", choices=["ce", "focal"], help="reference ce")
+    p.add_argument("--gamma", type=float, help="focal-loss gamma (default 2)")
+    p.add_argument("--class-weights", choices=["none", "inverse", "sqrt", "effective"],
+                   help="per-class loss weights from train counts (reference none)")
+    p.add_argument("--sampler", choices=["none", "balanced"], help="class-balanced sampling (reference none)")
+    p.add_argument("--label-smoothing", type=float, help="reference 0")
+    p.add_argument("--mixup", type=float, help="timm Mixup alpha (reference 0 = off)")
+    p.add_argument("--cutmix", type=float, help="timm CutMix alpha (reference 0 = off)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, help="EMA of the weights, validated and kept "
+                   "in best.pt (reference off)")
+    p.add_argument("--ema-decay", type=float, help="EMA decay (default 0.999, warmed up)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast (fp16 + GradScaler on GPUs without bf16) where supported (default on)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory format (default on)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
+    p.add_argument("--select", choices=["macro_f1", "val_loss", "balanced_acc", "auc"],
+                   help="validation metric that picks best.pt (default macro_f1)")
+    p.add_argument("--patience", type=int, help="stop after N epochs without improvement (default: off)")
+    p.add_argument("--seed", type=int, help="seeds the split, init, sampling and augmentation (default 42)")
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], help="default auto: cuda, mps, cpu")
+    p.add_argument("--workers", type=int, help="data loader workers per process (default 2)")
     p.add_argument("--resume", action="store_true", help="continue the run folder from last.pt")
     p.add_argument("--max-train-batches", type=int, help=argparse.SUPPRESS)
+    # Stop as if interrupted after N epochs of this invocation (tests of --resume; time-boxed runs).
+    p.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)
     p.set_defaults(module="skinlesion.train")
 
 
@@ -95,14 +128,28 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--tta", action="store_true", help="also score flip test-time augmentation")
     p.add_argument("--lesion-level", action="store_true", help="also score lesions (mean probability)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="lesion-bootstrap resamples for the CIs (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--device", default="auto")
+    _cache_args(p)
     p.set_defaults(module="skinlesion.evaluate")
 
 
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="fit temperature scaling; stores T in best.pt")
     p.add_argument("--run-dir", required=True)
+    p.add_argument("--method", default="crossfit", choices=["crossfit", "train-slice"],
+                   help="crossfit: fit and score on disjoint halves of val lesions, store T fitted on all val "
+                        "(default); train-slice: fit on a lesion slice of train, score on val")
+    p.add_argument("--split", default="val", help="held-out part to fit/score on (default val)")
+    p.add_argument("--folds", type=int, default=2, help="crossfit folds over lesions (default 2)")
+    p.add_argument("--slice-frac", type=float, default=0.1, help="train-slice: fraction of train lesions (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
+    _cache_args(p)
     p.set_defaults(module="skinlesion.calibration")
 
 
@@ -110,6 +157,11 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="figures/*.png and a self-contained report.html")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--device", default="auto")
+    p.add_argument("--cam-method", default="gradcam", choices=["gradcam", "gradcam++", "eigencam"],
+                   help="Grad-CAM gallery method (default gradcam)")
+    p.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip the Grad-CAM gallery")
+    p.add_argument("--grid-per-class", type=int, default=2, help="lesion-grid images per class (default 2)")
+    p.add_argument("--grid-size", type=int, default=160, help="lesion-grid tile size in pixels (default 160)")
     p.set_defaults(module="skinlesion.report")
 
 
@@ -120,6 +172,7 @@ def _add_gradcam(sub) -> None:
     p.add_argument("--target-class", help="class code to explain (default: the predicted one)")
     p.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "eigencam"])
     p.add_argument("--out", help="output PNG (default <run>/figures/gradcam_<image>.png)")
+    p.add_argument("--device", default="auto")
     p.set_defaults(module="skinlesion.explain")
 
 
@@ -135,21 +188,22 @@ def _add_grid(sub) -> None:
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="class probabilities for images or folders")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--tta", action="store_true")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--format", default="table", choices=["table", "json", "csv"])
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--run-dir", required=True, help="run folder with best.pt (and model.onnx for --backend onnx)")
+    p.add_argument("inputs", nargs="+", help="image files or folders (their .jpg/.jpeg/.png files, sorted)")
+    p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
+    p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
+    p.add_argument("--format", default="table", choices=["table", "json", "csv"], help="stdout format (default table)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                   help="torch: best.pt; onnx: model.onnx from `skinlesion export` (default torch)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.set_defaults(module="skinlesion.predict")
 
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export best.pt to ONNX (checked against PyTorch)")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--run-dir", required=True, help="run folder with best.pt")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--out", help="output file (default <run>/model.onnx)")
     p.set_defaults(module="skinlesion.export")
 
@@ -157,9 +211,14 @@ def _add_export(sub) -> None:
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="web page + JSON API for a trained run")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=20.0)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="request size limit (default 20)")
+    p.add_argument("--max-megapixels", type=float, default=50.0,
+                   help="decoded pixel limit, refuses decompression bombs (default 50)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="scoring backend; auto = ONNX Runtime when an up-to-date model.onnx exists (default auto)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(module="skinlesion.serve.app")
 
 

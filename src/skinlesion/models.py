@@ -36,11 +36,14 @@ def create_model(
     pretrained: bool = True,
     weights: str | Path | None = None,
     drop_rate: float = 0.2,
+    **model_kwargs,
 ) -> nn.Module:
-    """A timm model with a fresh ``num_classes`` head (global pool -> dropout -> linear)."""
+    """A timm model with a fresh ``num_classes`` head (global pool -> dropout -> linear).
+
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``img_size`` for vision transformers)."""
     if backbone not in timm.list_models() and not timm.is_model(backbone):
         raise SkinLesionError(f"unknown backbone {backbone!r}; see `timm.list_models()` for names")
-    kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
+    kwargs = dict(num_classes=num_classes, drop_rate=drop_rate, **model_kwargs)
     if weights is not None:
         model = timm.create_model(backbone, pretrained=False, **kwargs)
         load_backbone_weights(model, weights)

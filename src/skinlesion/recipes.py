@@ -1,0 +1,69 @@
+"""Named training presets: plain dicts of defaults. Any explicit ``skinlesion train`` flag overrides them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skinlesion.errors import SkinLesionError
+
+# The reference recipe (issue 3): EfficientNet-B0, ImageNet weights, AdamW 3e-4 / 1e-4, CE, batch 32,
+# 20 epochs, cosine per iteration, resize 257 -> crop 224 with h+v flips.
+REFERENCE: dict[str, Any] = {
+    "backbone": "efficientnet_b0",
+    "pretrained": True,
+    "weights": None,
+    "img_size": 224,
+    "epochs": 20,
+    "batch_size": 32,
+    "lr": 3e-4,
+    "weight_decay": 1e-4,
+    "head_lr_mult": 1.0,
+    "drop_rate": 0.2,
+    "loss": "ce",
+    "gamma": 2.0,
+    "class_weights": "none",
+    "sampler": "none",
+    "label_smoothing": 0.0,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "augment": "reference",
+    "ema": False,
+    "ema_decay": 0.999,
+    "amp": True,
+    "channels_last": True,
+    "compile": False,
+    "grad_accum": 1,
+    "warmup_epochs": 0.0,
+    "clip_grad": None,
+    "select": "macro_f1",
+    "patience": None,
+    "val_frac": 0.2,
+    "seed": 42,
+    "device": "auto",
+    "workers": 2,
+    "mean": None,
+    "std": None,
+}
+
+# A first step past the reference: handle the 60%-nevus imbalance and augment for rotation-free lesions.
+# A starting point to be tuned by an ablation, not a tuned result.
+IMPROVED: dict[str, Any] = {
+    **REFERENCE,
+    "class_weights": "effective",
+    "label_smoothing": 0.1,
+    "augment": "dermoscopy",
+    "warmup_epochs": 1.0,
+    "clip_grad": 5.0,
+}
+
+RECIPES: dict[str, dict[str, Any]] = {"reference": REFERENCE, "improved": IMPROVED}
+
+
+def resolve(recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's defaults updated with every override that is not None."""
+    if recipe not in RECIPES:
+        raise SkinLesionError(f"unknown --recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    cfg = dict(RECIPES[recipe])
+    cfg.update({k: v for k, v in overrides.items() if v is not None and k in cfg})
+    cfg["recipe"] = recipe
+    return cfg

