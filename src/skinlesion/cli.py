@@ -64,7 +64,7 @@ def _add_synth(sub) -> None:
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="fine-tune a timm backbone; writes a run folder",
-        description="Every option left out takes its value from --recipe (see docs/readme_train.md).",
+        description="Every option left out takes its value from --recipe (see README.md, Training).",
     )  # fmt: skip
     _data_args(p)
     _cache_args(p)
@@ -96,6 +96,8 @@ def _add_train(sub) -> None:
     p.add_argument("--class-weights", choices=["none", "inverse", "sqrt", "effective"],
                    help="per-class loss weights from train counts (reference none)")
     p.add_argument("--sampler", choices=["none", "balanced"], help="class-balanced sampling (reference none)")
+    p.add_argument("--logit-adjust-tau", type=float, help="after training, add -tau*log(train class prior) to "
+                   "best.pt's classifier bias (prior correction for balanced accuracy; reference 0 = off)")
     p.add_argument("--label-smoothing", type=float, help="reference 0")
     p.add_argument("--mixup", type=float, help="timm Mixup alpha (reference 0 = off)")
     p.add_argument("--cutmix", type=float, help="timm CutMix alpha (reference 0 = off)")
