@@ -129,12 +129,8 @@ def test_improved_recipe_and_patience(synth_dir, tmp_path):
              "--patience", "1", "--max-train-batches", "1"]  # fmt: skip
     assert train(synth_dir, tmp_path, "stop", *flags) == 0
     cfg = json.loads((tmp_path / "stop/config.json").read_text())
-    assert (cfg["recipe"], cfg["class_weights"], cfg["augment"], cfg["lr"]) == (
-        "improved",
-        "effective",
-        "dermoscopy",
-        0,
-    )
+    assert (cfg["recipe"], cfg["logit_adjust_tau"], cfg["lr"]) == ("improved", 1.0, 0)
+    assert checkpoint.read(tmp_path / "stop")["logit_adjustment"]["tau"] == 1.0  # prior correction in best.pt
     assert history(tmp_path / "stop")["epoch"].tolist() == [1, 2]
 
 

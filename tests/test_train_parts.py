@@ -85,8 +85,8 @@ def test_recipe_defaults_and_explicit_flags_override():
         "efficientnet_b0", 3e-4, 1e-4, 32, 20)  # fmt: skip
     assert (cfg["loss"], cfg["select"], cfg["amp"], cfg["channels_last"], cfg["pretrained"]) == (
         "ce", "macro_f1", True, True, True)  # fmt: skip
-    improved = resolve_config(parse("--recipe", "improved", "--class-weights", "none", "--no-amp"))
-    assert improved["recipe"] == "improved" and improved["augment"] == "dermoscopy"
-    assert improved["class_weights"] == "none" and improved["amp"] is False
+    improved = resolve_config(parse("--recipe", "improved", "--no-amp"))
+    assert improved["recipe"] == "improved" and improved["logit_adjust_tau"] == 1.0 and improved["amp"] is False
+    assert resolve_config(parse("--recipe", "improved", "--logit-adjust-tau", "0"))["logit_adjust_tau"] == 0
     with pytest.raises(SkinLesionError, match="--recipe"):
         resolve_config(parse("--recipe", "fancy"))

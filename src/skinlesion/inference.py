@@ -22,6 +22,12 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
     return [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
 
 
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square (dihedral group D4): the 4 flips of x and of its transpose,
+    i.e. every 90-degree rotation with and without a mirror."""
+    return tta_views(x) + tta_views(x.transpose(-1, -2))
+
+
 class Predictor:
     def __init__(self, source: str | Path | checkpoint.Loaded, device: str = "cpu"):
         self.loaded = source if isinstance(source, checkpoint.Loaded) else checkpoint.load(source, device)

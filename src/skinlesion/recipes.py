@@ -23,6 +23,7 @@ REFERENCE: dict[str, Any] = {
     "gamma": 2.0,
     "class_weights": "none",
     "sampler": "none",
+    "logit_adjust_tau": 0.0,
     "label_smoothing": 0.0,
     "mixup": 0.0,
     "cutmix": 0.0,
@@ -45,16 +46,13 @@ REFERENCE: dict[str, Any] = {
     "std": None,
 }
 
-# A first step past the reference: handle the 60%-nevus imbalance and augment for rotation-free lesions.
-# A starting point to be tuned by an ablation, not a tuned result.
-IMPROVED: dict[str, Any] = {
-    **REFERENCE,
-    "class_weights": "effective",
-    "label_smoothing": 0.1,
-    "augment": "dermoscopy",
-    "warmup_epochs": 1.0,
-    "clip_grad": 5.0,
-}
+# The winner of the real-data ablation (docs/results.md, benchmarks/ablation.py): the reference training,
+# then post-hoc logit adjustment (tau = 1, fixed, not tuned) stored in best.pt's classifier bias, which
+# moves decisions from the 67 %-nevus training prior to a uniform one (balanced accuracy, melanoma
+# recall). The regularised candidate (dermoscopy augmentation, head lr x10, EMA, label smoothing) did not
+# beat the reference within 8 epochs and is left out; budget flags (backbone, size, epochs) stay on the
+# command line.
+IMPROVED: dict[str, Any] = {**REFERENCE, "logit_adjust_tau": 1.0}
 
 RECIPES: dict[str, dict[str, Any]] = {"reference": REFERENCE, "improved": IMPROVED}
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from skinlesion import checkpoint, distributed, fileio, models, recipes
+from skinlesion import checkpoint, distributed, fileio, models, posthoc, recipes
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.transforms import eval_transform, resize_for, train_transform
@@ -495,4 +495,7 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> Path:
             break
     if d.is_main and state["best_value"] is not None:
         print(f"best {cfg['select']} {state['best_value']:.4f} at epoch {state['best_epoch']}: {run_dir / 'best.pt'}")
+    if d.is_main and cfg.get("logit_adjust_tau") and (run_dir / "best.pt").is_file():
+        offset = posthoc.set_logit_adjustment(run_dir / "best.pt", cfg["logit_adjust_tau"])
+        print(f"logit adjustment tau {cfg['logit_adjust_tau']:g} stored in best.pt: {np.round(offset, 2).tolist()}")
     return run_dir

@@ -1,0 +1,129 @@
+"""benchmarks/ablation.py without training: post-hoc variants, target checks, CSV -> docs/results.md rendering."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skinlesion import posthoc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ablation"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def line(row: str, variant: str, bal: float, f1: float, auc: float, ece_after: float, mel: float) -> dict:
+    values = {"accuracy": 0.8, "balanced_accuracy": bal, "macro_f1": f1, "macro_auc": auc, "ece_before": 0.08,
+              "ece_after": ece_after, "mel_recall": mel}  # fmt: skip
+    out = {
+        "row": row,
+        "variant": variant,
+        "epochs": 8,
+        "best_epoch": 7,
+        "wall_s": 900.0,
+        "train_img_s": 88.0,
+        "n_val": 2004,
+    }
+    for k, v in values.items():
+        out.update({k: v, f"{k}_lo": v - 0.03, f"{k}_hi": v + 0.03})
+    return out
+
+
+def test_variant_logits(ablation):
+    rng = np.random.default_rng(0)
+    views = rng.normal(size=(8, 5, 7))
+    data = {"views": views, "counts": np.arange(1.0, 8.0)}
+    np.testing.assert_allclose(ablation.variant_logits(data, "plain"), views[0])
+    np.testing.assert_allclose(ablation.variant_logits(data, "tta4"), views[:4].mean(0))
+    np.testing.assert_allclose(ablation.variant_logits(data, "tta8"), views.mean(0))
+    np.testing.assert_allclose(ablation.variant_logits(data, "la"), views[0] + posthoc.offset(data["counts"]))
+    np.testing.assert_allclose(ablation.variant_logits(data, "tta8+la"), views.mean(0) + posthoc.offset(data["counts"]))
+
+
+def test_targets_and_best_line(ablation):
+    frame = pd.DataFrame(
+        [
+            line("reference", "plain", 0.60, 0.64, 0.950, 0.04, 0.48),
+            line("reference", "la", 0.71, 0.66, 0.950, 0.06, 0.72),  # 3 targets met
+            line("regularised", "la", 0.72, 0.70, 0.955, 0.03, 0.75),  # all 5 met
+            line("regularised", "plain", 0.90, 0.60, 0.940, 0.03, 0.40),  # highest bal acc, 2 targets met
+        ]
+    )
+    ref = ablation.reference_line(frame)
+    met = ablation.targets(frame.iloc[1], ref)
+    assert list(met.values()) == [True, False, True, False, True]
+    assert all(ablation.targets(frame.iloc[2], ref).values())
+    best = ablation.best_line(frame)
+    assert (best["row"], best["variant"]) == ("regularised", "la")
+
+
+def test_render_has_table_commands_targets_and_confusion(ablation):
+    frame = pd.DataFrame(
+        [
+            line("reference", "plain", 0.60, 0.64, 0.950, 0.04, 0.48),
+            line("regularised", "tta8", 0.72, 0.70, 0.96, 0.03, 0.75),
+        ]
+    )
+    y = np.array([0, 0, 1, 4, 4, 5])
+    pred = np.array([0, 1, 1, 4, 5, 5])
+    confusion = ablation.confusion_markdown(y, pred, ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"])
+    assert "| **mel** | 0 | 0 | 0 | 0 | 1 | 1 | 0 | 0.50 |" in confusion
+    text = ablation.render(frame, confusion)
+    assert "200×150" in text and "2-core CPU" in text
+    assert "| reference | single centre crop | 0.800 [0.770, 0.830] | 0.600 [0.570, 0.630] |" in text
+    assert "mean logit over the 8 dihedral views" in text
+    assert "| balanced accuracy >= ref + 0.10 | 0.600 [0.570, 0.630] | 0.720 [0.690, 0.750] | yes |" in text
+    assert (
+        "--run-name regularised" in text
+        and "--head-lr-mult 10" in text
+        and "--splits outputs/ablation/splits.csv" in text
+    )
+    assert "## Confusion matrix of the winning line (`regularised`, tta8" in text
+    assert "| 7/8 | 15.0 | 88 |" in text
+
+
+def test_rows_are_distinct_and_prior_correction_is_off_for_the_balanced_sampler(ablation):
+    names = [r.name for r in ablation.ROWS]
+    assert len(names) == len(set(names)) and names[0] == "reference"
+    for row in ablation.ROWS:
+        balanced = "--sampler" in row.flags and row.flags[row.flags.index("--sampler") + 1] == "balanced"
+        assert not (balanced and (row.prior_correction or any(v.endswith("la") for v in row.variants)))
+
+
+def test_paired_deltas_are_zero_against_itself_and_see_a_real_gain(ablation):
+    rng = np.random.default_rng(1)
+    n = 400
+    y = rng.integers(0, 7, n)
+    lesions = np.array([f"L{i // 2}" for i in range(n)])  # two images per lesion
+    noisy = rng.normal(size=(1, n, 7))
+    ref = {"views": noisy, "labels": y, "lesions": lesions, "counts": np.ones(7)}
+    same = ablation.paired_deltas(ref, "plain", ref, n_boot=200)
+    assert all(v == 0 for v in same.values())
+    better = {**ref, "views": noisy + 3 * np.eye(7)[y][None]}  # much more often right
+    d = ablation.paired_deltas(better, "plain", ref, n_boot=200)
+    assert d["d_balanced_accuracy"] > 0.3 and d["d_balanced_accuracy_lo"] > 0
+    frame = pd.DataFrame([{**line("regularised", "plain", 0.7, 0.7, 0.96, 0.03, 0.7), **d}])
+    assert "| regularised | single centre crop | **+0." in ablation.delta_table(frame)
+
+
+def test_the_shipped_line_is_the_winner_when_present(ablation):
+    frame = pd.DataFrame(
+        [
+            line("reference", "plain", 0.60, 0.64, 0.950, 0.04, 0.48),
+            line("reference", "tta4+la", 0.70, 0.62, 0.950, 0.04, 0.63),
+            line("regularised", "tta8", 0.90, 0.90, 0.990, 0.01, 0.95),
+        ]
+    )
+    assert tuple(ablation.best_line(frame)[["row", "variant"]]) == ablation.SHIPPED

@@ -1,0 +1,71 @@
+"""Post-hoc changes that need no retraining: logit adjustment baked into best.pt, and 8-view dihedral TTA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from skinlesion import checkpoint, posthoc
+from skinlesion.cli import main
+from skinlesion.inference import Predictor, dihedral_views, tta_views
+
+
+def test_offset_is_minus_log_prior_and_favours_rare_classes():
+    counts = [10, 30, 60]
+    off = posthoc.offset(counts, tau=1.0)
+    np.testing.assert_allclose(off, -np.log([0.1, 0.3, 0.6]))
+    np.testing.assert_allclose(posthoc.offset(counts, tau=0.5), off / 2)
+    # Equal logits: the adjusted argmax is the rarest class; a class absent from train stays finite.
+    assert posthoc.adjust(np.zeros((1, 3)), counts).argmax() == 0
+    assert np.isfinite(posthoc.offset([0, 5, 5])).all()
+
+
+def test_set_logit_adjustment_shifts_every_logit_and_is_idempotent(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    x = torch.randn(4, 3, 64, 64)
+    before = Predictor(run).logits(x)
+    counts = [json.loads((run / "config.json").read_text())["train_class_counts"][c] for c in Predictor(run).classes]
+
+    applied = posthoc.set_logit_adjustment(run, tau=1.0)
+    np.testing.assert_allclose(applied, posthoc.offset(counts))
+    after = Predictor(run).logits(x)
+    np.testing.assert_allclose(after - before, np.broadcast_to(applied, before.shape), atol=1e-4)
+    # TTA averages logits, so the constant offset passes through it unchanged.
+    np.testing.assert_allclose(Predictor(run).logits(x, tta=True) - Predictor(tiny_run).logits(x, tta=True),
+                               np.broadcast_to(applied, before.shape), atol=1e-4)  # fmt: skip
+    meta = checkpoint.read(run)["logit_adjustment"]
+    assert meta["tau"] == 1.0 and meta["offset"] == pytest.approx(applied.tolist())
+
+    posthoc.set_logit_adjustment(run, tau=1.0)  # again: replaces, does not add up
+    np.testing.assert_allclose(Predictor(run).logits(x), after, atol=1e-4)
+    posthoc.set_logit_adjustment(run, tau=0.0)  # removes it
+    np.testing.assert_allclose(Predictor(run).logits(x), before, atol=1e-4)
+
+
+def test_train_flag_stores_the_adjustment(synth_dir, tmp_path):
+    flags = ["--backbone", "test_efficientnet", "--no-pretrained", "--img-size", "32", "--batch-size", "16",
+             "--epochs", "1", "--max-train-batches", "2", "--seed", "0", "--workers", "0"]  # fmt: skip
+    rc = main(["train", "--data-dir", str(synth_dir), "--out", str(tmp_path), "--run-name", "la",
+               *flags, "--logit-adjust-tau", "1"])  # fmt: skip
+    assert rc == 0
+    ckpt = checkpoint.read(tmp_path / "la")
+    counts = [ckpt["config"]["train_class_counts"][c] for c in ckpt["classes"]]
+    assert ckpt["config"]["logit_adjust_tau"] == 1.0
+    assert ckpt["logit_adjustment"]["offset"] == pytest.approx(posthoc.offset(counts).tolist())
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    views = dihedral_views(x)
+    assert len(views) == 8 and [v.shape for v in views] == [x.shape] * 8
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8  # all distinct
+    assert all(torch.equal(a, b) for a, b in zip(views[:4], tta_views(x), strict=True))  # flips come first
+    # Closed under rotation: a rotated input gives the same set of views, so the TTA mean is rotation-invariant.
+    rotated = torch.rot90(x, 1, dims=(-2, -1))
+    assert torch.equal(torch.stack(dihedral_views(rotated)).sum(0), torch.stack(views).sum(0))
+    assert any(torch.equal(rotated, v) for v in views)
