@@ -107,7 +107,10 @@ def explain(predictor: Predictor, image: Image.Image, target_class: str | None =
     probs = predictor.probabilities(predictor.logits(x))[0]
     predicted = predictor.classes[int(probs.argmax())]
     target = target_class or predicted
-    layer, reshape = target_layer(model, predictor.img_size)
+    # Finding the layer costs a forward pass; a predictor (one model, e.g. the server's) keeps the answer.
+    if not hasattr(predictor, "cam_target"):
+        predictor.cam_target = target_layer(model, predictor.img_size)
+    layer, reshape = predictor.cam_target
     with torch.inference_mode(False), torch.enable_grad(), METHODS[method](model, [layer], reshape) as cam:
         grey = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(predictor.classes.index(target))])[0]
     rgb = np.asarray(model_view(predictor)(image), dtype=np.float32) / 255.0
