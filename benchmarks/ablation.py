@@ -74,6 +74,13 @@ ROWS: tuple[Row, ...] = (
         "EMA 0.998, label smoothing 0.1",
     ),
     Row(
+        "balanced",
+        ["--recipe", "reference", "--sampler", "balanced"],
+        "reference + class-balanced sampler (the training-time alternative to prior correction)",
+        prior_correction=False,
+        variants=("plain", "tta4", "tta8"),
+    ),
+    Row(
         "regularised_balanced",
         ["--recipe", "reference", *REGULARISED, "--sampler", "balanced"],
         "regularised + class-balanced sampler (the training-time alternative to prior correction)",
