@@ -14,7 +14,6 @@ import itertools
 import math
 import random
 import time
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 from timm.data import Mixup
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
@@ -31,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from skinlesion import checkpoint, distributed, fileio, models, posthoc, recipes
+from skinlesion import checkpoint, distributed, fileio, metrics, models, posthoc, recipes
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.transforms import eval_transform, resize_for, train_transform
@@ -232,21 +230,16 @@ def param_groups(model: nn.Module, head_lr_mult: float) -> list[dict[str, Any]]:
 
 # -------------------------------------------------------------------------------------------- metrics
 def val_metrics(labels: np.ndarray, logits: torch.Tensor) -> dict[str, float]:
-    """Loss (plain CE, comparable across recipes), accuracy, balanced accuracy, macro F1 and macro
-    one-vs-rest AUC over the classes present in ``labels``."""
-    probs = torch.softmax(logits.float(), 1).numpy()
-    pred = probs.argmax(1)
-    present = np.unique(labels)
-    aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present] if len(present) > 1 else [float("nan")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn warns when a predicted class is absent from labels
-        return {
-            "val_loss": F.cross_entropy(logits.float(), torch.as_tensor(labels)).item(),
-            "val_acc": accuracy_score(labels, pred),
-            "val_balanced_acc": balanced_accuracy_score(labels, pred),
-            "val_macro_f1": f1_score(labels, pred, labels=present, average="macro", zero_division=0),
-            "val_macro_auc": float(np.mean(aucs)),
-        }
+    """Loss (plain CE, comparable across recipes) plus the same accuracy, balanced accuracy, macro F1 and
+    macro one-vs-rest AUC (over the classes present) that ``skinlesion evaluate`` reports."""
+    overall = metrics.point_metrics(labels, torch.softmax(logits.float(), 1).numpy())["overall"]
+    return {
+        "val_loss": F.cross_entropy(logits.float(), torch.as_tensor(labels)).item(),
+        "val_acc": overall["accuracy"],
+        "val_balanced_acc": overall["balanced_accuracy"],
+        "val_macro_f1": overall["macro_f1"],
+        "val_macro_auc": overall["macro_auc"],
+    }
 
 
 def is_better(value: float, best: float | None, higher: bool) -> bool:
@@ -461,8 +454,8 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> Path:
         t0 = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, **train_one_epoch(ctx, epoch)}
         eval_model = ema.module if ema is not None else model
-        metrics, n_val = validate(ctx, eval_model)
-        row.update(metrics, seconds=time.perf_counter() - t0)
+        scores, n_val = validate(ctx, eval_model)
+        row.update(scores, seconds=time.perf_counter() - t0)
         row = {k: row[k] for k in HISTORY_COLUMNS}
         history.append(row)
         improved = is_better(row[column], state["best_value"], higher)
