@@ -87,9 +87,30 @@ ROWS: tuple[Row, ...] = (
         prior_correction=False,
         variants=("plain", "tta4", "tta8"),
     ),
-    # Same training as `reference` with tau = 1 stored in best.pt; its variants are scored from raw logits
-    # (the stored offset taken out), so its `la` lines are the ones to compare.
-    Row("improved", ["--recipe", "improved"], "`--recipe improved` from one command (reference + logit adjustment)"),
+    Row("lr1e3", ["--recipe", "reference", "--lr", "1e-3"], "reference with AdamW lr 1e-3 instead of 3e-4"),
+    Row("px160", ["--recipe", "reference", "--img-size", "160"], "reference at 160 px (resize 184, crop 160)"),
+    Row(
+        "ema",
+        ["--recipe", "reference", "--ema", "--ema-decay", "0.998"],
+        "reference + EMA of the weights, decay 0.998 (a 500-step horizon, 1/4 of the 2,008 steps)",
+    ),
+    Row(
+        "effective",
+        ["--recipe", "reference", "--class-weights", "effective"],
+        "reference + effective-number class weights in the loss (Cui et al. 2019, beta 0.999)",
+        prior_correction=False,
+        variants=("plain", "tta4", "tta8"),
+    ),
+    # A second training seed (same split): how much of a difference between rows is training noise.
+    Row("reference_seed1", ["--recipe", "reference", "--seed", "1"], "the reference recipe, training seed 1"),
+    # tau = 1 is stored in best.pt; its variants are scored from raw logits (the stored offset taken out),
+    # so its `la` lines are the ones to compare.
+    Row(
+        "improved",
+        ["--recipe", "improved"],
+        "`--recipe improved` from one command (reference + lr 1e-3 + logit adjustment; `--tta` = 8 views)",
+    ),
+    Row("improved_seed1", ["--recipe", "improved", "--seed", "1"], "`--recipe improved`, training seed 1"),
 )
 VARIANT_NOTES = {
     "plain": "single centre crop",
@@ -101,10 +122,16 @@ VARIANT_NOTES = {
 }
 
 
+def fixed_flags(row: Row) -> list[str]:
+    """FIXED without the flags the row sets itself (a 160 px row says --img-size once, not twice)."""
+    pairs = zip(FIXED[::2], FIXED[1::2], strict=True)
+    return [x for flag, value in pairs if flag not in row.flags for x in (flag, value)]
+
+
 def train_command(row: Row, data_dir: Path, out: Path) -> list[str]:
     return [
         "skinlesion", "train", "--data-dir", str(data_dir), "--splits", str(out / "splits.csv"), "--out", str(out),
-        "--run-name", row.name, *FIXED, *row.flags,
+        "--run-name", row.name, *fixed_flags(row), *row.flags,
     ]  # fmt: skip
 
 
@@ -296,9 +323,9 @@ def targets(line: pd.Series, ref: pd.Series) -> dict[str, bool]:
     }
 
 
-# What `--recipe improved` ships: reference training + logit adjustment in best.pt, scored with
-# `skinlesion evaluate --tta` (4 flips). Reported as "the winner" when present in the CSV.
-SHIPPED = ("reference", "tta4+la")
+# What `--recipe improved` ships: its training + logit adjustment in best.pt, scored with
+# `skinlesion evaluate --tta` (its recipe's 8 dihedral views). Reported as "the winner" when present in the CSV.
+SHIPPED = ("improved", "tta8+la")
 
 
 def best_line(frame: pd.DataFrame) -> pd.Series:
@@ -357,7 +384,36 @@ def delta_table(frame: pd.DataFrame) -> str | None:
     return "\n".join(lines)
 
 
-def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = ROWS) -> str:
+TAUS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+
+
+def tau_sweep(data: dict[str, np.ndarray], views: str = "tta4") -> dict[float, tuple[float, float, float]]:
+    """(balanced accuracy, macro F1, melanoma recall) of the prior correction at each tau in TAUS.
+
+    For reading the trade-off only: these are seen on val, so a tau picked from them is tuned on val."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
+
+    from skinlesion import posthoc
+    from skinlesion.classes import CLASS_INDEX
+
+    y, base = data["labels"], variant_logits(data, views)
+    out = {}
+    for tau in TAUS:
+        pred = posthoc.adjust(base, data["counts"], tau).argmax(1)
+        mel = recall_score(y, pred, labels=[CLASS_INDEX["mel"]], average="macro", zero_division=0)
+        out[tau] = (balanced_accuracy_score(y, pred), f1_score(y, pred, average="macro", zero_division=0), mel)
+    return out
+
+
+def tau_markdown(sweeps: dict[str, dict[float, tuple[float, float, float]]]) -> str:
+    head = "| row (4-flip TTA) | " + " | ".join(f"tau={t:g}" for t in TAUS) + " |"
+    lines = [head, "|---" * (len(TAUS) + 1) + "|"]
+    for name, sweep in sweeps.items():
+        lines.append(f"| {name} | " + " | ".join("{:.3f} / {:.3f} / {:.2f}".format(*sweep[t]) for t in TAUS) + " |")
+    return "\n".join(lines)
+
+
+def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = ROWS, taus: str | None = None) -> str:
     """docs/results.md from the CSV (pure: tested on a synthetic frame)."""
     by_name = {r.name: r for r in rows}
     ref = reference_line(frame)
@@ -420,11 +476,22 @@ def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = R
             parts += [f"* **{name}** — {row.why}:", "", f"  ```bash\n  {display_command(row)}\n  ```", ""]
     parts += [
         "Post-hoc variants need no retraining: `tta4`/`tta8` average the logits over the views "
-        "(`skinlesion evaluate --tta`), `la` adds −log(train class prior) to the logits (tau = 1, fixed in "
+        "(`skinlesion evaluate --tta`, with `--tta-views 4|8` or the run's recipe choosing), `la` adds "
+        "−log(train class prior) to the logits (tau = 1, fixed in "
         "advance, never tuned on val) — `skinlesion train --logit-adjust-tau 1` stores it in best.pt's "
         "classifier bias so evaluate, calibrate, predict, serve and the ONNX export all apply it.",
         "",
     ]
+    if taus:
+        parts += [
+            "## How much prior correction: balanced accuracy / macro F1 / melanoma recall against tau",
+            "",
+            "tau = 0 is no correction, tau = 1 the full one the recipes use (fixed in advance). Read this as the "
+            "trade-off curve, not as a choice: picking the best-looking tau here would tune it on the scored split.",
+            "",
+            taus,
+            "",
+        ]
     if confusion:
         parts += [
             f"## Confusion matrix of the winning line (`{best['row']}`, {best['variant']}; "
@@ -449,8 +516,14 @@ def write_report(csv: Path, out: Path) -> None:
         data = dict(np.load(cache, allow_pickle=False))
         pred = softmax(variant_logits(data, best["variant"])).argmax(1)
         confusion = confusion_markdown(data["labels"], pred, list(CLASSES))
+    by_name = {r.name: r for r in ROWS}
+    sweeps = {}
+    for name in dict.fromkeys(frame["row"]):
+        logits = out / name / "ablation_logits.npz"
+        if name in by_name and by_name[name].prior_correction and logits.is_file():
+            sweeps[name] = tau_sweep(dict(np.load(logits, allow_pickle=False)))
     notes = "\n" + NOTES.read_text(encoding="utf-8") if NOTES.is_file() else ""
-    fileio.write_text(RESULTS, render(frame, confusion) + notes)
+    fileio.write_text(RESULTS, render(frame, confusion, taus=tau_markdown(sweeps) if sweeps else None) + notes)
     print(f"wrote {RESULTS}")
 
 

@@ -77,6 +77,7 @@ def test_metrics_json_equals_sklearn(evaluated):
         assert m["per_class"][c]["support"] == int((preds["y_true"] == c).sum())
     tta = pd.read_csv(evaluated / "predictions_tta.csv")
     assert m["with_tta"]["accuracy"]["value"] == pytest.approx((tta["y_true"] == tta["y_pred"]).mean())
+    assert m["tta_views"] == 4  # the tiny run's recipe (reference) averages the 4 flips
     lesions = preds.groupby("lesion_id").agg({**dict.fromkeys(P_COLS, "mean"), "y_true": "first"})
     lesion_pred = np.asarray(CLASSES)[lesions[P_COLS].to_numpy().argmax(1)]
     assert m["lesion_level"]["n_images"] == len(lesions)

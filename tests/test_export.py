@@ -36,6 +36,7 @@ def test_metadata_describes_the_model(onnx_run):
     assert int(props["resize_size"]) == meta["resize_size"]
     assert float(props["temperature"]) == pytest.approx(1.5)
     assert props["backbone"] == "efficientnet_b0"
+    assert int(props["tta_views"]) == meta["config"]["tta_views"] == 4
     assert props["source_sha256"] == fileio.sha256_file(onnx_run / "best.pt")
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value, "batch dimension should be symbolic (dynamic)"
@@ -45,10 +46,14 @@ def test_onnx_runtime_matches_pytorch_on_images(onnx_run, synth_dir):
     images = synth_images(synth_dir)
     torch_p, onnx_p = Predictor(onnx_run), OnnxPredictor(onnx_run)
     assert onnx_p.temperature == torch_p.temperature == pytest.approx(1.5)
-    for tta in (False, True):
+    for tta, views in ((False, 4), (True, 4), (True, 8)):
+        torch_p.tta_views = onnx_p.tta_views = views
         a, b = torch_p.predict_images(images, tta=tta), onnx_p.predict_images(images, tta=tta)
         assert a.shape == b.shape == (len(images), len(CLASSES))
         assert np.abs(a - b).max() < 1e-4
+    eight = onnx_p.predict_images(images, tta=True)
+    onnx_p.tta_views = 4
+    assert not np.allclose(eight, onnx_p.predict_images(images, tta=True), atol=1e-5)  # 8 views != 4 flips
     # Calibrated: the probabilities are softmax(logits / 1.5), not softmax(logits).
     logits = torch_p.logits(torch_p.preprocess(images))
     assert np.allclose(torch_p.predict_images(images), torch.softmax(logits / 1.5, 1).numpy(), atol=1e-6)

@@ -69,3 +69,21 @@ def test_dihedral_views_are_the_eight_symmetries_of_the_square():
     rotated = torch.rot90(x, 1, dims=(-2, -1))
     assert torch.equal(torch.stack(dihedral_views(rotated)).sum(0), torch.stack(views).sum(0))
     assert any(torch.equal(rotated, v) for v in views)
+
+
+def test_a_run_whose_recipe_says_8_views_averages_the_dihedral_views(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    assert ckpt["config"]["tta_views"] == 4
+    ckpt["config"]["tta_views"] = 8
+    torch.save(ckpt, run / "best.pt")
+    four, eight = Predictor(tiny_run), Predictor(run)
+    assert (four.tta_views, eight.tta_views) == (4, 8)
+    x = torch.rand(3, 3, 64, 64)
+    expected = torch.stack([four.model(v) for v in dihedral_views(x)]).mean(0)
+    torch.testing.assert_close(eight.logits(x, tta=True), expected, atol=1e-5, rtol=1e-5)
+    # The 8-view mean is invariant to a 90-degree rotation of the input; the 4-flip mean is not.
+    rot = torch.rot90(x, 1, dims=(-2, -1))
+    torch.testing.assert_close(eight.logits(rot, tta=True), eight.logits(x, tta=True), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(four.logits(rot, tta=True), four.logits(x, tta=True), atol=1e-4)

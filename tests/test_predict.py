@@ -58,9 +58,13 @@ def test_json_output_probabilities_topk_and_skips(onnx_run, folder, capsys):
     assert doc["temperature"] == pytest.approx(1.5)
 
 
-def test_onnx_backend_gives_the_same_probabilities(onnx_run, folder, capsys):
-    torch_doc, _ = run_json(capsys, "--run-dir", str(onnx_run), str(folder), "--tta")
-    onnx_doc, _ = run_json(capsys, "--run-dir", str(onnx_run), str(folder), "--tta", "--backend", "onnx")
+@pytest.mark.parametrize("views", ["4", "8"])
+def test_onnx_backend_gives_the_same_probabilities(onnx_run, folder, capsys, views):
+    torch_doc, _ = run_json(capsys, "--run-dir", str(onnx_run), str(folder), "--tta", "--tta-views", views)
+    onnx_doc, _ = run_json(
+        capsys, "--run-dir", str(onnx_run), str(folder), "--tta", "--tta-views", views, "--backend", "onnx"
+    )
+    assert torch_doc["tta_views"] == onnx_doc["tta_views"] == int(views)
     assert len(torch_doc["predictions"]) == len(onnx_doc["predictions"]) == 3
     for a, b in zip(torch_doc["predictions"], onnx_doc["predictions"], strict=True):
         assert a["prediction"] == b["prediction"]

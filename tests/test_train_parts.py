@@ -87,6 +87,8 @@ def test_recipe_defaults_and_explicit_flags_override():
         "ce", "macro_f1", True, True, True)  # fmt: skip
     improved = resolve_config(parse("--recipe", "improved", "--no-amp"))
     assert improved["recipe"] == "improved" and improved["logit_adjust_tau"] == 1.0 and improved["amp"] is False
+    assert (improved["lr"], improved["tta_views"], cfg["tta_views"]) == (1e-3, 8, 4)
+    assert resolve_config(parse("--recipe", "improved", "--tta-views", "4", "--lr", "3e-4"))["tta_views"] == 4
     assert resolve_config(parse("--recipe", "improved", "--logit-adjust-tau", "0"))["logit_adjust_tau"] == 0
     with pytest.raises(SkinLesionError, match="--recipe"):
         resolve_config(parse("--recipe", "fancy"))

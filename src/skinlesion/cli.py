@@ -99,6 +99,8 @@ def _add_train(sub) -> None:
     p.add_argument("--logit-adjust-tau", type=float, help="after training, add -tau*log(train class prior) to "
                    "best.pt's classifier bias (prior correction for balanced accuracy; reference 0 = off)")
     p.add_argument("--label-smoothing", type=float, help="reference 0")
+    p.add_argument("--tta-views", type=int, choices=[4, 8], help="views `--tta` averages for this run in "
+                   "evaluate / predict / export: 4 flips or the 8 dihedral symmetries (reference 4)")
     p.add_argument("--mixup", type=float, help="timm Mixup alpha (reference 0 = off)")
     p.add_argument("--cutmix", type=float, help="timm CutMix alpha (reference 0 = off)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, help="EMA of the weights, validated and kept "
@@ -127,7 +129,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     _data_args(p)
     p.add_argument("--name", help="name of an external set (results in <run>/eval_<name>/)")
-    p.add_argument("--tta", action="store_true", help="also score flip test-time augmentation")
+    p.add_argument("--tta", action="store_true", help="also score test-time augmentation (the run's views)")
+    p.add_argument("--tta-views", type=int, choices=[4, 8],
+                   help="TTA views: 4 flips or the 8 dihedral symmetries (default: the run's recipe)")
     p.add_argument("--lesion-level", action="store_true", help="also score lesions (mean probability)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
@@ -192,7 +196,9 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="class probabilities for images or folders")
     p.add_argument("--run-dir", required=True, help="run folder with best.pt (and model.onnx for --backend onnx)")
     p.add_argument("inputs", nargs="+", help="image files or folders (their .jpg/.jpeg/.png files, sorted)")
-    p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
+    p.add_argument("--tta", action="store_true", help="average over flipped/rotated views (the run's recipe)")
+    p.add_argument("--tta-views", type=int, choices=[4, 8],
+                   help="TTA views: 4 flips or the 8 dihedral symmetries (default: the run's recipe)")
     p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
     p.add_argument("--format", default="table", choices=["table", "json", "csv"], help="stdout format (default table)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],

@@ -181,6 +181,8 @@ def main(args: argparse.Namespace) -> None:
     # The run's own images live in the cache training used, unless told otherwise.
     cache_dir = args.cache_dir or (None if external else read_config(run_dir).get("cache_dir"))
     cache = open_cache(table, int(predictor.meta["resize_size"]), getattr(args, "cache", True), cache_dir)
+    if getattr(args, "tta_views", None):
+        predictor.tta_views = args.tta_views
     out = predict_logits(predictor, table, args.batch_size, args.tta, cache, args.workers, desc=f"evaluate {len(y)}")
     logits, logits_tta = out if args.tta else (out, None)
     temperature = predictor.temperature
@@ -201,7 +203,9 @@ def main(args: argparse.Namespace) -> None:
         probs_tta = softmax(logits_tta, temperature)
         fileio.write_csv(out_dir / "predictions_tta.csv", predictions_frame(table, probs_tta, classes))
         result["with_tta"] = columns["images+TTA"] = score(probs_tta, lesions, y)
-        report += "\nWith flip TTA (identity, h, v, hv):\n" + classification_report(
+        result["tta_views"] = predictor.tta_views
+        views = "identity, h, v, hv flips" + (" of the image and of its transpose" if predictor.tta_views == 8 else "")
+        report += f"\nWith TTA ({predictor.tta_views} views: {views}):\n" + classification_report(
             y, probs_tta.argmax(1), labels=list(range(len(classes))), target_names=classes, digits=3, zero_division=0
         )
     if args.lesion_level:

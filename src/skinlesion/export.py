@@ -19,6 +19,7 @@ import torch
 
 from skinlesion import checkpoint, fileio
 from skinlesion.errors import SkinLesionError
+from skinlesion.inference import run_tta_views
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -35,6 +36,7 @@ def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
         "resize_size": str(int(meta["resize_size"])),
         "temperature": repr(float(meta.get("temperature", 1.0))),
         "backbone": str(meta["backbone"]),
+        "tta_views": str(run_tta_views(meta)),
         "source_sha256": source_sha256,
         "input_name": INPUT_NAME,
         "output": "logits (apply softmax(logits / temperature))",

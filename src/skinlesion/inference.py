@@ -1,4 +1,4 @@
-"""Batched prediction from a loaded checkpoint: eval transform, temperature, optional flip TTA.
+"""Batched prediction from a loaded checkpoint: eval transform, temperature, optional TTA.
 
 Shared by evaluate, predict, serve and the Grad-CAM commands so that they all see the same
 probabilities for the same image.
@@ -28,6 +28,14 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
     return tta_views(x) + tta_views(x.transpose(-1, -2))
 
 
+TTA_VIEWS = {4: tta_views, 8: dihedral_views}
+
+
+def run_tta_views(meta: dict) -> int:
+    """How many views ``--tta`` averages for this run: its recipe's ``tta_views`` (4 flips unless it says 8)."""
+    return int((meta.get("config") or {}).get("tta_views", 4))
+
+
 class Predictor:
     def __init__(self, source: str | Path | checkpoint.Loaded, device: str = "cpu"):
         self.loaded = source if isinstance(source, checkpoint.Loaded) else checkpoint.load(source, device)
@@ -38,6 +46,7 @@ class Predictor:
         self.classes: list[str] = list(meta["classes"])
         self.img_size = int(meta["img_size"])
         self.transform = eval_transform(meta["img_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
+        self.tta_views = run_tta_views(meta)
 
     @property
     def temperature(self) -> float:
@@ -48,11 +57,12 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """Raw (un-tempered) logits; with ``tta`` the mean logit over the four flips."""
+        """Raw (un-tempered) logits; with ``tta`` the mean logit over ``self.tta_views`` views (4 flips or
+        the 8 dihedral symmetries)."""
         batch = batch.to(self.device)
         if not tta:
             return self.model(batch).float().cpu()
-        return torch.stack([self.model(v).float() for v in tta_views(batch)]).mean(0).cpu()
+        return torch.stack([self.model(v).float() for v in TTA_VIEWS[self.tta_views](batch)]).mean(0).cpu()
 
     def probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
         t = self.temperature if calibrated else 1.0

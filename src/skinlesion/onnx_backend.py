@@ -41,6 +41,7 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
         "resize_size": int(props["resize_size"]),
         "temperature": float(props["temperature"]),
         "backbone": props["backbone"],
+        "tta_views": int(props.get("tta_views", 4)),  # models exported before it existed used the 4 flips
         "source_sha256": props.get("source_sha256", ""),
     }
 
@@ -66,6 +67,7 @@ class OnnxPredictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.img_size: int = self.meta["img_size"]
         self.input_name = self.session.get_inputs()[0].name
+        self.tta_views: int = self.meta["tta_views"]
         self.transform = eval_transform(
             self.img_size, self.meta["resize_size"], tuple(self.meta["mean"]), tuple(self.meta["std"])
         )
@@ -83,10 +85,14 @@ class OnnxPredictor:
         return torch.stack([self.transform(im) for im in images]).numpy()
 
     def logits(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
-        """Raw logits; with ``tta`` the mean over identity, h, v and hv flips (as inference.tta_views)."""
+        """Raw logits; with ``tta`` the mean over the run's views, in inference.TTA_VIEWS's order: identity,
+        h, v and hv flips, then (8 views) the same four of the transposed image."""
         views = [batch]
         if tta:
-            views += [batch[..., ::-1], batch[..., ::-1, :], batch[..., ::-1, ::-1]]
+            flips = [batch[..., ::-1], batch[..., ::-1, :], batch[..., ::-1, ::-1]]
+            views += flips
+            if self.tta_views == 8:
+                views += [v.swapaxes(-1, -2) for v in (batch, *flips)]
         out = [self.session.run(None, {self.input_name: np.ascontiguousarray(v)})[0] for v in views]
         return np.mean(out, axis=0).astype(np.float32)
 

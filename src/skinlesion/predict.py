@@ -26,6 +26,7 @@ from skinlesion.errors import SkinLesionError
 class ProbabilityModel(Protocol):
     classes: list[str]
     img_size: int
+    tta_views: int
 
     @property
     def temperature(self) -> float: ...
@@ -155,6 +156,8 @@ def main(args: argparse.Namespace) -> None:
     if not files:
         raise SkinLesionError("no image files found in the inputs; pass .jpg/.jpeg/.png files or folders holding them")
     predictor = load_predictor(args.run_dir, args.backend)
+    if getattr(args, "tta_views", None):
+        predictor.tta_views = args.tta_views
     top_k = min(args.top_k, len(predictor.classes))
     rows, skipped = predict_files(predictor, files, args.batch_size, args.tta, top_k)
     if not rows:
@@ -164,6 +167,7 @@ def main(args: argparse.Namespace) -> None:
             "run_dir": str(args.run_dir),
             "backend": args.backend,
             "tta": bool(args.tta),
+            "tta_views": predictor.tta_views if args.tta else 1,
             "temperature": predictor.temperature,
             "classes": list(predictor.classes),
             "predictions": rows,

@@ -51,7 +51,7 @@ def fmt(entry: dict[str, Any] | None) -> str:
 def headline_rows(m: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     columns = {"images": m}
     if "with_tta" in m:
-        columns["images + flip TTA"] = m["with_tta"]
+        columns[f"images + TTA ({m.get('tta_views', 4)} views)"] = m["with_tta"]
     if "lesion_level" in m:
         columns["lesions (mean probability)"] = m["lesion_level"]
     rows = [{"name": HEADLINE_NAMES[k], "cells": [fmt(c.get(k)) for c in columns.values()]} for k in HEADLINE_NAMES]
