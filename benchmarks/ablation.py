@@ -25,7 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +57,15 @@ class Row:
     name: str
     flags: list[str]
     why: str
-    # A model trained for a uniform prior (balanced sampler) must not be prior-corrected again.
+    # A model trained for a flatter prior (balanced sampler, class weights) must not be prior-corrected again.
     prior_correction: bool = True
-    variants: tuple[str, ...] = field(default=("plain", "tta4", "tta8", "la", "tta4+la", "tta8+la"))
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return VARIANTS if self.prior_correction else tuple(v for v in VARIANTS if not v.endswith("la"))
+
+
+VARIANTS = ("plain", "tta4", "tta8", "la", "tta4+la", "tta8+la")
 
 
 REGULARISED = [
@@ -78,14 +84,12 @@ ROWS: tuple[Row, ...] = (
         ["--recipe", "reference", "--sampler", "balanced"],
         "reference + class-balanced sampler (the training-time alternative to prior correction)",
         prior_correction=False,
-        variants=("plain", "tta4", "tta8"),
     ),
     Row(
         "regularised_balanced",
         ["--recipe", "reference", *REGULARISED, "--sampler", "balanced"],
         "regularised + class-balanced sampler (the training-time alternative to prior correction)",
         prior_correction=False,
-        variants=("plain", "tta4", "tta8"),
     ),
     Row("lr1e3", ["--recipe", "reference", "--lr", "1e-3"], "reference with AdamW lr 1e-3 instead of 3e-4"),
     Row("px160", ["--recipe", "reference", "--img-size", "160"], "reference at 160 px (resize 184, crop 160)"),
@@ -99,7 +103,6 @@ ROWS: tuple[Row, ...] = (
         ["--recipe", "reference", "--class-weights", "effective"],
         "reference + effective-number class weights in the loss (Cui et al. 2019, beta 0.999)",
         prior_correction=False,
-        variants=("plain", "tta4", "tta8"),
     ),
     # A second training seed (same split): how much of a difference between rows is training noise.
     Row("reference_seed1", ["--recipe", "reference", "--seed", "1"], "the reference recipe, training seed 1"),
@@ -290,8 +293,6 @@ def score_row(row: Row, out: Path, n_boot: int) -> pd.DataFrame:
     ref = view_logits(out / "reference") if (out / "reference" / "best.pt").is_file() else None
     lines = []
     for v in row.variants:
-        if v.endswith("la") and not row.prior_correction:
-            continue
         line = {"row": row.name, "variant": v, **stats, "n_val": len(data["labels"]), **score_variant(data, v, n_boot)}
         lines.append({**line, **(paired_deltas(data, v, ref, n_boot) if ref is not None else {})})
     return pd.DataFrame(lines)
