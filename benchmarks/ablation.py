@@ -4,6 +4,7 @@
     python benchmarks/ablation.py --rows reference,regularised
     python benchmarks/ablation.py --only-report         # regenerate docs/results.md from the CSV
     python benchmarks/ablation.py --dry-run             # print the commands only
+    python benchmarks/ablation.py --rescore             # score trained rows again from their cached logits
 
 Fixed setting (every row): all 10,015 images of ../shared/data/ham10000_200x150, one lesion-grouped
 stratified 80/20 split (seed 42) saved once to <out>/splits.csv and passed with --splits, ImageNet
@@ -62,10 +63,33 @@ class Row:
 
     @property
     def variants(self) -> tuple[str, ...]:
-        return VARIANTS if self.prior_correction else tuple(v for v in VARIANTS if not v.endswith("la"))
+        return VARIANTS if self.prior_correction else tuple(v for v in VARIANTS if not parse_variant(v)[1])
 
 
+# "<views>[+la[<tau>]]": views plain | tta4 | tta8; "la" alone = single crop + logit adjustment; tau defaults to 1.
 VARIANTS = ("plain", "tta4", "tta8", "la", "tta4+la", "tta8+la")
+VIEWS = {
+    "plain": "single centre crop",
+    "tta4": "mean logit over 4 flips",
+    "tta8": "mean logit over the 8 dihedral views",
+}
+
+
+def parse_variant(variant: str) -> tuple[str, float]:
+    """'tta8+la0.5' -> ('tta8', 0.5); 'la' -> ('plain', 1.0); 'tta4' -> ('tta4', 0.0): views and tau (0 = none)."""
+    parts = variant.split("+")
+    views = "plain" if parts[0].startswith("la") else parts[0]
+    la = next((p for p in parts if p.startswith("la")), None)
+    if views not in VIEWS or len(parts) > 2:
+        raise ValueError(f"unknown variant {variant!r}")
+    return views, (float(la[2:] or 1.0) if la is not None else 0.0)
+
+
+def variant_note(variant: str) -> str:
+    views, tau = parse_variant(variant)
+    if not tau:
+        return VIEWS[views]
+    return {"plain": "", "tta4": "4-flip TTA + ", "tta8": "8-view TTA + "}[views] + f"logit adjustment tau={tau:g}"
 
 
 REGULARISED = [
@@ -83,12 +107,6 @@ ROWS: tuple[Row, ...] = (
         "balanced",
         ["--recipe", "reference", "--sampler", "balanced"],
         "reference + class-balanced sampler (the training-time alternative to prior correction)",
-        prior_correction=False,
-    ),
-    Row(
-        "regularised_balanced",
-        ["--recipe", "reference", *REGULARISED, "--sampler", "balanced"],
-        "regularised + class-balanced sampler (the training-time alternative to prior correction)",
         prior_correction=False,
     ),
     Row("lr1e3", ["--recipe", "reference", "--lr", "1e-3"], "reference with AdamW lr 1e-3 instead of 3e-4"),
@@ -114,15 +132,31 @@ ROWS: tuple[Row, ...] = (
         "`--recipe improved` from one command (reference + lr 1e-3 + logit adjustment; `--tta` = 8 views)",
     ),
     Row("improved_seed1", ["--recipe", "improved", "--seed", "1"], "`--recipe improved`, training seed 1"),
+    Row("reference_seed2", ["--recipe", "reference", "--seed", "2"], "the reference recipe, training seed 2"),
+    Row("improved_seed2", ["--recipe", "improved", "--seed", "2"], "`--recipe improved`, training seed 2"),
+    # Single changes on top of `improved` (the regularised bundle changed four things at once).
+    Row(
+        "improved_dermoscopy",
+        ["--recipe", "improved", "--augment", "dermoscopy"],
+        "`improved` + dermoscopy augmentation alone (360 deg rotation, RRC scale 0.35-1, mild colour jitter)",
+    ),
+    Row("improved_lr2e3", ["--recipe", "improved", "--lr", "2e-3"], "`improved` with AdamW lr 2e-3 instead of 1e-3"),
+    Row(
+        "improved_lr2e3_seed1",
+        ["--recipe", "improved", "--lr", "2e-3", "--seed", "1"],
+        "`improved_lr2e3`, training seed 1",
+    ),
+    Row(
+        "improved_focal",
+        ["--recipe", "improved", "--loss", "focal"],
+        "`improved` with focal loss (gamma 2, Lin et al. 2017) instead of cross-entropy",
+    ),
+    Row(
+        "improved_headlr",
+        ["--recipe", "improved", "--head-lr-mult", "10"],
+        "`improved` with the new classifier at 10x the lr (1e-2; the backbone stays at 1e-3)",
+    ),
 )
-VARIANT_NOTES = {
-    "plain": "single centre crop",
-    "tta4": "mean logit over 4 flips",
-    "tta8": "mean logit over the 8 dihedral views",
-    "la": "logit adjustment tau=1",
-    "tta4+la": "4-flip TTA + logit adjustment tau=1",
-    "tta8+la": "8-view TTA + logit adjustment tau=1",
-}
 
 
 def fixed_flags(row: Row) -> list[str]:
@@ -213,9 +247,9 @@ def variant_logits(data: dict[str, np.ndarray], variant: str) -> np.ndarray:
     from skinlesion import posthoc
 
     views = data["views"].astype(np.float64)
-    views_of = {"plain": views[:1], "tta4": views[:4], "tta8": views}  # dihedral_views starts with the 4 flips
-    base = views_of[variant.removesuffix("+la").removesuffix("la") or "plain"].mean(0)
-    return posthoc.adjust(base, data["counts"], 1.0) if variant.endswith("la") else base
+    name, tau = parse_variant(variant)
+    base = {"plain": views[:1], "tta4": views[:4], "tta8": views}[name].mean(0)  # dihedral_views: 4 flips first
+    return posthoc.adjust(base, data["counts"], tau) if tau else base
 
 
 def score_variant(data: dict[str, np.ndarray], variant: str, n_boot: int) -> dict[str, float]:
@@ -361,7 +395,7 @@ def results_table(frame: pd.DataFrame) -> str:
     cols = ["recipe", "post-hoc", *(LABELS[m] for m in METRICS), "best ep.", "wall min", "train img/s"]
     lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for _, r in frame.iterrows():
-        cells = [r["row"], VARIANT_NOTES.get(r["variant"], r["variant"]), *(fmt_ci(r, m) for m in METRICS)]
+        cells = [r["row"], variant_note(r["variant"]), *(fmt_ci(r, m) for m in METRICS)]
         cells += [f"{int(r['best_epoch'])}/{int(r['epochs'])}", f"{r['wall_s'] / 60:.1f}", f"{r['train_img_s']:.0f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -381,8 +415,28 @@ def delta_table(frame: pd.DataFrame) -> str | None:
             value, lo, hi = r[f"d_{d}"], r[f"d_{d}_lo"], r[f"d_{d}_hi"]
             text = f"{value:+.3f} [{lo:+.3f}, {hi:+.3f}]"
             cells.append(f"**{text}**" if lo > 0 or hi < 0 else text)
-        lines.append("| " + " | ".join([r["row"], VARIANT_NOTES.get(r["variant"], r["variant"]), *cells]) + " |")
+        lines.append("| " + " | ".join([r["row"], variant_note(r["variant"]), *cells]) + " |")
     return "\n".join(lines)
+
+
+# Recipe lines compared across training seeds (rows "<recipe>" = seed 42 and "<recipe>_seed<N>").
+SEED_LINES = (("reference", "plain"), ("reference", "tta8+la"), ("improved", "tta8"), SHIPPED)
+SEED_METRICS = ("balanced_accuracy", "macro_f1", "macro_auc", "ece_after", "mel_recall")
+
+
+def seed_table(frame: pd.DataFrame) -> str | None:
+    """Mean ± standard deviation over training seeds: training noise that the lesion bootstrap cannot see."""
+    lines = []
+    for recipe, variant in SEED_LINES:
+        pick = frame[frame["row"].str.fullmatch(rf"{recipe}(_seed\d+)?") & (frame["variant"] == variant)]
+        if len(pick) < 2:
+            continue
+        cells = [f"{pick[m].mean():.3f} ± {pick[m].std(ddof=1):.3f}" for m in SEED_METRICS]
+        lines.append(f"| {recipe} | {variant_note(variant)} | {len(pick)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return None
+    head = "| recipe | post-hoc | seeds | " + " | ".join(LABELS[m] for m in SEED_METRICS) + " |"
+    return "\n".join([head, "|---" * (len(SEED_METRICS) + 3) + "|", *lines])
 
 
 TAUS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
@@ -446,6 +500,18 @@ def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = R
         results_table(frame),
         "",
     ]
+    seeds = seed_table(frame)
+    if seeds:
+        parts += [
+            "## Across training seeds (same split)",
+            "",
+            "Mean ± standard deviation over the rows that differ only in `--seed` (42 = the row without a suffix). "
+            "The spread is training noise, which the lesion bootstrap above does not include; a recipe difference "
+            "smaller than it is not evidence.",
+            "",
+            seeds,
+            "",
+        ]
     deltas = delta_table(frame)
     if deltas:
         parts += [
@@ -460,8 +526,7 @@ def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = R
     if ref is not None:
         met = targets(best, ref)
         parts += [
-            f"## Targets: the winning line (`{best['row']}`, "
-            f"{VARIANT_NOTES.get(best['variant'], best['variant'])}) vs the reference row",
+            f"## Targets: the winning line (`{best['row']}`, {variant_note(best['variant'])}) vs the reference row",
             "",
             "| target | reference | winner | met |",
             "|---|---|---|---|",
@@ -537,6 +602,7 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--only-report", action="store_true", help="regenerate docs/results.md from the CSV")
     p.add_argument("--dry-run", action="store_true", help="print each row's command and stop")
+    p.add_argument("--rescore", action="store_true", help="score trained rows again (e.g. after adding a variant)")
     args = p.parse_args()
     names = args.rows.split(",") if args.rows else [r.name for r in ROWS]
     unknown = set(names) - {r.name for r in ROWS}
@@ -547,6 +613,12 @@ def main() -> None:
             if row.name in names:
                 print(f"{row.name}: {display_command(row)}")
         return
+    if args.rescore and args.csv.is_file():  # only rows already trained: never starts a training run
+        names = [n for n in names if (args.out / n / "best.pt").is_file()]
+        frame = pd.read_csv(args.csv)
+        from skinlesion import fileio
+
+        fileio.write_csv(args.csv, frame[~frame["row"].isin(names)])
     if not args.only_report:
         args.out.mkdir(parents=True, exist_ok=True)
         ensure_split(args.data_dir, args.out)

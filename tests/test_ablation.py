@@ -50,6 +50,18 @@ def test_variant_logits(ablation):
     np.testing.assert_allclose(ablation.variant_logits(data, "tta8"), views.mean(0))
     np.testing.assert_allclose(ablation.variant_logits(data, "la"), views[0] + posthoc.offset(data["counts"]))
     np.testing.assert_allclose(ablation.variant_logits(data, "tta8+la"), views.mean(0) + posthoc.offset(data["counts"]))
+    half = views.mean(0) + 0.5 * posthoc.offset(data["counts"])
+    np.testing.assert_allclose(ablation.variant_logits(data, "tta8+la0.5"), half)
+
+
+def test_variant_names_parse_to_views_and_tau(ablation):
+    assert ablation.parse_variant("plain") == ("plain", 0.0)
+    assert ablation.parse_variant("la") == ("plain", 1.0)
+    assert ablation.parse_variant("tta4+la") == ("tta4", 1.0)
+    assert ablation.parse_variant("tta8+la0.5") == ("tta8", 0.5)
+    assert ablation.variant_note("tta8+la0.5") == "8-view TTA + logit adjustment tau=0.5"
+    with pytest.raises(ValueError, match="unknown variant"):
+        ablation.parse_variant("tta16")
 
 
 def test_targets_and_best_line(ablation):
@@ -151,3 +163,18 @@ def test_tau_sweep_moves_decisions_towards_the_rare_classes(ablation):
     rows = text.splitlines()
     assert len(rows) == 3 and all(r.count("|") == len(ablation.TAUS) + 2 for r in rows) and "tau=0.5" in rows[0]
     assert rows[2].startswith(f"| reference | {sweep[0.0][0]:.3f} / ")
+
+
+def test_seed_table_averages_only_rows_that_differ_by_seed(ablation):
+    frame = pd.DataFrame(
+        [
+            line("reference", "plain", 0.60, 0.64, 0.950, 0.04, 0.40),
+            line("reference_seed1", "plain", 0.62, 0.66, 0.952, 0.02, 0.60),
+            line("reference_la", "plain", 0.99, 0.99, 0.999, 0.01, 0.99),  # another recipe, not a seed
+            line("improved", "tta8+la", 0.72, 0.67, 0.955, 0.02, 0.60),  # one seed: no spread to show
+        ]
+    )
+    rows = ablation.seed_table(frame).splitlines()
+    assert len(rows) == 3 and rows[2].startswith("| reference | single centre crop | 2 | 0.610 ± 0.014 | 0.650 ± ")
+    assert "0.500 ± 0.141" in rows[2]  # melanoma recall of 0.40 and 0.60
+    assert ablation.seed_table(frame[frame["row"] != "reference_seed1"]) is None
