@@ -613,8 +613,9 @@ def main() -> None:
             if row.name in names:
                 print(f"{row.name}: {display_command(row)}")
         return
-    if args.rescore and args.csv.is_file():  # only rows already trained: never starts a training run
-        names = [n for n in names if (args.out / n / "best.pt").is_file()]
+    if args.rescore and args.csv.is_file():  # only rows trained to the end: never starts or resumes training
+        n_epochs = int(FIXED[FIXED.index("--epochs") + 1])
+        names = [n for n in names if epochs_done(args.out / n) >= n_epochs]
         frame = pd.read_csv(args.csv)
         from skinlesion import fileio
 
