@@ -494,7 +494,8 @@ def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = R
         "with `--data-dir` on the originals, `--backbone efficientnet_b0 --img-size 224 --epochs 20` run "
         "unchanged on a GPU.",
         "",
-        "Reproduce everything: `python benchmarks/ablation.py` (resumable; `--rows NAME,...`, `--only-report`). "
+        "Reproduce everything: `python benchmarks/ablation.py` (resumable; `--rows NAME,...`, `--only-report`, "
+        "`--rescore` to score finished rows again from their cached logits). "
         "Raw numbers: [`docs/ablation.csv`](ablation.csv).",
         "",
         results_table(frame),
