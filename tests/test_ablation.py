@@ -172,9 +172,13 @@ def test_seed_table_averages_only_rows_that_differ_by_seed(ablation):
             line("reference_seed1", "plain", 0.62, 0.66, 0.952, 0.02, 0.60),
             line("reference_la", "plain", 0.99, 0.99, 0.999, 0.01, 0.99),  # another recipe, not a seed
             line("improved", "tta8+la", 0.72, 0.67, 0.955, 0.02, 0.60),  # one seed: no spread to show
+            line("improved_lr2e3", "tta8+la", 0.70, 0.66, 0.950, 0.03, 0.50),  # any seeded recipe: shipped line
+            line("improved_lr2e3_seed1", "tta8+la", 0.74, 0.64, 0.954, 0.03, 0.70),
+            line("improved_lr2e3_seed1", "plain", 0.1, 0.1, 0.1, 0.1, 0.1),
         ]
     )
     rows = ablation.seed_table(frame).splitlines()
-    assert len(rows) == 3 and rows[2].startswith("| reference | single centre crop | 2 | 0.610 ± 0.014 | 0.650 ± ")
+    assert len(rows) == 4 and rows[2].startswith("| reference | single centre crop | 2 | 0.610 ± 0.014 | 0.650 ± ")
     assert "0.500 ± 0.141" in rows[2]  # melanoma recall of 0.40 and 0.60
-    assert ablation.seed_table(frame[frame["row"] != "reference_seed1"]) is None
+    assert rows[3].startswith("| improved_lr2e3 | 8-view TTA + logit adjustment tau=1 | 2 | 0.720 ± 0.028 | 0.650 ± ")
+    assert ablation.seed_table(frame[~frame["row"].str.contains("_seed")]) is None

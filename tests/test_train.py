@@ -74,9 +74,10 @@ def test_tiny_run_is_the_run_folder_contract(tiny_run):
 
 
 def test_resume_continues_exactly_and_same_seed_repeats(synth_dir, tmp_path):
-    """4 epochs straight == 2 epochs (interrupted) + --resume; EMA, grad-accum, warm-up, clipping on."""
+    """4 epochs straight == 2 epochs (interrupted) + --resume; EMA, grad-accum, warm-up, clipping and a head-only
+    warm-up that ends after the resume (epoch 3) on."""
     flags = [*FAST, "--epochs", "4", "--ema", "--ema-decay", "0.9", "--grad-accum", "2", "--warmup-epochs", "1",
-             "--clip-grad", "1.0", "--max-train-batches", "5"]  # fmt: skip
+             "--clip-grad", "1.0", "--max-train-batches", "5", "--head-warmup-epochs", "3"]  # fmt: skip
     assert train(synth_dir, tmp_path, "straight", *flags) == 0
     assert train(synth_dir, tmp_path, "resumed", *flags, "--stop-after-epochs", "2") == 0
     assert len(history(tmp_path / "resumed")) == 2
@@ -101,6 +102,37 @@ def test_resume_continues_exactly_and_same_seed_repeats(synth_dir, tmp_path):
     ema = {k.removeprefix("module."): v for k, v in last["ema"].items()}
     assert set(ema) == set(last["model"])
     assert any(not torch.equal(v, ema[k]) for k, v in last["model"].items() if v.is_floating_point())
+
+
+def test_head_only_warmup_leaves_the_backbone_alone():
+    """While frozen, an AdamW step moves the classifier and no backbone weight; unfrozen, both move."""
+    import timm
+    from timm.scheduler import CosineLRScheduler
+
+    from skinlesion.train import param_groups, set_backbone_frozen
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=7)  # no BatchNorm: weights are all an optimiser moves
+    optimizer = torch.optim.AdamW(param_groups(model, 1.0), lr=1e-2, weight_decay=0.1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=10, warmup_t=2, warmup_lr_init=1e-4, warmup_prefix=True,
+                                  t_in_epochs=False)  # fmt: skip
+    head = {id(p) for p in model.get_classifier().parameters()}
+
+    def step() -> dict[str, bool]:
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        moved = {n: not torch.equal(before[n], p) for n, p in model.named_parameters()}
+        return {part: any(m for (n, p), m in zip(model.named_parameters(), moved.values(), strict=True)
+                          if (id(p) in head) == (part == "head")) for part in ("head", "body")}  # fmt: skip
+
+    set_backbone_frozen(optimizer, scheduler, 0, frozen=True)
+    assert optimizer.param_groups[0]["lr"] == 0 and optimizer.param_groups[1]["lr"] == pytest.approx(1e-4)
+    assert step() == {"head": True, "body": False}
+    set_backbone_frozen(optimizer, scheduler, 1, frozen=False)
+    assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"] > 0
+    assert step() == {"head": True, "body": True}
 
 
 def test_imbalance_and_regularisation_flags(synth_dir, tmp_path):

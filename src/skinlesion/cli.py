@@ -87,6 +87,8 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float, help="AdamW learning rate (reference 3e-4)")
     p.add_argument("--weight-decay", type=float, help="reference 1e-4")
     p.add_argument("--head-lr-mult", type=float, help="classifier lr = lr * this (reference 1)")
+    p.add_argument("--head-warmup-epochs", type=int, help="train only the new classifier for the first N epochs "
+                   "(backbone lr x 0; reference 0)")
     p.add_argument("--drop-rate", type=float, help="dropout before the classifier (reference 0.2)")
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine (reference 0)")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (reference: off)")

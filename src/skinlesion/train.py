@@ -228,6 +228,16 @@ def param_groups(model: nn.Module, head_lr_mult: float) -> list[dict[str, Any]]:
     return [{"params": body, "lr_scale": 1.0}, {"params": head, "lr_scale": head_lr_mult}]
 
 
+def set_backbone_frozen(
+    optimizer: torch.optim.Optimizer, scheduler: CosineLRScheduler, step: int, frozen: bool
+) -> None:
+    """Head-only warm-up: the backbone group (first of ``param_groups``) trains at lr x 0, so its ImageNet weights
+    stay put while the new classifier settles. Scaling the lr instead of ``requires_grad`` keeps DDP's hooks and
+    resume unchanged; re-running the scheduler applies the new scale from this very step."""
+    optimizer.param_groups[0]["lr_scale"] = 0.0 if frozen else 1.0
+    scheduler.step_update(step)
+
+
 # -------------------------------------------------------------------------------------------- metrics
 def val_metrics(labels: np.ndarray, logits: torch.Tensor) -> dict[str, float]:
     """Loss (plain CE, comparable across recipes) plus the same accuracy, balanced accuracy, macro F1 and
@@ -452,6 +462,8 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> Path:
 
     for epoch in range(start_epoch, cfg["epochs"] + 1):
         t0 = time.perf_counter()
+        if cfg.get("head_warmup_epochs"):
+            set_backbone_frozen(optimizer, scheduler, ctx["global_step"], epoch <= cfg["head_warmup_epochs"])
         row: dict[str, Any] = {"epoch": epoch, **train_one_epoch(ctx, epoch)}
         eval_model = ema.module if ema is not None else model
         scores, n_val = validate(ctx, eval_model)
