@@ -149,6 +149,21 @@ def test_a_row_flag_replaces_the_fixed_one_instead_of_repeating_it(ablation):
     assert cmd[cmd.index("--epochs") + 1] == "8"  # the rest of the fixed setting stays
 
 
+def test_a_longer_row_counts_as_finished_only_after_its_own_epochs(ablation, tmp_path, monkeypatch):
+    """A 16-epoch row stopped after 8 must be resumed, not scored as if the fixed 8 epochs were its end."""
+    long = ablation.Row("long", ["--recipe", "improved", "--epochs", "16"], "16 epochs")
+    short = ablation.Row("short", ["--recipe", "improved"], "fixed setting")
+    assert (long.epochs, short.epochs) == (16, 8)
+    for row in (long, short):
+        (tmp_path / row.name).mkdir()
+        pd.DataFrame({"epoch": range(1, 9)}).to_csv(tmp_path / row.name / "history.csv", index=False)
+    runs = []
+    monkeypatch.setattr(ablation.subprocess, "run", lambda cmd, **kw: runs.append(cmd))
+    for row in (long, short):
+        ablation.train(row, Path("data"), tmp_path)
+    assert len(runs) == 1 and "long" in runs[0] and "--epochs" in runs[0]
+
+
 def test_tau_sweep_moves_decisions_towards_the_rare_classes(ablation):
     rng = np.random.default_rng(3)
     n = 700
