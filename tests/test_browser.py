@@ -85,6 +85,7 @@ def test_upload_shows_prediction_bars_and_overlay(browser, server_url, synth_dir
     wait = WebDriverWait(browser, 60)
     assert "not a diagnosis" in browser.find_element(By.ID, "disclaimer").text
     wait.until(lambda d: "model tiny@" in d.find_element(By.ID, "model-info").text)
+    assert not browser.find_element(By.ID, "clinical").is_displayed()  # no metadata prior in this run: no fields
 
     browser.find_element(By.ID, "file").send_keys(str(image))
     wait.until(ec.visibility_of_element_located((By.ID, "prediction-name")))

@@ -162,7 +162,9 @@ def test_improved_recipe_and_patience(synth_dir, tmp_path):
     assert train(synth_dir, tmp_path, "stop", *flags) == 0
     cfg = json.loads((tmp_path / "stop/config.json").read_text())
     assert (cfg["recipe"], cfg["logit_adjust_tau"], cfg["lr"]) == ("improved", 1.0, 0)
-    assert checkpoint.read(tmp_path / "stop")["logit_adjustment"]["tau"] == 1.0  # prior correction in best.pt
+    best = checkpoint.read(tmp_path / "stop")
+    assert best["logit_adjustment"]["tau"] == 1.0  # prior correction in best.pt
+    assert best["metadata_prior"]["n_fit"] == cfg["n_train"]  # and the age / sex / site prior
     assert history(tmp_path / "stop")["epoch"].tolist() == [1, 2]
 
 

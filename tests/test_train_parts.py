@@ -90,5 +90,7 @@ def test_recipe_defaults_and_explicit_flags_override():
     assert (improved["lr"], improved["tta_views"], cfg["tta_views"]) == (1e-3, 8, 4)
     assert resolve_config(parse("--recipe", "improved", "--tta-views", "4", "--lr", "3e-4"))["tta_views"] == 4
     assert resolve_config(parse("--recipe", "improved", "--logit-adjust-tau", "0"))["logit_adjust_tau"] == 0
+    assert (improved["metadata_prior"], cfg["metadata_prior"]) == (True, False)
+    assert resolve_config(parse("--recipe", "improved", "--no-metadata-prior"))["metadata_prior"] is False
     with pytest.raises(SkinLesionError, match="--recipe"):
         resolve_config(parse("--recipe", "fancy"))

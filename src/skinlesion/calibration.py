@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import StratifiedGroupKFold
 
-from skinlesion import checkpoint, fileio, metrics
+from skinlesion import checkpoint, fileio, metadata_prior, metrics
 from skinlesion.device import resolve_device
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluate import labels_of, open_cache, predict_logits, read_config, softmax, split_part
@@ -59,15 +59,23 @@ def lesion_folds(y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> 
     return fold
 
 
-def crossfit(logits: np.ndarray, y: np.ndarray, groups: np.ndarray, n_folds: int = 2, seed: int = 0):
-    """Out-of-fold calibrated probabilities and the T of each fold."""
+def crossfit(
+    logits: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    n_folds: int = 2,
+    seed: int = 0,
+    offsets: np.ndarray | None = None,
+):
+    """Out-of-fold calibrated probabilities and the T of each fold. ``offsets`` (a metadata prior's) are
+    added after the temperature, which is fitted on the image logits alone -- as predict and serve apply it."""
     fold = lesion_folds(y, groups, n_folds, seed)
     probs = np.empty_like(logits, dtype=float)
     temps = []
     for f in range(n_folds):
         held = fold == f
         t = fit_temperature(logits[~held], y[~held])
-        probs[held] = softmax(logits[held], t)
+        probs[held] = softmax(logits[held] / t + (0.0 if offsets is None else offsets[held]))
         temps.append(t)
     return probs, temps
 
@@ -92,16 +100,21 @@ def calibrate(
     method: str,
     n_folds: int = 2,
     seed: int = 0,
+    offsets: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """calibration.json content. crossfit: fit set == scored set (out of fold); train-slice: fit, then score eval."""
+    """calibration.json content. crossfit: fit set == scored set (out of fold); train-slice: fit, then score eval.
+
+    T is fitted on the image logits alone; ``offsets`` (the metadata prior's, for the scored images) are added
+    after it when scoring, as evaluate / predict / serve do."""
+    off = 0.0 if offsets is None else offsets
     if method == "crossfit":
-        after, fold_t = crossfit(logits_fit, y_fit, groups_fit, n_folds, seed)
-        y_scored, before = y_fit, softmax(logits_fit)
+        after, fold_t = crossfit(logits_fit, y_fit, groups_fit, n_folds, seed, offsets=offsets)
+        y_scored, before = y_fit, softmax(logits_fit + off)
         temperature = fit_temperature(logits_fit, y_fit)
         extra: dict[str, Any] = {"folds": n_folds, "fold_temperatures": fold_t}
     elif method == "train-slice":
         temperature = fit_temperature(logits_fit, y_fit)
-        y_scored, before, after = y_eval, softmax(logits_eval), softmax(logits_eval, temperature)
+        y_scored, before, after = y_eval, softmax(logits_eval + off), softmax(logits_eval / temperature + off)
         extra = {}
     else:
         raise SkinLesionError(f"unknown calibration method {method!r}; use crossfit or train-slice")
@@ -138,9 +151,11 @@ def main(args: argparse.Namespace) -> None:
     held = split_part(run_dir, args.split)
     y_held = labels_of(held)
     logits_held = logits_of(held, f"{args.split} logits")
+    prior = predictor.metadata_prior
+    offsets = metadata_prior.offsets(prior, held) if prior else None  # scored as evaluate will use them
     if args.method == "crossfit":
         groups = held["lesion_id"].astype(str).to_numpy()
-        result = calibrate(logits_held, y_held, None, None, groups, "crossfit", args.folds, args.seed)
+        result = calibrate(logits_held, y_held, None, None, groups, "crossfit", args.folds, args.seed, offsets)
         result.update(fit_on=f"{args.split} (all lesions)", scored_on=f"{args.split}, out of fold")
     else:
         fit = train_slice(split_part(run_dir, "train"), args.slice_frac, args.seed)
@@ -152,8 +167,10 @@ def main(args: argparse.Namespace) -> None:
             fit["lesion_id"].astype(str).to_numpy(),
             "train-slice",
             seed=args.seed,
+            offsets=offsets,
         )
         result.update(fit_on=f"{args.slice_frac:.0%} of train lesions (trained on)", scored_on=args.split)
+    result["metadata_prior_images"] = int(metadata_prior.known(held, prior).sum()) if prior else 0
     summary = {k: v for k, v in result.items() if k != "reliability"}
     checkpoint.set_temperature(run_dir, result["temperature"], calibration=summary)
     fileio.write_json(run_dir / "calibration.json", result)

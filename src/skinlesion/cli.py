@@ -103,6 +103,9 @@ def _add_train(sub) -> None:
     p.add_argument("--label-smoothing", type=float, help="reference 0")
     p.add_argument("--tta-views", type=int, choices=[4, 8], help="views `--tta` averages for this run in "
                    "evaluate / predict / export: 4 flips or the 8 dihedral symmetries (reference 4)")
+    p.add_argument("--metadata-prior", action=argparse.BooleanOptionalAction, help="after training, fit p(class | "
+                   "age, sex, site) on the train rows and store it in best.pt; evaluate / predict / serve add it to "
+                   "the image logits when an image's metadata is known (reference off)")
     p.add_argument("--mixup", type=float, help="timm Mixup alpha (reference 0 = off)")
     p.add_argument("--cutmix", type=float, help="timm CutMix alpha (reference 0 = off)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, help="EMA of the weights, validated and kept "
@@ -135,6 +138,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--tta-views", type=int, choices=[4, 8],
                    help="TTA views: 4 flips or the 8 dihedral symmetries (default: the run's recipe)")
     p.add_argument("--lesion-level", action="store_true", help="also score lesions (mean probability)")
+    p.add_argument("--no-metadata-prior", dest="metadata_prior", action="store_false",
+                   help="score the image model alone even if best.pt holds a metadata prior")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
     p.add_argument("--bootstrap", type=int, default=1000, help="lesion-bootstrap resamples for the CIs (default 1000)")
@@ -159,6 +164,14 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--device", default="auto")
     _cache_args(p)
     p.set_defaults(module="skinlesion.calibration")
+
+
+def _add_fit_metadata_prior(sub) -> None:
+    p = sub.add_parser("fit-metadata-prior", help="fit p(class | age, sex, site) on the run's train split; "
+                       "stores it in best.pt")  # fmt: skip
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--remove", action="store_true", help="take the prior out of best.pt instead")
+    p.set_defaults(module="skinlesion.metadata_prior")
 
 
 def _add_report(sub) -> None:
@@ -202,6 +215,14 @@ def _add_predict(sub) -> None:
     p.add_argument("--tta-views", type=int, choices=[4, 8],
                    help="TTA views: 4 flips or the 8 dihedral symmetries (default: the run's recipe)")
     p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
+    p.add_argument("--metadata", help="CSV with image_id (= file name stem) and any of age, sex, localization, "
+                   "e.g. HAM10000_metadata.csv: per-image input for the run's metadata prior")
+    p.add_argument("--age", type=float, help="patient age in years, for every input image (metadata prior)")
+    p.add_argument("--sex", help="male | female, for every input image (metadata prior)")
+    p.add_argument("--site", help="body site as in HAM10000's localization column (e.g. back, face), for every "
+                   "input image (metadata prior)")
+    p.add_argument("--no-metadata-prior", dest="metadata_prior", action="store_false",
+                   help="ignore the run's metadata prior (image model only)")
     p.add_argument("--format", default="table", choices=["table", "json", "csv"], help="stdout format (default table)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="torch: best.pt; onnx: model.onnx from `skinlesion export` (default torch)")
@@ -240,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"skinlesion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prepare, _add_split, _add_synth, _add_train, _add_evaluate, _add_calibrate,
-                _add_report, _add_gradcam, _add_grid, _add_predict, _add_export, _add_serve):
+                _add_fit_metadata_prior, _add_report, _add_gradcam, _add_grid, _add_predict, _add_export, _add_serve):
         add(sub)
     return parser
 

@@ -15,7 +15,7 @@ from sklearn.metrics import classification_report
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from skinlesion import fileio, metrics
+from skinlesion import fileio, metadata_prior, metrics
 from skinlesion.classes import CLASS_INDEX
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.device import resolve_device
@@ -48,7 +48,9 @@ def run_table(run_dir: Path) -> pd.DataFrame:
         raise SkinLesionError(f"{splits_path} not found; is {run_dir} a training run folder?")
     splits = read_splits(splits_path)
     table = load_data_table(config.get("data_dir"), config.get("metadata"), config.get("images"))
-    merged = splits.merge(table[["image_id", "path"]], on="image_id", how="left")
+    # Age, sex and site come along for the metadata prior (metadata_prior.py).
+    extra = [c for c in ("age", "sex", "localization") if c in table and c not in splits]
+    merged = splits.merge(table[["image_id", "path", *extra]], on="image_id", how="left")
     missing = merged["path"].isna()
     if missing.any():
         raise SkinLesionError(
@@ -186,21 +188,30 @@ def main(args: argparse.Namespace) -> None:
     out = predict_logits(predictor, table, args.batch_size, args.tta, cache, args.workers, desc=f"evaluate {len(y)}")
     logits, logits_tta = out if args.tta else (out, None)
     temperature = predictor.temperature
-    probs = softmax(logits, temperature)
+    prior = predictor.metadata_prior if getattr(args, "metadata_prior", True) else None
+    offset = metadata_prior.offsets(prior, table) if prior else None
+    with_metadata = int(metadata_prior.known(table, prior).sum()) if prior else 0
+    probs = softmax(metadata_prior.combine(logits, temperature, offset))
     frame = predictions_frame(table, probs, classes)
     lesions = frame["lesion_id"].to_numpy()
 
     def score(p: np.ndarray, groups: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         return metrics.evaluate(labels, p, groups, classes, n_boot=args.bootstrap, seed=args.seed)
 
-    result: dict[str, Any] = {**source, "temperature": temperature, "tta": False, **score(probs, lesions, y)}
+    result: dict[str, Any] = {
+        **source,
+        "temperature": temperature,
+        "metadata_prior": {"applied": with_metadata > 0, "images_with_metadata": with_metadata},
+        "tta": False,
+        **score(probs, lesions, y),
+    }
     columns = {"images": result}
     report = classification_report(
         y, probs.argmax(1), labels=list(range(len(classes))), target_names=classes, digits=3, zero_division=0
     )
     fileio.write_csv(out_dir / "predictions.csv", frame)
     if logits_tta is not None:
-        probs_tta = softmax(logits_tta, temperature)
+        probs_tta = softmax(metadata_prior.combine(logits_tta, temperature, offset))
         fileio.write_csv(out_dir / "predictions_tta.csv", predictions_frame(table, probs_tta, classes))
         result["with_tta"] = columns["images+TTA"] = score(probs_tta, lesions, y)
         result["tta_views"] = predictor.tta_views
@@ -215,5 +226,7 @@ def main(args: argparse.Namespace) -> None:
     fileio.write_text(out_dir / "classification_report.txt", report)
     where = source.get("split") or source.get("external")
     print(f"{where}: {result['n_images']} images, {result['n_lesions']} lesions, temperature {temperature:.3f}")
+    if prior:
+        print(f"metadata prior added for {with_metadata} of {len(y)} images (age / sex / site known)")
     print(summary_table(columns))
     print(f"wrote {out_dir / 'predictions.csv'}, metrics.json, classification_report.txt")

@@ -97,14 +97,22 @@ def model_view(predictor: Predictor) -> v2.Compose:
     )
 
 
-def explain(predictor: Predictor, image: Image.Image, target_class: str | None = None, method: str = "gradcam"):
+def explain(
+    predictor: Predictor,
+    image: Image.Image,
+    target_class: str | None = None,
+    method: str = "gradcam",
+    offset: np.ndarray | None = None,
+):
+    """Grad-CAM of one image. ``offset`` (1, C): the metadata prior's, so the predicted class and the shown
+    probabilities are the fused ones (a per-image constant: it does not change the map of a given class)."""
     if method not in METHODS:
         raise SkinLesionError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
     if target_class is not None and target_class not in CLASS_INDEX:
         raise SkinLesionError(f"unknown --target-class {target_class!r}; choose from {', '.join(CLASS_INDEX)}")
     model = predictor.model
     x = predictor.preprocess([image]).to(predictor.device)
-    probs = predictor.probabilities(predictor.logits(x))[0]
+    probs = predictor.probabilities(predictor.logits(x), offset=offset)[0]
     predicted = predictor.classes[int(probs.argmax())]
     target = target_class or predicted
     # Finding the layer costs a forward pass; a predictor (one model, e.g. the server's) keeps the answer.

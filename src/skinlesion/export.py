@@ -39,7 +39,9 @@ def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
         "tta_views": str(run_tta_views(meta)),
         "source_sha256": source_sha256,
         "input_name": INPUT_NAME,
-        "output": "logits (apply softmax(logits / temperature))",
+        "output": "logits (apply softmax(logits / temperature + metadata offset))",
+        # p(class | age, sex, site) for skinlesion.metadata_prior.offsets; "null" when the run has none.
+        "metadata_prior": json.dumps(meta.get("metadata_prior")),
     }
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from skinlesion import checkpoint
 from skinlesion.data.transforms import eval_transform
+from skinlesion.metadata_prior import combine
 
 
 def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -47,6 +48,7 @@ class Predictor:
         self.img_size = int(meta["img_size"])
         self.transform = eval_transform(meta["img_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
         self.tta_views = run_tta_views(meta)
+        self.metadata_prior: dict | None = meta.get("metadata_prior")
 
     @property
     def temperature(self) -> float:
@@ -64,13 +66,18 @@ class Predictor:
             return self.model(batch).float().cpu()
         return torch.stack([self.model(v).float() for v in TTA_VIEWS[self.tta_views](batch)]).mean(0).cpu()
 
-    def probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
+    def probabilities(
+        self, logits: torch.Tensor, calibrated: bool = True, offset: np.ndarray | None = None
+    ) -> np.ndarray:
+        """softmax(logits / T + offset): ``offset`` is the metadata prior's (metadata_prior.offsets)."""
         t = self.temperature if calibrated else 1.0
-        return torch.softmax(logits / t, dim=1).numpy()
+        return torch.softmax(torch.from_numpy(combine(logits.numpy(), t, offset)), dim=1).float().numpy()
 
-    def predict_images(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
+    def predict_images(
+        self, images: Sequence[Image.Image], tta: bool = False, offset: np.ndarray | None = None
+    ) -> np.ndarray:
         """Calibrated class probabilities, shape (N, num_classes)."""
-        return self.probabilities(self.logits(self.preprocess(images), tta=tta))
+        return self.probabilities(self.logits(self.preprocess(images), tta=tta), offset=offset)
 
     def predict_loader(self, loader: Iterable, tta: bool = False) -> torch.Tensor:
         """Logits for every batch of an (images, labels) loader, concatenated."""

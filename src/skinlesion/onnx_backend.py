@@ -1,6 +1,6 @@
 """ONNX Runtime predictor with the interface of ``inference.Predictor.predict_images``.
 
-Everything it needs (classes, normalisation, sizes, temperature) comes from model.onnx's
+Everything it needs (classes, normalisation, sizes, temperature, metadata prior) comes from model.onnx's
 metadata, written by ``skinlesion export``; preprocessing is the same eval transform.
 """
 
@@ -19,6 +19,7 @@ from PIL import Image
 from skinlesion import fileio
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import SkinLesionError
+from skinlesion.metadata_prior import combine
 
 REQUIRED_KEYS = ("classes", "mean", "std", "img_size", "resize_size", "temperature", "backbone")
 
@@ -43,6 +44,7 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
         "backbone": props["backbone"],
         "tta_views": int(props.get("tta_views", 4)),  # models exported before it existed used the 4 flips
         "source_sha256": props.get("source_sha256", ""),
+        "metadata_prior": json.loads(props.get("metadata_prior", "null")),
     }
 
 
@@ -68,6 +70,7 @@ class OnnxPredictor:
         self.img_size: int = self.meta["img_size"]
         self.input_name = self.session.get_inputs()[0].name
         self.tta_views: int = self.meta["tta_views"]
+        self.metadata_prior: dict | None = self.meta["metadata_prior"]
         self.transform = eval_transform(
             self.img_size, self.meta["resize_size"], tuple(self.meta["mean"]), tuple(self.meta["std"])
         )
@@ -96,8 +99,11 @@ class OnnxPredictor:
         out = [self.session.run(None, {self.input_name: np.ascontiguousarray(v)})[0] for v in views]
         return np.mean(out, axis=0).astype(np.float32)
 
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        return torch.softmax(torch.from_numpy(logits) / self.temperature, dim=1).numpy()
+    def probabilities(self, logits: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+        z = combine(logits, self.temperature, offset)
+        return torch.softmax(torch.from_numpy(z), dim=1).float().numpy()
 
-    def predict_images(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
-        return self.probabilities(self.logits(self.preprocess(images), tta=tta))
+    def predict_images(
+        self, images: Sequence[Image.Image], tta: bool = False, offset: np.ndarray | None = None
+    ) -> np.ndarray:
+        return self.probabilities(self.logits(self.preprocess(images), tta=tta), offset)

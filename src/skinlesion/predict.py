@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from skinlesion import metadata_prior
 from skinlesion.classes import FULL_NAMES
 from skinlesion.data.images import IMAGE_SUFFIXES, open_rgb
 from skinlesion.errors import SkinLesionError
@@ -27,11 +29,14 @@ class ProbabilityModel(Protocol):
     classes: list[str]
     img_size: int
     tta_views: int
+    metadata_prior: dict | None
 
     @property
     def temperature(self) -> float: ...
 
-    def predict_images(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray: ...
+    def predict_images(
+        self, images: Sequence[Image.Image], tta: bool = False, offset: np.ndarray | None = None
+    ) -> np.ndarray: ...
 
 
 def load_predictor(run_dir: str | Path, backend: str = "torch") -> ProbabilityModel:
@@ -104,14 +109,79 @@ def result_row(path: Path, probs: np.ndarray, classes: Sequence[str], top_k: int
     }
 
 
+SEXES = ("male", "female")
+
+
+def clinical_table(
+    files: Sequence[Path],
+    csv_path: str | None = None,
+    age: float | None = None,
+    sex: str | None = None,
+    site: str | None = None,
+    sites: Sequence[str] = (),
+) -> pd.DataFrame | None:
+    """Age, sex and site of each input (row i = files[i]): from a CSV matched on image_id = file stem, then
+    the command-line values for every image. None when nothing was given."""
+    if csv_path is None and age is None and sex is None and site is None:
+        return None
+    table = pd.DataFrame({"image_id": [f.stem for f in files]})
+    if csv_path is not None:
+        path = Path(csv_path)
+        if not path.is_file():
+            raise SkinLesionError(f"--metadata {path} does not exist; pass a CSV of image_id, age, sex, localization")
+        try:
+            given = pd.read_csv(path, dtype={"image_id": str})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise SkinLesionError(f"--metadata {path} is not a readable CSV ({' '.join(str(e).split())})") from e
+        fields = [c for c in metadata_prior.FIELDS if c in given]
+        if "image_id" not in given or not fields:
+            raise SkinLesionError(
+                f"--metadata {path} needs an image_id column and at least one of {', '.join(metadata_prior.FIELDS)} "
+                f"(it has: {', '.join(map(str, given.columns))})"
+            )
+        given = given.drop_duplicates("image_id")[["image_id", *fields]]
+        table = table.merge(given, on="image_id", how="left")
+    for column, value in clinical_values(age, sex, site, sites).items():
+        table[column] = value
+    return table
+
+
+def clinical_values(
+    age: float | None, sex: str | None, site: str | None, sites: Sequence[str] = ()
+) -> dict[str, float | str]:
+    """Checked age / sex / site of one patient as metadata columns; those left out are not in the dict."""
+    values: dict[str, float | str] = {}
+    if age is not None:
+        if not 0 <= age <= 120:
+            raise SkinLesionError(f"age {age:g} is not an age in years (0-120)")
+        values["age"] = float(age)
+    if sex is not None and sex.strip():
+        if sex.strip().lower() not in SEXES:
+            raise SkinLesionError(f"sex {sex!r}: use male or female (leave it out when unknown)")
+        values["sex"] = sex.strip().lower()
+    if site is not None and site.strip():
+        if sites and site.strip().lower() not in sites:
+            raise SkinLesionError(f"site {site!r} is not a body site the prior knows; use one of: {', '.join(sites)}")
+        values["localization"] = site.strip().lower()
+    return values
+
+
 def predict_files(
-    predictor: ProbabilityModel, files: Sequence[Path], batch_size: int = 32, tta: bool = False, top_k: int = 3
+    predictor: ProbabilityModel,
+    files: Sequence[Path],
+    batch_size: int = 32,
+    tta: bool = False,
+    top_k: int = 3,
+    offsets: np.ndarray | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """``offsets`` (row i for files[i]): the metadata prior's, added to the tempered logits."""
+    offset_of = {} if offsets is None else {str(f): offsets[i] for i, f in enumerate(files)}
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     with tqdm(total=len(files), desc="predict", unit="img", file=sys.stderr, disable=len(files) < 2) as bar:
         for paths, images in decoded_batches(files, batch_size, skipped):
-            probs = predictor.predict_images(images, tta=tta)
+            offset = np.stack([offset_of[str(p)] for p in paths]) if offset_of else None
+            probs = predictor.predict_images(images, tta=tta, offset=offset)
             rows += [result_row(p, pr, predictor.classes, top_k) for p, pr in zip(paths, probs, strict=True)]
             bar.update(len(rows) + len(skipped) - bar.n)
         bar.update(len(files) - bar.n)  # failures after the last full batch
@@ -159,7 +229,27 @@ def main(args: argparse.Namespace) -> None:
     if getattr(args, "tta_views", None):
         predictor.tta_views = args.tta_views
     top_k = min(args.top_k, len(predictor.classes))
-    rows, skipped = predict_files(predictor, files, args.batch_size, args.tta, top_k)
+    prior = predictor.metadata_prior if getattr(args, "metadata_prior", True) else None
+    given = [f"--{k}" for k in ("metadata", "age", "sex", "site") if getattr(args, k, None) is not None]
+    clinical = None
+    if given and getattr(args, "metadata_prior", True):
+        if prior is None:
+            from skinlesion import checkpoint
+
+            if args.backend == "onnx" and "metadata_prior" in checkpoint.read(args.run_dir):
+                raise SkinLesionError(
+                    f"model.onnx was exported before best.pt got its metadata prior; re-run `skinlesion export "
+                    f"--run-dir {args.run_dir}`"
+                )
+            raise SkinLesionError(
+                f"{'/'.join(given)} need a run with a metadata prior; run `skinlesion fit-metadata-prior --run-dir "
+                f"{args.run_dir}` (and `skinlesion export` again for --backend onnx)"
+            )
+        sites = prior["categories"]["localization"]
+        clinical = clinical_table(files, args.metadata, args.age, args.sex, args.site, sites)
+    offsets = metadata_prior.offsets(prior, clinical) if clinical is not None else None
+    with_metadata = int(metadata_prior.known(clinical, prior).sum()) if clinical is not None else 0
+    rows, skipped = predict_files(predictor, files, args.batch_size, args.tta, top_k, offsets)
     if not rows:
         raise SkinLesionError(f"none of the {len(files)} input file(s) could be read as an image")
     if args.format == "json":
@@ -169,6 +259,7 @@ def main(args: argparse.Namespace) -> None:
             "tta": bool(args.tta),
             "tta_views": predictor.tta_views if args.tta else 1,
             "temperature": predictor.temperature,
+            "metadata_prior": {"applied": with_metadata > 0, "images_with_metadata": with_metadata},
             "classes": list(predictor.classes),
             "predictions": rows,
             "skipped": skipped + [{"image": str(p), "error": "not a .jpg/.jpeg/.png file"} for p in ignored],
@@ -180,3 +271,5 @@ def main(args: argparse.Namespace) -> None:
         print(format_table(rows, predictor.classes))
     if skipped:
         print(f"{len(skipped)} of {len(files)} file(s) could not be read and were skipped", file=sys.stderr)
+    if clinical is not None:
+        print(f"metadata prior added for {with_metadata} of {len(files)} image(s)", file=sys.stderr)

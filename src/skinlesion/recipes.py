@@ -39,6 +39,7 @@ REFERENCE: dict[str, Any] = {
     "clip_grad": None,
     "select": "macro_f1",
     "tta_views": 4,
+    "metadata_prior": False,
     "patience": None,
     "val_frac": 0.2,
     "seed": 42,
@@ -57,7 +58,10 @@ REFERENCE: dict[str, Any] = {
 # alone), label smoothing, EMA, focal loss, head lr x10, a head-only first epoch, lr 2e-3 (two seeds), a
 # balanced sampler, effective-number class weights and 160 px (two seeds on top of this recipe) did not help
 # within the ablation's 8 epochs and are left out; budget flags (backbone, size, epochs) stay on the command line.
-IMPROVED: dict[str, Any] = {**REFERENCE, "lr": 1e-3, "logit_adjust_tau": 1.0, "tta_views": 8}
+# The metadata prior (p(class | age, sex, site) fit on the train rows, metadata_prior.py) raised macro F1,
+# balanced accuracy and AUC with all three training seeds and costs ~0.02 melanoma recall; without metadata
+# (one image folder, ISIC 2018 CSVs) it is skipped and the model is the image model alone.
+IMPROVED: dict[str, Any] = {**REFERENCE, "lr": 1e-3, "logit_adjust_tau": 1.0, "tta_views": 8, "metadata_prior": True}
 
 RECIPES: dict[str, dict[str, Any]] = {"reference": REFERENCE, "improved": IMPROVED}
 

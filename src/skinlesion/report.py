@@ -18,7 +18,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sklearn.metrics import confusion_matrix
 
-from skinlesion import checkpoint, fileio, grid, metrics, plots
+from skinlesion import checkpoint, fileio, grid, metadata_prior, metrics, plots
 from skinlesion.classes import CLASS_INDEX, FULL_NAMES
 from skinlesion.data.images import open_rgb
 from skinlesion.device import resolve_device
@@ -157,17 +157,24 @@ def gallery_cases(preds: pd.DataFrame, classes: list[str]) -> list[tuple[pd.Seri
     return cases
 
 
-def make_gallery(run_dir: Path, preds: pd.DataFrame, paths: dict[str, str], device: str, method: str):
+def make_gallery(
+    run_dir: Path, preds: pd.DataFrame, table: pd.DataFrame, device: str, method: str, with_prior: bool = False
+):
+    """Grad-CAM figures of the gallery cases; ``with_prior``: titled with the metadata-fused probabilities, as
+    predictions.csv was made."""
     from skinlesion.explain import explain, figure
     from skinlesion.inference import Predictor
 
     predictor = Predictor(run_dir, device=device)
+    rows_of = table.assign(image_id=table["image_id"].astype(str)).drop_duplicates("image_id").set_index("image_id")
+    prior = predictor.metadata_prior if with_prior else None
     figs = []
     for row, kind in gallery_cases(preds, predictor.classes):
-        path = paths.get(str(row["image_id"]))
-        if path is None:
+        image_id = str(row["image_id"])
+        if image_id not in rows_of.index:
             continue
-        exp = explain(predictor, open_rgb(path), method=method)
+        offset = metadata_prior.offsets(prior, rows_of.loc[[image_id]]) if prior else None
+        exp = explain(predictor, open_rgb(rows_of.loc[image_id, "path"]), method=method, offset=offset)
         out = figure(exp, run_dir / "figures" / f"cam_{row['y_true']}_{kind}.png", method)
         figs.append(
             (
@@ -207,6 +214,12 @@ def main(args: argparse.Namespace) -> None:
             f"has {meta['temperature']:.3f}; re-run skinlesion evaluate for calibrated numbers."
         )
 
+    if "metadata_prior" in meta and not (m.get("metadata_prior") or {}).get("applied"):
+        warnings.append(
+            "best.pt holds a metadata prior that these predictions do not use (evaluated with --no-metadata-prior, "
+            "before it was fitted, or on images without age/sex/site); re-run skinlesion evaluate to include it."
+        )
+
     figs = make_figures(run_dir, preds, m, classes, calibration)
     counts = table.pivot_table(index="dx", columns="split", values="image_id", aggfunc="count", fill_value=0)
     counts = counts.reindex(classes, fill_value=0)
@@ -214,8 +227,8 @@ def main(args: argparse.Namespace) -> None:
 
     gallery = []
     if args.gallery:
-        paths = dict(zip(table["image_id"].astype(str), table["path"].astype(str), strict=True))
-        gallery = make_gallery(run_dir, preds, paths, str(resolve_device(args.device)), args.cam_method)
+        used_prior = bool((m.get("metadata_prior") or {}).get("applied"))
+        gallery = make_gallery(run_dir, preds, table, str(resolve_device(args.device)), args.cam_method, used_prior)
     grid_image, _ = grid.make_grid(table, n_per_class=args.grid_per_class, size=args.grid_size, seed=0)
     grid_path = fileio.atomic_write(run_dir / "figures" / "lesion_grid.png", lambda p: grid_image.save(p, "PNG"))
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from skinlesion import checkpoint, distributed, fileio, metrics, models, posthoc, recipes
+from skinlesion import checkpoint, distributed, fileio, metadata_prior, metrics, models, posthoc, recipes
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.transforms import eval_transform, resize_for, train_transform
@@ -50,7 +50,7 @@ SELECT = {  # --select name -> (history column, higher is better)
 # Options that describe where data and outputs live rather than the recipe; recorded in config.json too.
 RUN_KEYS = ("data_dir", "metadata", "images", "splits", "cache", "cache_dir", "out", "run_name")
 # Flags that may change when resuming (they do not change what the saved state means).
-RESUMABLE = {"epochs", "patience", "workers", "device", "max_train_batches"}
+RESUMABLE = {"epochs", "patience", "workers", "device", "max_train_batches", "metadata_prior"}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -503,4 +503,12 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> Path:
     if d.is_main and cfg.get("logit_adjust_tau") and (run_dir / "best.pt").is_file():
         offset = posthoc.set_logit_adjustment(run_dir / "best.pt", cfg["logit_adjust_tau"])
         print(f"logit adjustment tau {cfg['logit_adjust_tau']:g} stored in best.pt: {np.round(offset, 2).tolist()}")
+    if d.is_main and cfg.get("metadata_prior") and (run_dir / "best.pt").is_file():
+        train_rows = data[data["split"] == "train"]
+        if metadata_prior.known(train_rows).any():
+            prior = metadata_prior.fit(train_rows, CLASSES)
+            metadata_prior.store(run_dir / "best.pt", prior)
+            print(f"{metadata_prior.summary(prior)}; stored in best.pt")
+        else:  # e.g. one image folder without a metadata CSV: the image model is complete on its own
+            print("metadata prior skipped: the training images have no age, sex or localization")
     return run_dir

@@ -19,17 +19,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+import pandas as pd
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from skinlesion import __version__, fileio
+from skinlesion import __version__, fileio, metadata_prior
 from skinlesion.classes import FULL_NAMES
 from skinlesion.data.images import ImageTooLargeError, open_rgb
 from skinlesion.errors import SkinLesionError
-from skinlesion.predict import load_predictor
+from skinlesion.predict import clinical_values, load_predictor
 
 STATIC = Path(__file__).with_name("static")
 MULTIPART_OVERHEAD = 64 * 1024  # boundary + part headers on top of the file itself
@@ -106,6 +107,7 @@ class ModelService:
         self.model_id = f"{self.run_dir.name}@{fileio.sha256_file(ckpt)[:12]}"
         self.lock = threading.Lock()
         meta = self.torch_predictor.meta
+        prior = self.predictor.metadata_prior
         self.info = {
             "model_id": self.model_id,
             "run": self.run_dir.name,
@@ -118,13 +120,18 @@ class ModelService:
             "temperature": float(self.predictor.temperature),
             "epoch": meta.get("epoch"),
             "metrics": headline_metrics(self.run_dir),
+            # What the page may ask for: the metadata prior's body sites (None: the image model alone).
+            "metadata_prior": None if prior is None else {"sites": list(prior["categories"]["localization"])},
             "version": __version__,
         }
 
-    def predict(self, image: Image.Image, cam: bool) -> dict[str, Any]:
+    def predict(self, image: Image.Image, cam: bool, clinical: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``clinical``: checked age / sex / localization (predict.clinical_values), for the metadata prior."""
         classes = self.predictor.classes
+        prior = self.predictor.metadata_prior
+        offset = metadata_prior.offsets(prior, pd.DataFrame([clinical])) if prior and clinical else None
         with self.lock:  # one inference at a time: each already uses every core
-            probs = self.predictor.predict_images([image])[0]
+            probs = self.predictor.predict_images([image], offset=offset)[0]
             best = int(np.argmax(probs))
             overlay = gradcam_overlay(self.torch_predictor, image, classes[best]) if cam else None
         out: dict[str, Any] = {
@@ -135,6 +142,7 @@ class ModelService:
             "temperature": float(self.predictor.temperature),
             "backend": self.backend,
             "image": {"width": image.width, "height": image.height},
+            "metadata": clinical if offset is not None else None,
         }
         if overlay is not None:
             out["overlay"] = png_data_url(overlay)
@@ -196,7 +204,17 @@ def create_app(
     def predict(
         file: Annotated[UploadFile, File(description="a JPEG or PNG image")],
         cam: Annotated[bool, Query(description="also return the Grad-CAM overlay as a PNG data URL")] = False,
+        age: Annotated[float | None, Form(description="patient age in years (metadata prior; optional)")] = None,
+        sex: Annotated[str | None, Form(description="male | female (metadata prior; optional)")] = None,
+        site: Annotated[str | None, Form(description="body site, see /api/model (metadata prior; optional)")] = None,
     ) -> dict[str, Any]:
+        prior = service.predictor.metadata_prior
+        try:
+            clinical = clinical_values(age, sex, site, prior["categories"]["localization"] if prior else ())
+        except SkinLesionError as e:
+            raise HTTPException(422, str(e)) from e
+        if clinical and prior is None:
+            raise HTTPException(422, "this model has no metadata prior; leave age, sex and site out")
         # A sync endpoint: FastAPI runs it in its threadpool, so decoding and inference never block the loop.
         data = file.file.read(max_upload + 1)
         if len(data) > max_upload:
@@ -209,7 +227,7 @@ def create_app(
             raise HTTPException(413, str(e)) from e
         except SkinLesionError as e:
             raise HTTPException(415, "the upload is not a readable image; send a JPEG or PNG file") from e
-        return service.predict(image, cam)
+        return service.predict(image, cam, clinical or None)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -19,6 +19,14 @@ async function loadModelInfo() {
       ? ` · validation balanced accuracy ${(100 * info.metrics.balanced_accuracy).toFixed(1)}%` : "";
     $("model-info").textContent =
       `model ${info.model_id} · ${info.backbone} at ${info.img_size} px · ${info.backend}${metrics}`;
+    if (info.metadata_prior) {
+      for (const site of info.metadata_prior.sites) {
+        const option = document.createElement("option");
+        option.textContent = site;
+        $("site").appendChild(option);
+      }
+      $("clinical").hidden = false;
+    }
   } catch (err) {
     $("model-info").textContent = "could not reach the model API";
   }
@@ -58,6 +66,11 @@ async function predict(file) {
   $("preview").src = URL.createObjectURL(file);
   const form = new FormData();
   form.append("file", file, file.name);
+  if (!$("clinical").hidden) {  // only what the user filled in; empty = unknown
+    for (const field of ["age", "sex", "site"]) {
+      if ($(field).value !== "") form.append(field, $(field).value);
+    }
+  }
   let body;
   try {
     const response = await fetch("/api/predict?cam=true", { method: "POST", body: form });
@@ -83,7 +96,8 @@ async function predict(file) {
     $("overlay-figure").hidden = false;
   }
   $("meta").textContent = `model ${body.model_id} · temperature ${body.temperature.toFixed(3)} · ` +
-    `image ${body.image.width}×${body.image.height} px`;
+    `image ${body.image.width}×${body.image.height} px` +
+    (body.metadata ? ` · metadata prior: ${Object.values(body.metadata).join(", ")}` : "");
   $("result").hidden = false;
   setStatus("");
 }
