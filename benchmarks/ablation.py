@@ -24,6 +24,7 @@ scaling cross-fitted on val lesions (``skinlesion calibrate``'s default method).
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -219,6 +220,18 @@ ROWS: tuple[Row, ...] = (
         split_seed=7,
     ),
     Row("improved_split7", ["--recipe", "improved"], "`--recipe improved` on the split-seed-7 split", split_seed=7),
+    Row(
+        "reference_split7_seed1",
+        ["--recipe", "reference", "--seed", "1"],
+        "`reference_split7`, training seed 1",
+        split_seed=7,
+    ),
+    Row(
+        "improved_split7_seed1",
+        ["--recipe", "improved", "--seed", "1"],
+        "`improved_split7`, training seed 1",
+        split_seed=7,
+    ),
 )
 
 
@@ -520,7 +533,10 @@ def seed_table(frame: pd.DataFrame) -> str | None:
     order = [row.name for row in ROWS]
     recipes = sorted(seeded, key=lambda r: order.index(r) if r in order else len(order))
     lines = []
-    for recipe, variant in ((r, v) for r in recipes for v in SEED_VARIANTS.get(r, (SHIPPED[1],))):
+    def variants(recipe: str) -> tuple[str, ...]:  # "improved_split7" is compared like "improved"
+        return SEED_VARIANTS.get(re.sub(r"_split\d+$", "", recipe), (SHIPPED[1],))
+
+    for recipe, variant in ((r, v) for r in recipes for v in variants(r)):
         pick = frame[frame["row"].str.fullmatch(rf"{recipe}(_seed\d+)?") & (frame["variant"] == variant)]
         if len(pick) < 2:
             continue

@@ -230,3 +230,13 @@ def test_rows_on_another_split_train_on_it_and_pair_with_its_reference(ablation)
 
 DELTA_KEYS = [f"d_{d}{end}" for d in ("balanced_accuracy", "macro_f1", "macro_auc", "mel_recall")
               for end in ("", "_lo", "_hi")]  # fmt: skip
+
+
+def test_seed_table_compares_a_recipe_on_another_split_like_the_recipe(ablation):
+    frame = pd.DataFrame(
+        [line(name, variant, 0.7, 0.7, 0.95, 0.03, 0.6) for name in ("improved_split7", "improved_split7_seed1")
+         for variant in ("tta8", "tta8+la", "plain")]  # fmt: skip
+    )
+    rows = ablation.seed_table(frame).splitlines()[2:]
+    notes = [r.split(" | ")[1] for r in rows]
+    assert notes == ["mean logit over the 8 dihedral views", "8-view TTA + logit adjustment tau=1"]
