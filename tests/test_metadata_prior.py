@@ -320,8 +320,23 @@ def test_report_says_when_the_prior_was_used(prior_run, capsys):
     html = (prior_run / "report.html").read_text()
     assert "holds a metadata prior that these predictions do not use" in html
     assert main(["evaluate", "--run-dir", str(prior_run), "--bootstrap", "20"]) == 0
-    assert main(["report", "--run-dir", str(prior_run), "--no-gallery", "--grid-per-class", "1"]) == 0
+    assert main(["report", "--run-dir", str(prior_run), "--grid-per-class", "1"]) == 0  # gallery: fused titles
     html = (prior_run / "report.html").read_text()
+    assert len(list((prior_run / "figures").glob("cam_*.png"))) >= len(CLASSES)
     n = json.loads((prior_run / "metrics.json").read_text())["metadata_prior"]["images_with_metadata"]
     assert f"metadata prior (age, sex, site) added for\n  {n} images" in html
     assert "do not use" not in html
+
+
+def test_gradcam_titles_use_the_fused_prediction(prior_run):
+    from skinlesion.explain import explain
+
+    assert main(["evaluate", "--run-dir", str(prior_run), "--bootstrap", "0"]) == 0
+    preds = pd.read_csv(prior_run / "predictions.csv").head(12)
+    table = run_table(prior_run).set_index("image_id").loc[preds["image_id"]].reset_index()
+    predictor = Predictor(prior_run)
+    offsets = metadata_prior.offsets(predictor.metadata_prior, table)
+    for i, row in preds.iterrows():
+        exp = explain(predictor, open_rgb(table.loc[i, "path"]), offset=offsets[i : i + 1])
+        assert exp.predicted == row["y_pred"]
+        np.testing.assert_allclose(exp.probs, row[[f"p_{c}" for c in CLASSES]].to_numpy(float), atol=1e-5)
