@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -86,39 +87,50 @@ class Row:
 
     @property
     def variants(self) -> tuple[str, ...]:
-        return VARIANTS if self.prior_correction else tuple(v for v in VARIANTS if not parse_variant(v)[1])
+        return VARIANTS if self.prior_correction else tuple(v for v in VARIANTS if not parse_variant(v).tau)
 
 
-# "<views>[+la[<tau>]][+meta]": views plain | tta4 | tta8; "la" alone = single crop + logit adjustment (tau
-# defaults to 1); "meta" adds the metadata prior (age, sex, site; fit on the run's train rows).
-VARIANTS = ("plain", "tta4", "tta8", "la", "tta4+la", "tta8+la", "tta8+meta", "tta8+la+meta")
+# "<views>[+la[<tau>]][+meta][+op]": views plain | tta4 | tta8; "la" alone = single crop + logit adjustment (tau
+# defaults to 1); "meta" adds the metadata prior (age, sex, site; fit on the run's train rows); "op" the operating
+# point of `--recipe improved` (OPERATING_POINT), set on one half of the val lesions and scored on the other.
+VARIANTS = ("plain", "tta4", "tta8", "la", "tta4+la", "tta8+la", "tta8+meta", "tta8+la+meta", "tta8+la+meta+op")
 VIEWS = {
     "plain": "single centre crop",
     "tta4": "mean logit over 4 flips",
     "tta8": "mean logit over the 8 dihedral views",
 }
+OPERATING_POINT = "mel=0.75"  # what --recipe improved sets (recipes.IMPROVED["min_sensitivity"])
 
 
-def parse_variant(variant: str) -> tuple[str, float, bool]:
-    """'tta8+la0.5' -> ('tta8', 0.5, False); 'la' -> ('plain', 1.0, False); 'tta8+meta' -> ('tta8', 0.0, True):
-    views, tau (0 = none) and whether the metadata prior is added."""
+class Variant(NamedTuple):
+    views: str
+    tau: float  # 0 = no logit adjustment
+    meta: bool
+    op: bool
+
+
+def parse_variant(variant: str) -> Variant:
+    """'tta8+la0.5' -> ('tta8', 0.5, False, False); 'la' -> ('plain', 1.0, False, False);
+    'tta8+la+meta+op' -> ('tta8', 1.0, True, True): views, tau (0 = none), metadata prior, operating point."""
     parts = variant.split("+")
+    op = parts[-1] == "op" and len(parts) > 1
+    parts = parts[:-1] if op else parts
     meta = parts[-1] == "meta" and len(parts) > 1
     parts = parts[:-1] if meta else parts
     views = "plain" if parts[0].startswith("la") else parts[0]
     la = next((p for p in parts if p.startswith("la")), None)
     if views not in VIEWS or len(parts) > 2 or (len(parts) == 2 and la is None):
         raise ValueError(f"unknown variant {variant!r}")
-    return views, (float(la[2:] or 1.0) if la is not None else 0.0), meta
+    return Variant(views, float(la[2:] or 1.0) if la is not None else 0.0, meta, op)
 
 
 def variant_note(variant: str) -> str:
-    views, tau, meta = parse_variant(variant)
+    views, tau, meta, op = parse_variant(variant)
     if not tau:
         note = VIEWS[views]
     else:
         note = {"plain": "", "tta4": "4-flip TTA + ", "tta8": "8-view TTA + "}[views] + f"logit adjustment tau={tau:g}"
-    return note + (" + metadata prior" if meta else "")
+    return note + (" + metadata prior" if meta else "") + (f" + operating point {OPERATING_POINT}" if op else "")
 
 
 REGULARISED = [
@@ -199,6 +211,11 @@ ROWS: tuple[Row, ...] = (
         "improved_headwarmup",
         ["--recipe", "improved", "--head-warmup-epochs", "1"],
         "`improved` with a head-only first epoch (backbone lr x 0, then all layers)",
+    ),
+    Row(
+        "improved_ls",
+        ["--recipe", "improved", "--label-smoothing", "0.1"],
+        "`improved` + label smoothing 0.1 alone (the regularised bundle had it with three other changes)",
     ),
     # Outside the fixed budget on purpose: is 8 epochs what holds the recipe back (its best epoch is the 7th or 8th)?
     Row(
@@ -336,9 +353,40 @@ def image_logits(data: dict[str, np.ndarray], variant: str) -> tuple[np.ndarray,
     from skinlesion import posthoc
 
     views = data["views"].astype(np.float64)
-    name, tau, meta = parse_variant(variant)
+    name, tau, meta, _ = parse_variant(variant)
     base = {"plain": views[:1], "tta4": views[:4], "tta8": views}[name].mean(0)  # dihedral_views: 4 flips first
     return (posthoc.adjust(base, data["counts"], tau) if tau else base), (data["meta"] if meta else None)
+
+
+def decisions(data: dict[str, np.ndarray], variant: str) -> np.ndarray | None:
+    """The operating point's predicted classes for an "+op" variant (None: the argmax decides)."""
+    if not parse_variant(variant).op:
+        return None
+    from skinlesion import operating_point
+
+    z = variant_logits(data, variant)
+    return operating_point.decide(softmax(z), out_of_fold_bias(z, data["labels"], data["lesions"]))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    from skinlesion.evaluate import softmax as evaluate_softmax
+
+    return evaluate_softmax(z)
+
+
+def out_of_fold_bias(z: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """(N, C): the operating point's decision bias for each image, set on the other half of the val lesions
+    (the halves calibrate's cross-fit uses), so the scores are not in-sample for it as `evaluate`'s are."""
+    from skinlesion import operating_point
+    from skinlesion.calibration import lesion_folds
+    from skinlesion.classes import CLASSES
+
+    targets = operating_point.parse_targets(OPERATING_POINT, CLASSES)
+    fold = lesion_folds(y, groups, n_folds=2, seed=0)
+    bias = np.zeros_like(z)
+    for f in range(2):
+        bias[fold == f] = operating_point.fit(z[fold != f], y[fold != f], CLASSES, targets)
+    return bias
 
 
 def variant_logits(data: dict[str, np.ndarray], variant: str) -> np.ndarray:
@@ -350,13 +398,12 @@ def score_variant(data: dict[str, np.ndarray], variant: str, n_boot: int) -> dic
     from skinlesion import metrics
     from skinlesion.calibration import crossfit
     from skinlesion.classes import CLASSES
-    from skinlesion.evaluate import softmax
 
     logits, offset = image_logits(data, variant)
-    y, groups = data["labels"], data["lesions"]
-    m = metrics.evaluate(y, softmax(variant_logits(data, variant)), groups, CLASSES, n_boot=n_boot, seed=0)
+    y, groups, decided = data["labels"], data["lesions"], decisions(data, variant)
+    m = metrics.evaluate(y, softmax(variant_logits(data, variant)), groups, CLASSES, n_boot, seed=0, y_pred=decided)
     calibrated, temps = crossfit(logits, y, groups, n_folds=2, seed=0, offsets=offset)
-    m_cal = metrics.evaluate(y, calibrated, groups, CLASSES, n_boot=n_boot, seed=0)
+    m_cal = metrics.evaluate(y, calibrated, groups, CLASSES, n_boot=n_boot, seed=0)  # ECE: the probabilities only
     entries = {
         "accuracy": m["accuracy"],
         "balanced_accuracy": m["balanced_accuracy"],
@@ -383,7 +430,6 @@ def paired_deltas(data: dict, variant: str, ref: dict, n_boot: int) -> dict[str,
     excludes 0 is a gain (or loss) outside the noise of this split."""
     from skinlesion import metrics
     from skinlesion.classes import CLASS_INDEX
-    from skinlesion.evaluate import softmax
 
     if not np.array_equal(data["lesions"], ref["lesions"]):
         raise ValueError("rows were scored on different val images; use one splits.csv")
@@ -393,7 +439,10 @@ def paired_deltas(data: dict, variant: str, ref: dict, n_boot: int) -> dict[str,
     mel = CLASS_INDEX["mel"]
     out = {}
     both = [softmax(variant_logits(data, variant)), softmax(variant_logits(ref, "plain"))]
-    point, boot = ([metrics.weighted_metrics(y, p, w) for p in both] for w in (ones, weights))
+    decided = [decisions(data, variant), None]
+    point, boot = (
+        [metrics.weighted_metrics(y, p, w, d) for p, d in zip(both, decided, strict=True)] for w in (ones, weights)
+    )
     for name in DELTAS:
         key, pick = ("recall", lambda a: a[:, mel]) if name == "mel_recall" else (name, lambda a: a)
         d_point = pick(point[0][key]) - pick(point[1][key])
@@ -418,7 +467,7 @@ def run_stats(run_dir: Path) -> dict[str, float]:
 def score_row(row: Row, out: Path, n_boot: int) -> pd.DataFrame:
     run_dir = out / row.name
     data = view_logits(run_dir)
-    if any(parse_variant(v)[2] for v in row.variants):
+    if any(parse_variant(v).meta for v in row.variants):
         data["meta"] = metadata_offsets(run_dir)
     stats = run_stats(run_dir)
     ref = view_logits(out / row.reference) if (out / row.reference / "best.pt").is_file() else None
@@ -457,7 +506,7 @@ def targets(line: pd.Series, ref: pd.Series) -> dict[str, bool]:
 
 # What `--recipe improved` ships: its training + logit adjustment and metadata prior in best.pt, scored with
 # `skinlesion evaluate --tta` (its recipe's 8 dihedral views). Reported as "the winner" when present in the CSV.
-SHIPPED = ("improved", "tta8+la+meta")
+SHIPPED = ("improved", "tta8+la+meta+op")
 
 
 def best_line(frame: pd.DataFrame) -> pd.Series:
@@ -521,8 +570,8 @@ def delta_table(frame: pd.DataFrame) -> str | None:
 # Recipes trained with several seeds (rows "<recipe>" = seed 42 and "<recipe>_seed<N>"): the post-hoc lines
 # compared across seeds; a recipe not named here shows the shipped line.
 SEED_VARIANTS = {
-    "reference": ("plain", "tta8+la", "tta8+la+meta"),
-    "improved": ("tta8", "tta8+la", "tta8+meta", "tta8+la+meta"),
+    "reference": ("plain", "tta8+la", "tta8+la+meta", "tta8+la+meta+op"),
+    "improved": ("tta8", "tta8+la", "tta8+meta", "tta8+la+meta", "tta8+la+meta+op"),
 }
 SEED_METRICS = ("balanced_accuracy", "macro_f1", "macro_auc", "ece_after", "mel_recall")
 
@@ -688,7 +737,6 @@ def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = R
 def write_report(csv: Path, out: Path) -> None:
     from skinlesion import fileio
     from skinlesion.classes import CLASSES
-    from skinlesion.evaluate import softmax
 
     frame = pd.read_csv(csv)
     best = best_line(frame)
@@ -696,9 +744,10 @@ def write_report(csv: Path, out: Path) -> None:
     cache = out / best["row"] / "ablation_logits.npz"
     if cache.is_file():
         data = dict(np.load(cache, allow_pickle=False))
-        if parse_variant(best["variant"])[2]:
+        if parse_variant(best["variant"]).meta:
             data["meta"] = metadata_offsets(out / best["row"])
-        pred = softmax(variant_logits(data, best["variant"])).argmax(1)
+        decided = decisions(data, best["variant"])
+        pred = softmax(variant_logits(data, best["variant"])).argmax(1) if decided is None else decided
         confusion = confusion_markdown(data["labels"], pred, list(CLASSES))
     by_name = {r.name: r for r in ROWS}
     sweeps = {}

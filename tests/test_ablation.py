@@ -59,15 +59,18 @@ def test_variant_logits(ablation):
 
 
 def test_variant_names_parse_to_views_tau_and_metadata(ablation):
-    assert ablation.parse_variant("plain") == ("plain", 0.0, False)
-    assert ablation.parse_variant("la") == ("plain", 1.0, False)
-    assert ablation.parse_variant("tta4+la") == ("tta4", 1.0, False)
-    assert ablation.parse_variant("tta8+la0.5") == ("tta8", 0.5, False)
-    assert ablation.parse_variant("tta8+la+meta") == ("tta8", 1.0, True)
-    assert ablation.parse_variant("tta8+meta") == ("tta8", 0.0, True)
+    assert ablation.parse_variant("plain") == ("plain", 0.0, False, False)
+    assert ablation.parse_variant("la") == ("plain", 1.0, False, False)
+    assert ablation.parse_variant("tta4+la") == ("tta4", 1.0, False, False)
+    assert ablation.parse_variant("tta8+la0.5") == ("tta8", 0.5, False, False)
+    assert ablation.parse_variant("tta8+la+meta") == ("tta8", 1.0, True, False)
+    assert ablation.parse_variant("tta8+meta") == ("tta8", 0.0, True, False)
+    assert ablation.parse_variant("tta8+la+meta+op") == ("tta8", 1.0, True, True)
+    assert ablation.parse_variant("tta8+op").op and not ablation.parse_variant("tta8+op").meta
     assert ablation.variant_note("tta8+la0.5") == "8-view TTA + logit adjustment tau=0.5"
     assert ablation.variant_note("tta8+la+meta") == "8-view TTA + logit adjustment tau=1 + metadata prior"
-    for bad in ("tta16", "tta8+meta+la", "tta8+tta4", "meta"):
+    assert ablation.variant_note("tta8+la+meta+op").endswith("+ metadata prior + operating point mel=0.75")
+    for bad in ("tta16", "tta8+meta+la", "tta8+tta4", "meta", "op", "tta8+op+meta"):
         with pytest.raises(ValueError, match="unknown variant"):
             ablation.parse_variant(bad)
 
@@ -240,3 +243,32 @@ def test_seed_table_compares_a_recipe_on_another_split_like_the_recipe(ablation)
     rows = ablation.seed_table(frame).splitlines()[2:]
     notes = [r.split(" | ")[1] for r in rows]
     assert notes == ["mean logit over the 8 dihedral views", "8-view TTA + logit adjustment tau=1"]
+
+
+def test_operating_point_variant_is_scored_out_of_fold_and_moves_decisions_only(ablation):
+    """"+op": the recipe's melanoma operating point, set on one half of the val lesions and scored on the other."""
+    from skinlesion import operating_point
+    from skinlesion.calibration import lesion_folds
+    from skinlesion.classes import CLASS_INDEX, CLASSES
+    from skinlesion.evaluate import softmax
+
+    assert ablation.OPERATING_POINT == __import__("skinlesion.recipes").recipes.IMPROVED["min_sensitivity"]
+    rng = np.random.default_rng(5)
+    n, mel = 800, CLASS_INDEX["mel"]
+    y = rng.choice(7, n, p=[0.04, 0.05, 0.11, 0.02, 0.12, 0.62, 0.04])
+    views = rng.normal(size=(1, n, 7)) + 0.1 * rng.normal(size=(8, n, 7)) + 1.2 * np.eye(7)[y][None]
+    views[..., CLASS_INDEX["nv"]] += 1.0  # melanoma under-called
+    data = {"views": views, "labels": y, "lesions": np.array([f"L{i // 2}" for i in range(n)]),
+            "counts": np.bincount(y, minlength=7).astype(float)}  # fmt: skip
+    decided = ablation.decisions(data, "tta8+op")
+    assert ablation.decisions(data, "tta8") is None
+    z = views.mean(0)
+    fold = lesion_folds(y, data["lesions"], 2, seed=0)
+    for f in range(2):  # each half decided with the bias fitted on the other half
+        bias = operating_point.fit(z[fold != f], y[fold != f], CLASSES, {"mel": 0.75})
+        assert bias[mel] > 0
+        assert np.array_equal(decided[fold == f], operating_point.decide(softmax(z[fold == f]), bias))
+    plain, op = (ablation.score_variant(data, v, n_boot=50) for v in ("tta8", "tta8+op"))
+    assert op["mel_recall"] > plain["mel_recall"] and op["mel_recall"] > 0.65
+    for key in ("macro_auc", "ece_before", "ece_after", "mel_auc"):  # the probabilities are the same
+        assert op[key] == plain[key]

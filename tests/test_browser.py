@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -26,15 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_url(onnx_run) -> Iterator[str]:
+@contextlib.contextmanager
+def serving(run: Path) -> Iterator[str]:
     """uvicorn on a free loopback port, in a background thread of this process."""
     import uvicorn
 
     from skinlesion.serve.app import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(onnx_run), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -42,9 +43,17 @@ def server_url(onnx_run) -> Iterator[str]:
         if not thread.is_alive() or time.monotonic() > deadline:
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server_url(onnx_run) -> Iterator[str]:
+    with serving(onnx_run) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +107,36 @@ def test_upload_shows_prediction_bars_and_overlay(browser, server_url, synth_dir
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay) == 64
     if shot := os.environ.get("SKINLESION_SCREENSHOT"):  # how docs/screenshot_serve.png is made
         browser.get_screenshot_as_file(shot)
+
+
+def test_page_says_when_the_operating_point_overrules_the_most_probable_class(browser, onnx_run, synth_dir, tmp_path):
+    """A run whose operating point pushes one class hard: the page names it and explains the decision."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from skinlesion import operating_point
+    from skinlesion.classes import CLASSES
+    from skinlesion.data.images import open_rgb
+    from skinlesion.inference import Predictor
+
+    run = tmp_path / "tiny"
+    shutil.copytree(onnx_run, run)
+    (run / "model.onnx").unlink()  # the torch backend reads the operating point straight from best.pt
+    image = tmp_path / "lesion.jpg"
+    shutil.copy(sorted((synth_dir / "images").glob("*.jpg"))[0], image)
+    predictor = Predictor(run)
+    top = CLASSES[int(predictor.predict_images([open_rgb(image)])[0].argmax())]
+    pushed = next(c for c in CLASSES if c != top)
+    bias = [30.0 if c == pushed else 0.0 for c in CLASSES]
+    operating_point.store(run, {"classes": list(CLASSES), "min_sensitivity": {pushed: 0.9}, "bias": bias,
+                                "fitted_on": "val", "tta": False, "temperature": 1.5})  # fmt: skip
+    with serving(run) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: f"operating point {pushed} >= 0.9" in d.find_element(By.ID, "model-info").text)
+        browser.find_element(By.ID, "file").send_keys(str(image))
+        wait.until(ec.visibility_of_element_located((By.ID, "prediction-name")))
+        assert browser.find_element(By.ID, "prediction").text == pushed
+        note = browser.find_element(By.ID, "meta").text
+    assert f"called {pushed} by the operating point" in note and f"although {top} is more probable" in note

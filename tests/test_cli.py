@@ -9,8 +9,8 @@ import pytest
 
 from skinlesion.cli import build_parser, main, normalise_argv
 
-SUBCOMMANDS = ["prepare", "split", "synth", "train", "evaluate", "calibrate", "fit-metadata-prior", "report",
-               "gradcam", "grid", "predict", "export", "serve"]  # fmt: skip
+SUBCOMMANDS = ["prepare", "split", "synth", "train", "evaluate", "calibrate", "fit-metadata-prior", "operating-point",
+               "report", "gradcam", "grid", "predict", "export", "serve"]  # fmt: skip
 
 
 def test_help_lists_every_subcommand_with_one_line(capsys):

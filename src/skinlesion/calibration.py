@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import StratifiedGroupKFold
 
-from skinlesion import checkpoint, fileio, metadata_prior, metrics
+from skinlesion import checkpoint, fileio, metadata_prior, metrics, operating_point
 from skinlesion.device import resolve_device
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluate import labels_of, open_cache, predict_logits, read_config, softmax, split_part
@@ -179,3 +179,10 @@ def main(args: argparse.Namespace) -> None:
     print(f"scored on {result['scored_on']} ({result['n_scored']} images):")
     print(f"  ECE {b['ece']:.4f} -> {a['ece']:.4f}   NLL {b['log_loss']:.4f} -> {a['log_loss']:.4f}")
     print(f"stored T in {run_dir / 'best.pt'}; wrote {run_dir / 'calibration.json'} (re-run evaluate to use it)")
+    point = predictor.meta.get("operating_point")
+    if point is not None:  # its bias lives after the temperature: set it again at the new T
+        point = operating_point.fit_run(
+            run_dir, point["min_sensitivity"], point["fitted_on"], point["tta"], args.batch_size,
+            str(predictor.device), args.workers, cache_dir,
+        )  # fmt: skip
+        print(f"re-set the {operating_point.report_line(point)}")

@@ -106,6 +106,9 @@ def _add_train(sub) -> None:
     p.add_argument("--metadata-prior", action=argparse.BooleanOptionalAction, help="after training, fit p(class | "
                    "age, sex, site) on the train rows and store it in best.pt; evaluate / predict / serve add it to "
                    "the image logits when an image's metadata is known (reference off)")
+    p.add_argument("--min-sensitivity", help="after training, set the operating point on val: the smallest "
+                   "bias per class that reaches CLASS=FRACTION sensitivity there, e.g. mel=0.75 (reference none; "
+                   "improved mel=0.75; 'none' turns it off)")
     p.add_argument("--mixup", type=float, help="timm Mixup alpha (reference 0 = off)")
     p.add_argument("--cutmix", type=float, help="timm CutMix alpha (reference 0 = off)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, help="EMA of the weights, validated and kept "
@@ -140,6 +143,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--lesion-level", action="store_true", help="also score lesions (mean probability)")
     p.add_argument("--no-metadata-prior", dest="metadata_prior", action="store_false",
                    help="score the image model alone even if best.pt holds a metadata prior")
+    p.add_argument("--no-operating-point", dest="operating_point", action="store_false",
+                   help="score the plain argmax even if best.pt holds an operating point")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
     p.add_argument("--bootstrap", type=int, default=1000, help="lesion-bootstrap resamples for the CIs (default 1000)")
@@ -172,6 +177,24 @@ def _add_fit_metadata_prior(sub) -> None:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--remove", action="store_true", help="take the prior out of best.pt instead")
     p.set_defaults(module="skinlesion.metadata_prior")
+
+
+def _add_operating_point(sub) -> None:
+    p = sub.add_parser("operating-point", help="set a minimum sensitivity per class (e.g. mel=0.75) on the val "
+                       "split; stores the per-class bias in best.pt")  # fmt: skip
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--min-sensitivity", action="append", metavar="CLASS=FRACTION",
+                   help="e.g. mel=0.75 (repeat or comma-separate for several classes)")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="labelled images to set it on (default val; train images were trained on, avoid them)")
+    p.add_argument("--no-tta", dest="tta", action="store_false",
+                   help="fit on single-view logits instead of the run's TTA views (default: TTA, as evaluate --tta)")
+    p.add_argument("--remove", action="store_true", help="take the operating point out of best.pt instead")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    _cache_args(p)
+    p.set_defaults(module="skinlesion.operating_point")
 
 
 def _add_report(sub) -> None:
@@ -223,6 +246,8 @@ def _add_predict(sub) -> None:
                    "input image (metadata prior)")
     p.add_argument("--no-metadata-prior", dest="metadata_prior", action="store_false",
                    help="ignore the run's metadata prior (image model only)")
+    p.add_argument("--no-operating-point", dest="operating_point", action="store_false",
+                   help="predict the plain argmax even if the run holds an operating point")
     p.add_argument("--format", default="table", choices=["table", "json", "csv"], help="stdout format (default table)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="torch: best.pt; onnx: model.onnx from `skinlesion export` (default torch)")
@@ -261,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"skinlesion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prepare, _add_split, _add_synth, _add_train, _add_evaluate, _add_calibrate,
-                _add_fit_metadata_prior, _add_report, _add_gradcam, _add_grid, _add_predict, _add_export, _add_serve):
+                _add_fit_metadata_prior, _add_operating_point, _add_report, _add_gradcam, _add_grid, _add_predict,
+                _add_export, _add_serve):
         add(sub)
     return parser
 

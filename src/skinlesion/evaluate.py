@@ -15,7 +15,7 @@ from sklearn.metrics import classification_report
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from skinlesion import fileio, metadata_prior, metrics
+from skinlesion import fileio, metadata_prior, metrics, operating_point
 from skinlesion.classes import CLASS_INDEX
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.device import resolve_device
@@ -117,13 +117,16 @@ def labels_of(table: pd.DataFrame) -> np.ndarray:
     return table["dx"].map(CLASS_INDEX).to_numpy(dtype=int)
 
 
-def predictions_frame(table: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+def predictions_frame(
+    table: pd.DataFrame, probs: np.ndarray, classes: list[str], decided: np.ndarray | None = None
+) -> pd.DataFrame:
+    """One row per image; ``y_pred`` is the decision (``decided``, an operating point's) or the argmax."""
     frame = pd.DataFrame(
         {
             "image_id": table["image_id"].astype(str).to_numpy(),
             "lesion_id": table["lesion_id"].astype(str).to_numpy(),
             "y_true": table["dx"].astype(str).to_numpy(),
-            "y_pred": np.asarray(classes)[probs.argmax(1)],
+            "y_pred": np.asarray(classes)[probs.argmax(1) if decided is None else decided],
         }
     )
     for i, c in enumerate(classes):
@@ -191,33 +194,41 @@ def main(args: argparse.Namespace) -> None:
     prior = predictor.metadata_prior if getattr(args, "metadata_prior", True) else None
     offset = metadata_prior.offsets(prior, table) if prior else None
     with_metadata = int(metadata_prior.known(table, prior).sum()) if prior else 0
+    point = predictor.meta.get("operating_point") if getattr(args, "operating_point", True) else None
+    if point is None:
+        predictor.decision_bias = None
     probs = softmax(metadata_prior.combine(logits, temperature, offset))
-    frame = predictions_frame(table, probs, classes)
+    decided = predictor.decide(probs)
+    frame = predictions_frame(table, probs, classes, decided)
     lesions = frame["lesion_id"].to_numpy()
 
     def score(p: np.ndarray, groups: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-        return metrics.evaluate(labels, p, groups, classes, n_boot=args.bootstrap, seed=args.seed)
+        y_pred = predictor.decide(p)  # the operating point's decisions (the argmax without one)
+        return metrics.evaluate(labels, p, groups, classes, n_boot=args.bootstrap, seed=args.seed, y_pred=y_pred)
 
     result: dict[str, Any] = {
         **source,
         "temperature": temperature,
         "metadata_prior": {"applied": with_metadata > 0, "images_with_metadata": with_metadata},
+        # In-sample when scored on the split it was fitted on (operating_point.py).
+        "operating_point": None if point is None else {k: point[k] for k in operating_point.SUMMARY_KEYS},
         "tta": False,
         **score(probs, lesions, y),
     }
     columns = {"images": result}
     report = classification_report(
-        y, probs.argmax(1), labels=list(range(len(classes))), target_names=classes, digits=3, zero_division=0
+        y, decided, labels=list(range(len(classes))), target_names=classes, digits=3, zero_division=0
     )
     fileio.write_csv(out_dir / "predictions.csv", frame)
     if logits_tta is not None:
         probs_tta = softmax(metadata_prior.combine(logits_tta, temperature, offset))
-        fileio.write_csv(out_dir / "predictions_tta.csv", predictions_frame(table, probs_tta, classes))
+        decided_tta = predictor.decide(probs_tta)
+        fileio.write_csv(out_dir / "predictions_tta.csv", predictions_frame(table, probs_tta, classes, decided_tta))
         result["with_tta"] = columns["images+TTA"] = score(probs_tta, lesions, y)
         result["tta_views"] = predictor.tta_views
         views = "identity, h, v, hv flips" + (" of the image and of its transpose" if predictor.tta_views == 8 else "")
         report += f"\nWith TTA ({predictor.tta_views} views: {views}):\n" + classification_report(
-            y, probs_tta.argmax(1), labels=list(range(len(classes))), target_names=classes, digits=3, zero_division=0
+            y, decided_tta, labels=list(range(len(classes))), target_names=classes, digits=3, zero_division=0
         )
     if args.lesion_level:
         ly, lp, lid = lesion_level(frame, classes)
@@ -228,5 +239,9 @@ def main(args: argparse.Namespace) -> None:
     print(f"{where}: {result['n_images']} images, {result['n_lesions']} lesions, temperature {temperature:.3f}")
     if prior:
         print(f"metadata prior added for {with_metadata} of {len(y)} images (age / sex / site known)")
+    if point is not None:
+        fitted_here = point["fitted_on"] == source.get("split")
+        print(f"operating point {operating_point.describe(point)}" + (f" (fitted on these {point['fitted_on']} images: "
+              "its sensitivity here is in-sample)" if fitted_here else ""))  # fmt: skip
     print(summary_table(columns))
     print(f"wrote {out_dir / 'predictions.csv'}, metrics.json, classification_report.txt")

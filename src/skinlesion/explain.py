@@ -113,7 +113,7 @@ def explain(
     model = predictor.model
     x = predictor.preprocess([image]).to(predictor.device)
     probs = predictor.probabilities(predictor.logits(x), offset=offset)[0]
-    predicted = predictor.classes[int(probs.argmax())]
+    predicted = predictor.classes[int(predictor.decide(probs[None])[0])]  # the operating point's decision
     target = target_class or predicted
     # Finding the layer costs a forward pass; a predictor (one model, e.g. the server's) keeps the answer.
     if not hasattr(predictor, "cam_target"):

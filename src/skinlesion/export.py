@@ -42,6 +42,8 @@ def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
         "output": "logits (apply softmax(logits / temperature + metadata offset))",
         # p(class | age, sex, site) for skinlesion.metadata_prior.offsets; "null" when the run has none.
         "metadata_prior": json.dumps(meta.get("metadata_prior")),
+        # skinlesion.operating_point: decide argmax(log p + "bias") ("classes" order); "null" = plain argmax.
+        "operating_point": json.dumps(meta.get("operating_point")),
     }
 
 

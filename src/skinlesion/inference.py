@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skinlesion import checkpoint
+from skinlesion import checkpoint, operating_point
 from skinlesion.data.transforms import eval_transform
 from skinlesion.metadata_prior import combine
 
@@ -49,6 +49,8 @@ class Predictor:
         self.transform = eval_transform(meta["img_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
         self.tta_views = run_tta_views(meta)
         self.metadata_prior: dict | None = meta.get("metadata_prior")
+        # The operating point's per-class decision bias (operating_point.py); None = plain argmax.
+        self.decision_bias = operating_point.vector(meta.get("operating_point"), self.classes)
 
     @property
     def temperature(self) -> float:
@@ -66,12 +68,13 @@ class Predictor:
             return self.model(batch).float().cpu()
         return torch.stack([self.model(v).float() for v in TTA_VIEWS[self.tta_views](batch)]).mean(0).cpu()
 
-    def probabilities(
-        self, logits: torch.Tensor, calibrated: bool = True, offset: np.ndarray | None = None
-    ) -> np.ndarray:
+    def probabilities(self, logits: torch.Tensor, offset: np.ndarray | None = None) -> np.ndarray:
         """softmax(logits / T + offset): ``offset`` is the metadata prior's (metadata_prior.offsets)."""
-        t = self.temperature if calibrated else 1.0
-        return torch.softmax(torch.from_numpy(combine(logits.numpy(), t, offset)), dim=1).float().numpy()
+        return torch.softmax(torch.from_numpy(combine(logits.numpy(), self.temperature, offset)), dim=1).float().numpy()
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Predicted class indices: the argmax, moved by the operating point when best.pt holds one."""
+        return operating_point.decide(probs, self.decision_bias)
 
     def predict_images(
         self, images: Sequence[Image.Image], tta: bool = False, offset: np.ndarray | None = None

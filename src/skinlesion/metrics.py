@@ -47,12 +47,14 @@ def _bin_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
     return np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
 
 
-def point_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """Every metric once, with scikit-learn. AUCs are NaN for a class absent from (or all of) y_true."""
+def point_metrics(y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray | None = None) -> dict[str, Any]:
+    """Every metric once, with scikit-learn. AUCs are NaN for a class absent from (or all of) y_true.
+    ``y_pred``: the decisions when they are not the argmax (an operating point); the probability scores
+    (AUC, log loss, Brier, ECE of the top-1 probability) do not depend on it."""
     y_true = np.asarray(y_true, dtype=int)
     k = probs.shape[1]
     labels = list(range(k))
-    y_pred = probs.argmax(1)
+    y_pred = probs.argmax(1) if y_pred is None else np.asarray(y_pred, dtype=int)
     p, r, f, s = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     auc = np.array([_binary_auc(y_true == c, probs[:, c]) for c in labels])
     present = [c for c in labels if s[c] > 0]
@@ -82,13 +84,15 @@ def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
     return float(skm.roc_auc_score(positive, score))
 
 
-def weighted_metrics(y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+def weighted_metrics(
+    y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray, y_pred: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """All metrics for each row of ``weights`` (B, N) at once; row b equals scikit-learn with
     ``sample_weight=weights[b]``. Per-class entries have shape (B, K), headline ones (B,)."""
     y_true = np.asarray(y_true, dtype=int)
     w = np.asarray(weights, dtype=float)
     n, k = probs.shape
-    y_pred = probs.argmax(1)
+    y_pred = probs.argmax(1) if y_pred is None else np.asarray(y_pred, dtype=int)
     total = w.sum(1)
     onehot = np.eye(k)[y_true]
 
@@ -111,7 +115,7 @@ def weighted_metrics(y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray)
     sq = ((probs - onehot) ** 2).sum(1)
 
     conf = probs.max(1)
-    correct = (y_pred == y_true).astype(float)
+    correct = (probs.argmax(1) == y_true).astype(float)  # calibration of the probabilities, as ece() scores it
     bin_onehot = np.eye(ECE_BINS)[_bin_index(conf, ECE_BINS)]
     bin_w = w @ bin_onehot
     bin_gap = np.abs(w @ (bin_onehot * (correct - conf)[:, None]))
@@ -184,11 +188,13 @@ def evaluate(
     classes: list[str] | tuple[str, ...],
     n_boot: int = 1000,
     seed: int = 0,
+    y_pred: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """metrics.json content: every metric as ``{"value", "ci95"}`` (lesion bootstrap, percentile)."""
+    """metrics.json content: every metric as ``{"value", "ci95"}`` (lesion bootstrap, percentile).
+    ``y_pred``: decisions other than the argmax (an operating point's)."""
     y_true = np.asarray(y_true, dtype=int)
-    point = point_metrics(y_true, probs)
-    boot = weighted_metrics(y_true, probs, lesion_weights(groups, n_boot, seed)) if n_boot else {}
+    point = point_metrics(y_true, probs, y_pred)
+    boot = weighted_metrics(y_true, probs, lesion_weights(groups, n_boot, seed), y_pred) if n_boot else {}
 
     def entry(value: float, samples: np.ndarray | None) -> dict[str, Any]:
         return {"value": _finite(value), "ci95": _interval(samples) if samples is not None else None}

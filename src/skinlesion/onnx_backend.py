@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skinlesion import fileio
+from skinlesion import fileio, operating_point
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import SkinLesionError
 from skinlesion.metadata_prior import combine
@@ -45,6 +45,7 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
         "tta_views": int(props.get("tta_views", 4)),  # models exported before it existed used the 4 flips
         "source_sha256": props.get("source_sha256", ""),
         "metadata_prior": json.loads(props.get("metadata_prior", "null")),
+        "operating_point": json.loads(props.get("operating_point", "null")),
     }
 
 
@@ -71,6 +72,7 @@ class OnnxPredictor:
         self.input_name = self.session.get_inputs()[0].name
         self.tta_views: int = self.meta["tta_views"]
         self.metadata_prior: dict | None = self.meta["metadata_prior"]
+        self.decision_bias = operating_point.vector(self.meta["operating_point"], self.classes)
         self.transform = eval_transform(
             self.img_size, self.meta["resize_size"], tuple(self.meta["mean"]), tuple(self.meta["std"])
         )
@@ -102,6 +104,9 @@ class OnnxPredictor:
     def probabilities(self, logits: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
         z = combine(logits, self.temperature, offset)
         return torch.softmax(torch.from_numpy(z), dim=1).float().numpy()
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        return operating_point.decide(probs, self.decision_bias)
 
     def predict_images(
         self, images: Sequence[Image.Image], tta: bool = False, offset: np.ndarray | None = None

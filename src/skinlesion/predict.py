@@ -26,7 +26,9 @@ from skinlesion.errors import SkinLesionError
 
 
 class ProbabilityModel(Protocol):
+    meta: dict[str, Any]
     classes: list[str]
+    decision_bias: np.ndarray | None
     img_size: int
     tta_views: int
     metadata_prior: dict | None
@@ -37,6 +39,8 @@ class ProbabilityModel(Protocol):
     def predict_images(
         self, images: Sequence[Image.Image], tta: bool = False, offset: np.ndarray | None = None
     ) -> np.ndarray: ...
+
+    def decide(self, probs: np.ndarray) -> np.ndarray: ...
 
 
 def load_predictor(run_dir: str | Path, backend: str = "torch") -> ProbabilityModel:
@@ -94,9 +98,10 @@ def decoded_batches(
         yield paths, images
 
 
-def result_row(path: Path, probs: np.ndarray, classes: Sequence[str], top_k: int) -> dict[str, Any]:
+def result_row(path: Path, probs: np.ndarray, classes: Sequence[str], top_k: int, decided: int) -> dict[str, Any]:
+    """``decided``: the predicted class index (the argmax, or the operating point's decision)."""
     order = np.argsort(-probs, kind="stable")
-    best = classes[order[0]]
+    best = classes[decided]
     return {
         "image": str(path),
         "prediction": best,
@@ -182,7 +187,10 @@ def predict_files(
         for paths, images in decoded_batches(files, batch_size, skipped):
             offset = np.stack([offset_of[str(p)] for p in paths]) if offset_of else None
             probs = predictor.predict_images(images, tta=tta, offset=offset)
-            rows += [result_row(p, pr, predictor.classes, top_k) for p, pr in zip(paths, probs, strict=True)]
+            decided = predictor.decide(probs)
+            rows += [
+                result_row(p, pr, predictor.classes, top_k, k) for p, pr, k in zip(paths, probs, decided, strict=True)
+            ]
             bar.update(len(rows) + len(skipped) - bar.n)
         bar.update(len(files) - bar.n)  # failures after the last full batch
     return rows, skipped
@@ -230,6 +238,8 @@ def main(args: argparse.Namespace) -> None:
         predictor.tta_views = args.tta_views
     top_k = min(args.top_k, len(predictor.classes))
     prior = predictor.metadata_prior if getattr(args, "metadata_prior", True) else None
+    if not getattr(args, "operating_point", True):
+        predictor.decision_bias = None
     given = [f"--{k}" for k in ("metadata", "age", "sex", "site") if getattr(args, k, None) is not None]
     clinical = None
     if given and getattr(args, "metadata_prior", True):
@@ -260,6 +270,8 @@ def main(args: argparse.Namespace) -> None:
             "tta_views": predictor.tta_views if args.tta else 1,
             "temperature": predictor.temperature,
             "metadata_prior": {"applied": with_metadata > 0, "images_with_metadata": with_metadata},
+            # "prediction" honours these minimum sensitivities (operating_point.py); null = the argmax.
+            "operating_point": None if predictor.decision_bias is None else predictor.meta.get("operating_point"),
             "classes": list(predictor.classes),
             "predictions": rows,
             "skipped": skipped + [{"image": str(p), "error": "not a .jpg/.jpeg/.png file"} for p in ignored],

@@ -40,6 +40,7 @@ REFERENCE: dict[str, Any] = {
     "select": "macro_f1",
     "tta_views": 4,
     "metadata_prior": False,
+    "min_sensitivity": None,  # operating point set on val after training, e.g. "mel=0.75" (operating_point.py)
     "patience": None,
     "val_frac": 0.2,
     "seed": 42,
@@ -60,8 +61,18 @@ REFERENCE: dict[str, Any] = {
 # within the ablation's 8 epochs and are left out; budget flags (backbone, size, epochs) stay on the command line.
 # The metadata prior (p(class | age, sex, site) fit on the train rows, metadata_prior.py) raised macro F1,
 # balanced accuracy and AUC with all three training seeds and costs ~0.02 melanoma recall; without metadata
-# (one image folder, ISIC 2018 CSVs) it is skipped and the model is the image model alone.
-IMPROVED: dict[str, Any] = {**REFERENCE, "lr": 1e-3, "logit_adjust_tau": 1.0, "tta_views": 8, "metadata_prior": True}
+# (one image folder, ISIC 2018 CSVs) it is skipped and the model is the image model alone. The operating point
+# (operating_point.py) then moves the decision, not the probabilities, so that at least 75 % of val melanomas are
+# called melanoma: scored on val lesions it was not set on, melanoma recall 0.58-0.61 -> 0.74-0.76 over five
+# runs on two splits, for about -0.01 balanced accuracy and macro F1 (the issue asks for melanoma recall >= 0.70).
+IMPROVED: dict[str, Any] = {
+    **REFERENCE,
+    "lr": 1e-3,
+    "logit_adjust_tau": 1.0,
+    "tta_views": 8,
+    "metadata_prior": True,
+    "min_sensitivity": "mel=0.75",
+}
 
 RECIPES: dict[str, dict[str, Any]] = {"reference": REFERENCE, "improved": IMPROVED}
 

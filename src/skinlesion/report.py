@@ -18,7 +18,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sklearn.metrics import confusion_matrix
 
-from skinlesion import checkpoint, fileio, grid, metadata_prior, metrics, plots
+from skinlesion import checkpoint, fileio, grid, metadata_prior, metrics, operating_point, plots
 from skinlesion.classes import CLASS_INDEX, FULL_NAMES
 from skinlesion.data.images import open_rgb
 from skinlesion.device import resolve_device
@@ -90,7 +90,7 @@ def make_figures(
     out = run_dir / "figures"
     y = preds["y_true"].map(CLASS_INDEX).to_numpy()
     probs = preds[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
-    pred = probs.argmax(1)
+    pred = preds["y_pred"].map(CLASS_INDEX).to_numpy()  # evaluate's decisions (an operating point's, if any)
     figs = [
         (
             plots.confusion_matrix(
@@ -123,7 +123,8 @@ def make_figures(
     figs.append((path, caption))
     figs.append(
         (
-            plots.confidence_histogram(probs.max(1), pred == y, out / "confidence.png"),
+            # Of the probabilities, as the reliability diagram: is the top class right at this confidence?
+            plots.confidence_histogram(probs.max(1), probs.argmax(1) == y, out / "confidence.png"),
             "Top-1 confidence of right and wrong predictions",
         )
     )
@@ -158,14 +159,22 @@ def gallery_cases(preds: pd.DataFrame, classes: list[str]) -> list[tuple[pd.Seri
 
 
 def make_gallery(
-    run_dir: Path, preds: pd.DataFrame, table: pd.DataFrame, device: str, method: str, with_prior: bool = False
+    run_dir: Path,
+    preds: pd.DataFrame,
+    table: pd.DataFrame,
+    device: str,
+    method: str,
+    with_prior: bool = False,
+    with_operating_point: bool = False,
 ):
-    """Grad-CAM figures of the gallery cases; ``with_prior``: titled with the metadata-fused probabilities, as
-    predictions.csv was made."""
+    """Grad-CAM figures of the gallery cases, titled as predictions.csv was made: ``with_prior``, with the
+    metadata-fused probabilities; ``with_operating_point``, with the operating point's decisions."""
     from skinlesion.explain import explain, figure
     from skinlesion.inference import Predictor
 
     predictor = Predictor(run_dir, device=device)
+    if not with_operating_point:
+        predictor.decision_bias = None
     rows_of = table.assign(image_id=table["image_id"].astype(str)).drop_duplicates("image_id").set_index("image_id")
     prior = predictor.metadata_prior if with_prior else None
     figs = []
@@ -220,6 +229,17 @@ def main(args: argparse.Namespace) -> None:
             "before it was fitted, or on images without age/sex/site); re-run skinlesion evaluate to include it."
         )
 
+    point = meta.get("operating_point")
+    if point is not None and not m.get("operating_point"):
+        warnings.append(
+            "best.pt holds an operating point that these predictions do not use (evaluated with --no-operating-point "
+            "or before it was set); re-run skinlesion evaluate to decide with it."
+        )
+    elif m.get("operating_point") and (point is None or m["operating_point"]["bias"] != point["bias"]):
+        warnings.append(
+            "predictions.csv was decided with an operating point best.pt no longer holds; re-run skinlesion evaluate."
+        )
+
     figs = make_figures(run_dir, preds, m, classes, calibration)
     counts = table.pivot_table(index="dx", columns="split", values="image_id", aggfunc="count", fill_value=0)
     counts = counts.reindex(classes, fill_value=0)
@@ -228,7 +248,9 @@ def main(args: argparse.Namespace) -> None:
     gallery = []
     if args.gallery:
         used_prior = bool((m.get("metadata_prior") or {}).get("applied"))
-        gallery = make_gallery(run_dir, preds, table, str(resolve_device(args.device)), args.cam_method, used_prior)
+        device = str(resolve_device(args.device))
+        used_point = bool(m.get("operating_point"))
+        gallery = make_gallery(run_dir, preds, table, device, args.cam_method, used_prior, used_point)
     grid_image, _ = grid.make_grid(table, n_per_class=args.grid_per_class, size=args.grid_size, seed=0)
     grid_path = fileio.atomic_write(run_dir / "figures" / "lesion_grid.png", lambda p: grid_image.save(p, "PNG"))
 
@@ -243,6 +265,7 @@ def main(args: argparse.Namespace) -> None:
         "evaluated_on": m.get("split") or m.get("external") or "?",
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "warnings": warnings,
+        "operating_point": operating_point.describe(m["operating_point"]) if m.get("operating_point") else None,
         "metrics": m,
         "classes": classes,
         "per_class": per_class_rows(m, classes),

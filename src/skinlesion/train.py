@@ -29,7 +29,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from skinlesion import checkpoint, distributed, fileio, metadata_prior, metrics, models, posthoc, recipes
+from skinlesion import (
+    checkpoint,
+    distributed,
+    fileio,
+    metadata_prior,
+    metrics,
+    models,
+    operating_point,
+    posthoc,
+    recipes,
+)
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.transforms import eval_transform, resize_for, train_transform
@@ -50,7 +60,7 @@ SELECT = {  # --select name -> (history column, higher is better)
 # Options that describe where data and outputs live rather than the recipe; recorded in config.json too.
 RUN_KEYS = ("data_dir", "metadata", "images", "splits", "cache", "cache_dir", "out", "run_name")
 # Flags that may change when resuming (they do not change what the saved state means).
-RESUMABLE = {"epochs", "patience", "workers", "device", "max_train_batches", "metadata_prior"}
+RESUMABLE = {"epochs", "patience", "workers", "device", "max_train_batches", "metadata_prior", "min_sensitivity"}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -67,6 +77,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SkinLesionError(f"unknown --select {cfg['select']!r}; choose from {', '.join(SELECT)}")
     if cfg["grad_accum"] < 1 or cfg["epochs"] < 1 or cfg["batch_size"] < 1:
         raise SkinLesionError("--epochs, --batch-size and --grad-accum must be at least 1")
+    if cfg["min_sensitivity"] not in (None, "", "none"):
+        operating_point.parse_targets(cfg["min_sensitivity"], CLASSES)  # a typo fails now, not after training
     return cfg
 
 
@@ -511,4 +523,19 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> Path:
             print(f"{metadata_prior.summary(prior)}; stored in best.pt")
         else:  # e.g. one image folder without a metadata CSV: the image model is complete on its own
             print("metadata prior skipped: the training images have no age, sex or localization")
+    if d.is_main and cfg.get("min_sensitivity") not in (None, "", "none") and (run_dir / "best.pt").is_file():
+        set_operating_point(run_dir, cfg, device)
     return run_dir
+
+
+def set_operating_point(run_dir: Path, cfg: dict[str, Any], device: torch.device) -> None:
+    """Last step: the operating point sits on top of everything above (logit adjustment, metadata prior)."""
+    targets = operating_point.parse_targets(cfg["min_sensitivity"], CLASSES)
+    try:
+        point = operating_point.fit_run(
+            run_dir, targets, "val", True, 2 * cfg["batch_size"], str(device), cfg["workers"], cfg.get("cache_dir")
+        )
+    except SkinLesionError as e:  # e.g. no melanoma in a tiny val split: the model stays usable as it is
+        print(f"operating point skipped: {e}")
+        return
+    print(f"{operating_point.report_line(point)}; stored in best.pt")

@@ -18,7 +18,6 @@ import threading
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import pandas as pd
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
@@ -26,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from skinlesion import __version__, fileio, metadata_prior
+from skinlesion import __version__, fileio, metadata_prior, operating_point
 from skinlesion.classes import FULL_NAMES
 from skinlesion.data.images import ImageTooLargeError, open_rgb
 from skinlesion.errors import SkinLesionError
@@ -108,6 +107,7 @@ class ModelService:
         self.lock = threading.Lock()
         meta = self.torch_predictor.meta
         prior = self.predictor.metadata_prior
+        point = self.predictor.meta.get("operating_point")
         self.info = {
             "model_id": self.model_id,
             "run": self.run_dir.name,
@@ -122,6 +122,10 @@ class ModelService:
             "metrics": headline_metrics(self.run_dir),
             # What the page may ask for: the metadata prior's body sites (None: the image model alone).
             "metadata_prior": None if prior is None else {"sites": list(prior["categories"]["localization"])},
+            # Minimum sensitivities the decision honours (operating_point.py); None: the plain argmax.
+            "operating_point": None
+            if point is None
+            else {"min_sensitivity": point["min_sensitivity"], "text": operating_point.describe(point)},
             "version": __version__,
         }
 
@@ -132,7 +136,7 @@ class ModelService:
         offset = metadata_prior.offsets(prior, pd.DataFrame([clinical])) if prior and clinical else None
         with self.lock:  # one inference at a time: each already uses every core
             probs = self.predictor.predict_images([image], offset=offset)[0]
-            best = int(np.argmax(probs))
+            best = int(self.predictor.decide(probs[None])[0])  # argmax, or the operating point's decision
             overlay = gradcam_overlay(self.torch_predictor, image, classes[best]) if cam else None
         out: dict[str, Any] = {
             "prediction": classes[best],

@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 let fullNames = {};
 let maxUploadMb = null;
+let operatingPoint = null;  // e.g. "mel >= 0.75 (bias +1.17)" when the model has one
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -17,8 +18,10 @@ async function loadModelInfo() {
     maxUploadMb = info.max_upload_mb;
     const metrics = info.metrics && info.metrics.balanced_accuracy !== undefined
       ? ` · validation balanced accuracy ${(100 * info.metrics.balanced_accuracy).toFixed(1)}%` : "";
+    operatingPoint = info.operating_point ? info.operating_point.text : null;
+    const point = operatingPoint ? ` · operating point ${operatingPoint}` : "";
     $("model-info").textContent =
-      `model ${info.model_id} · ${info.backbone} at ${info.img_size} px · ${info.backend}${metrics}`;
+      `model ${info.model_id} · ${info.backbone} at ${info.img_size} px · ${info.backend}${metrics}${point}`;
     if (info.metadata_prior) {
       for (const site of info.metadata_prior.sites) {
         const option = document.createElement("option");
@@ -30,6 +33,14 @@ async function loadModelInfo() {
   } catch (err) {
     $("model-info").textContent = "could not reach the model API";
   }
+}
+
+// The operating point may call a class that is not the most probable one (e.g. melanoma at a set sensitivity).
+function decisionNote(probabilities, prediction) {
+  const top = Object.keys(probabilities).reduce((a, b) => (probabilities[b] > probabilities[a] ? b : a));
+  return operatingPoint && top !== prediction
+    ? ` · called ${prediction} by the operating point (${operatingPoint}) although ${top} is more probable`
+    : "";
 }
 
 function drawBars(probabilities, prediction) {
@@ -97,7 +108,8 @@ async function predict(file) {
   }
   $("meta").textContent = `model ${body.model_id} · temperature ${body.temperature.toFixed(3)} · ` +
     `image ${body.image.width}×${body.image.height} px` +
-    (body.metadata ? ` · metadata prior: ${Object.values(body.metadata).join(", ")}` : "");
+    (body.metadata ? ` · metadata prior: ${Object.values(body.metadata).join(", ")}` : "") +
+    decisionNote(body.probabilities, body.prediction);
   $("result").hidden = false;
   setStatus("");
 }
