@@ -710,7 +710,12 @@ def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = R
         "classifier bias so evaluate, calibrate, predict, serve and the ONNX export all apply it; `meta` adds "
         "the metadata prior (log p(class | age, sex, site) − log p(class), a logistic regression fitted on the "
         "run's train rows) to the logits — `skinlesion fit-metadata-prior` or `train --metadata-prior` stores "
-        "it in best.pt, and every later stage adds it for images whose metadata is known.",
+        "it in best.pt, and every later stage adds it for images whose metadata is known; `op` is the "
+        f"operating point of `--recipe improved` ({OPERATING_POINT}: the smallest melanoma decision bias that "
+        "calls 75 % of melanomas melanoma), scored out of fold — set on one half of the val lesions (the "
+        "halves of the calibration cross-fit) and applied to the other — so its melanoma recall is not met by "
+        "construction; it moves decisions only, so AUC and ECE are those of the line without it "
+        "(`skinlesion operating-point` or `train --min-sensitivity` store it in best.pt).",
         "",
     ]
     if taus:

@@ -130,7 +130,7 @@ def test_page_says_when_the_operating_point_overrules_the_most_probable_class(br
     pushed = next(c for c in CLASSES if c != top)
     bias = [30.0 if c == pushed else 0.0 for c in CLASSES]
     operating_point.store(run, {"classes": list(CLASSES), "min_sensitivity": {pushed: 0.9}, "bias": bias,
-                                "fitted_on": "val", "tta": False, "temperature": 1.5})  # fmt: skip
+                                "fitted_on": "val", "bias_tta": None, "temperature": 1.5})  # fmt: skip
     with serving(run) as url:
         browser.get(url + "/")
         wait = WebDriverWait(browser, 60)

@@ -117,14 +117,21 @@ def weakest(tiny_run, tmp_path_factory) -> tuple[Path, str]:
     return run, name
 
 
-def test_operating_point_cli_sets_the_bias_and_evaluate_decides_with_it(weakest, capsys):
-    run, name = weakest
+def copy_of(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
+
+
+def test_operating_point_cli_sets_the_bias_and_evaluate_decides_with_it(weakest, tmp_path, capsys):
+    name = weakest[1]
+    run = copy_of(weakest[0], tmp_path / "tiny")
     plain, m_plain = evaluate(run)
     argv = ["operating-point", "--run-dir", str(run), "--min-sensitivity", f"{name}=1.0", "--no-tta"]
     assert main(argv) == 0
     assert f"operating point {name} >= 1" in capsys.readouterr().out
     point = checkpoint.read(run)["operating_point"]
-    assert point["min_sensitivity"] == {name: 1.0} and point["fitted_on"] == "val" and point["tta"] is False
+    assert point["min_sensitivity"] == {name: 1.0} and point["fitted_on"] == "val"
+    assert point["tta_views"] is None and point["bias_tta"] is None  # --no-tta: the single-view bias only
     assert point["sensitivity_after"][name] == 1.0 > point["sensitivity_before"][name]
     assert point["temperature"] == 1.5
 
@@ -143,19 +150,45 @@ def test_operating_point_cli_sets_the_bias_and_evaluate_decides_with_it(weakest,
     # --no-operating-point scores the argmax again; --remove takes it out of best.pt.
     again, m_off = evaluate(run, "--no-operating-point")
     assert again["y_pred"].tolist() == plain["y_pred"].tolist() and m_off["operating_point"] is None
-    copy = run.parent / "removed"
-    shutil.copytree(run, copy)
-    assert main(["operating-point", "--run-dir", str(copy), "--remove"]) == 0
-    assert "operating_point" not in checkpoint.read(copy) and Predictor(copy).decision_bias is None
+    assert main(["operating-point", "--run-dir", str(run), "--remove"]) == 0
+    assert "operating_point" not in checkpoint.read(run) and Predictor(run).operating_point is None
 
 
-def test_the_default_fits_on_the_tta_views_evaluate_tta_scores(weakest, tmp_path):
-    run = tmp_path / "tta"
-    shutil.copytree(weakest[0], run)
+def test_one_pass_sets_a_bias_for_single_views_and_one_for_the_tta_views(weakest, tmp_path):
+    """TTA moves the logits, so each kind of decision gets its own threshold, both met on val."""
+    run = copy_of(weakest[0], tmp_path / "tta")
     assert main(["operating-point", "--run-dir", str(run), "--min-sensitivity", f"{weakest[1]}=1"]) == 0
-    assert checkpoint.read(run)["operating_point"]["tta"] is True
-    _, m = evaluate(run, "--tta")
+    point = checkpoint.read(run)["operating_point"]
+    assert point["tta_views"] == 4 and point["bias_tta"] is not None
+    assert point["sensitivity_after"][weakest[1]] == 1.0 == point["sensitivity_after_tta"][weakest[1]]
+    plain, m = evaluate(run, "--tta")
+    assert m["per_class"][weakest[1]]["recall"]["value"] == 1.0
     assert m["with_tta"]["per_class"][weakest[1]]["recall"]["value"] == 1.0
+    tta = pd.read_csv(run / "predictions_tta.csv")
+    cols = [f"p_{c}" for c in CLASSES]
+    expected = operating_point.decide(tta[cols].to_numpy(), np.asarray(point["bias_tta"]))
+    assert tta["y_pred"].tolist() == np.asarray(CLASSES)[expected].tolist()
+    assert plain["y_pred"].tolist() == np.asarray(CLASSES)[
+        operating_point.decide(plain[cols].to_numpy(), np.asarray(point["bias"]))
+    ].tolist()
+
+
+def test_refusals_that_need_no_model_pass(weakest, tmp_path, capsys):
+    """A split without the class, or without images, is refused before the model runs over it."""
+    run = copy_of(weakest[0], tmp_path / "noclass")
+    splits = pd.read_csv(run / "splits.csv")
+    splits.loc[(splits["split"] == "val") & (splits["dx"] == weakest[1]), "split"] = "train"
+    splits.to_csv(run / "splits.csv", index=False)
+    for argv, message in [
+        (["--min-sensitivity", f"{weakest[1]}=0.8"], f"the val split has no {weakest[1]} image"),
+        (["--min-sensitivity", "mel=0.8", "--split", "test"], "has no 'test' images"),
+        (["--min-sensitivity", "mel=0.8", "--remove"], "leave --min-sensitivity off"),
+        (["--min-sensitivity", "mel=0.8,mel=0.9"], "names mel twice"),
+    ]:
+        assert main(["operating-point", "--run-dir", str(run), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert "operating_point" not in checkpoint.read(run)
 
 
 @pytest.mark.parametrize(
@@ -183,8 +216,8 @@ def strong_run(weakest, tmp_path_factory) -> tuple[Path, str]:
     shutil.copytree(src, run)
     bias = np.zeros(len(CLASSES))
     bias[CLASS_INDEX[name]] = 4.0
-    point = {"classes": list(CLASSES), "min_sensitivity": {name: 1.0}, "bias": bias.tolist(), "fitted_on": "val",
-             "tta": False, "temperature": 1.5, "sensitivity_before": {}, "sensitivity_after": {}}  # fmt: skip
+    point = {"classes": list(CLASSES), "min_sensitivity": {name: 1.0}, "bias": bias.tolist(), "bias_tta": None,
+             "fitted_on": "val", "tta_views": None, "temperature": 1.5}  # fmt: skip
     operating_point.store(run, point)
     export_onnx(run)
     return run, name
@@ -223,7 +256,7 @@ def test_predict_decides_with_the_operating_point_in_both_backends(strong_run, i
 
 def test_onnx_export_carries_the_operating_point(strong_run):
     onnx = OnnxPredictor(strong_run[0])
-    np.testing.assert_array_equal(onnx.decision_bias, Predictor(strong_run[0]).decision_bias)
+    assert onnx.operating_point == Predictor(strong_run[0]).operating_point is not None
 
 
 def test_serve_reports_and_decides_with_the_operating_point(strong_run, images):
@@ -234,13 +267,13 @@ def test_serve_reports_and_decides_with_the_operating_point(strong_run, images):
     info = client.get("/api/model").json()["operating_point"]
     assert info["min_sensitivity"] == {name: 1.0} and f"{name} >= 1" in info["text"]
     bias = np.asarray(checkpoint.read(run)["operating_point"]["bias"])
-    decisions = []
+    overruled = 0
     for path in images[:6]:
         out = client.post("/api/predict", files={"file": ("x.jpg", path.read_bytes(), "image/jpeg")}).json()
         probs = np.array([out["probabilities"][c] for c in CLASSES])
         assert out["prediction"] == CLASSES[int(operating_point.decide(probs[None], bias)[0])]
-        decisions.append(out["prediction"])
-    assert name in decisions
+        overruled += out["prediction"] == name != CLASSES[int(probs.argmax())]
+    assert overruled > 0
 
 
 def test_serve_without_an_operating_point_says_so(tiny_run):
@@ -249,27 +282,39 @@ def test_serve_without_an_operating_point_says_so(tiny_run):
     assert TestClient(create_app(tiny_run, backend="torch")).get("/api/model").json()["operating_point"] is None
 
 
-def test_calibrate_sets_the_operating_point_again_at_the_new_temperature(weakest, tmp_path, capsys):
-    run = tmp_path / "cal"
-    shutil.copytree(weakest[0], run)
+def test_calibrate_and_the_metadata_prior_set_the_operating_point_again(weakest, tmp_path, capsys):
+    """Both change the probabilities the bias was set on; each sets it again with the same targets."""
+    run = copy_of(weakest[0], tmp_path / "cal")
     assert main(["operating-point", "--run-dir", str(run), "--min-sensitivity", f"{weakest[1]}=1", "--no-tta"]) == 0
     assert main(["calibrate", "--run-dir", str(run)]) == 0
-    assert "re-set the operating point" in capsys.readouterr().out
+    assert "the new temperature: re-set the operating point" in capsys.readouterr().out
     ckpt = checkpoint.read(run)
     assert ckpt["operating_point"]["temperature"] == pytest.approx(ckpt["temperature"]) != 1.5
+    assert ckpt["operating_point"]["bias_tta"] is None  # set again as it was: single views only
     _, m = evaluate(run)
     assert m["per_class"][weakest[1]]["recall"]["value"] == 1.0
+    assert main(["fit-metadata-prior", "--run-dir", str(run)]) == 0
+    assert "the metadata prior: re-set the operating point" in capsys.readouterr().out
+    assert checkpoint.read(run)["operating_point"]["metadata_prior"] is True
+    _, m = evaluate(run)
+    assert m["metadata_prior"]["applied"] and m["per_class"][weakest[1]]["recall"]["value"] == 1.0
 
 
-def test_report_says_which_decisions_it_shows(strong_run, capsys):
-    run = strong_run[0]
-    evaluate(run)
-    assert main(["report", "--run-dir", str(run), "--no-gallery"]) == 0
+def test_report_says_which_decisions_it_shows(strong_run, tmp_path, capsys):
+    run, name = copy_of(strong_run[0], tmp_path / "report"), strong_run[1]
+    decided, _ = evaluate(run)
+    assert main(["report", "--run-dir", str(run)]) == 0  # with the Grad-CAM gallery, titled by the decisions
     html = (run / "report.html").read_text()
-    assert "· operating point" in html and f"{strong_run[1]} &gt;= 1 (bias +4.00) (decisions only" in html
+    assert "· operating point" in html and f"{name} &gt;= 1 (bias +4.00) (decisions only" in html
+    assert f"predicted {name} (" in html and "holds an operating point" not in html
+    assert (decided["y_pred"] == name).sum() > (decided["y_true"] == name).sum()  # bias 4 calls it often
     evaluate(run, "--no-operating-point")
     assert main(["report", "--run-dir", str(run), "--no-gallery"]) == 0
     assert "holds an operating point that these predictions do not use" in (run / "report.html").read_text()
+    evaluate(run)
+    operating_point.store(run, {**checkpoint.read(run)["operating_point"], "bias": [0.0] * len(CLASSES)})
+    assert main(["report", "--run-dir", str(run), "--no-gallery"]) == 0
+    assert "decided with an operating point best.pt no longer holds" in (run / "report.html").read_text()
 
 
 def test_train_sets_the_operating_point_last_and_refuses_a_typo_first(synth_dir, tmp_path, capsys):
@@ -283,4 +328,4 @@ def test_train_sets_the_operating_point_last_and_refuses_a_typo_first(synth_dir,
     ckpt = checkpoint.read(tmp_path / "op")
     assert ckpt["config"]["min_sensitivity"] == "mel=0.9"
     point = ckpt["operating_point"]
-    assert point["tta"] is True and point["sensitivity_after"]["mel"] >= 0.9
+    assert point["tta_views"] == 4 and point["sensitivity_after"]["mel"] >= 0.9 <= point["sensitivity_after_tta"]["mel"]

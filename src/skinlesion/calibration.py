@@ -179,10 +179,8 @@ def main(args: argparse.Namespace) -> None:
     print(f"scored on {result['scored_on']} ({result['n_scored']} images):")
     print(f"  ECE {b['ece']:.4f} -> {a['ece']:.4f}   NLL {b['log_loss']:.4f} -> {a['log_loss']:.4f}")
     print(f"stored T in {run_dir / 'best.pt'}; wrote {run_dir / 'calibration.json'} (re-run evaluate to use it)")
-    point = predictor.meta.get("operating_point")
-    if point is not None:  # its bias lives after the temperature: set it again at the new T
-        point = operating_point.fit_run(
-            run_dir, point["min_sensitivity"], point["fitted_on"], point["tta"], args.batch_size,
-            str(predictor.device), args.workers, cache_dir,
-        )  # fmt: skip
-        print(f"re-set the {operating_point.report_line(point)}")
+    # The operating point's biases live after the temperature: set them again at the new T.
+    operating_point.refit_stored(
+        run_dir, "the new temperature", batch_size=args.batch_size, device=str(predictor.device),
+        workers=args.workers, cache_dir=cache_dir, use_cache=getattr(args, "cache", True),
+    )  # fmt: skip

@@ -194,16 +194,15 @@ def main(args: argparse.Namespace) -> None:
     prior = predictor.metadata_prior if getattr(args, "metadata_prior", True) else None
     offset = metadata_prior.offsets(prior, table) if prior else None
     with_metadata = int(metadata_prior.known(table, prior).sum()) if prior else 0
-    point = predictor.meta.get("operating_point") if getattr(args, "operating_point", True) else None
-    if point is None:
-        predictor.decision_bias = None
+    point = predictor.operating_point if getattr(args, "operating_point", True) else None
+    predictor.operating_point = point
     probs = softmax(metadata_prior.combine(logits, temperature, offset))
     decided = predictor.decide(probs)
     frame = predictions_frame(table, probs, classes, decided)
     lesions = frame["lesion_id"].to_numpy()
 
-    def score(p: np.ndarray, groups: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-        y_pred = predictor.decide(p)  # the operating point's decisions (the argmax without one)
+    def score(p: np.ndarray, groups: np.ndarray, labels: np.ndarray, tta: bool = False) -> dict[str, Any]:
+        y_pred = predictor.decide(p, tta)  # the operating point's decisions (the argmax without one)
         return metrics.evaluate(labels, p, groups, classes, n_boot=args.bootstrap, seed=args.seed, y_pred=y_pred)
 
     result: dict[str, Any] = {
@@ -222,9 +221,9 @@ def main(args: argparse.Namespace) -> None:
     fileio.write_csv(out_dir / "predictions.csv", frame)
     if logits_tta is not None:
         probs_tta = softmax(metadata_prior.combine(logits_tta, temperature, offset))
-        decided_tta = predictor.decide(probs_tta)
+        decided_tta = predictor.decide(probs_tta, tta=True)
         fileio.write_csv(out_dir / "predictions_tta.csv", predictions_frame(table, probs_tta, classes, decided_tta))
-        result["with_tta"] = columns["images+TTA"] = score(probs_tta, lesions, y)
+        result["with_tta"] = columns["images+TTA"] = score(probs_tta, lesions, y, tta=True)
         result["tta_views"] = predictor.tta_views
         views = "identity, h, v, hv flips" + (" of the image and of its transpose" if predictor.tta_views == 8 else "")
         report += f"\nWith TTA ({predictor.tta_views} views: {views}):\n" + classification_report(
@@ -241,7 +240,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"metadata prior added for {with_metadata} of {len(y)} images (age / sex / site known)")
     if point is not None:
         fitted_here = point["fitted_on"] == source.get("split")
-        print(f"operating point {operating_point.describe(point)}" + (f" (fitted on these {point['fitted_on']} images: "
+        print(f"operating point {operating_point.describe(point)}" + (f" (set on these {point['fitted_on']} images: "
               "its sensitivity here is in-sample)" if fitted_here else ""))  # fmt: skip
+        if point.get("metadata_prior") and not prior:
+            print("note: the operating point was set with the metadata prior; without it its sensitivity is not kept")
     print(summary_table(columns))
     print(f"wrote {out_dir / 'predictions.csv'}, metrics.json, classification_report.txt")

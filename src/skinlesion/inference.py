@@ -49,8 +49,9 @@ class Predictor:
         self.transform = eval_transform(meta["img_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
         self.tta_views = run_tta_views(meta)
         self.metadata_prior: dict | None = meta.get("metadata_prior")
-        # The operating point's per-class decision bias (operating_point.py); None = plain argmax.
-        self.decision_bias = operating_point.vector(meta.get("operating_point"), self.classes)
+        # The operating point (operating_point.py): per-class decision biases; None = the plain argmax.
+        self.operating_point: dict | None = meta.get("operating_point")
+        operating_point.vector(self.operating_point, self.classes)  # a class-order mismatch fails here
 
     @property
     def temperature(self) -> float:
@@ -72,9 +73,10 @@ class Predictor:
         """softmax(logits / T + offset): ``offset`` is the metadata prior's (metadata_prior.offsets)."""
         return torch.softmax(torch.from_numpy(combine(logits.numpy(), self.temperature, offset)), dim=1).float().numpy()
 
-    def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Predicted class indices: the argmax, moved by the operating point when best.pt holds one."""
-        return operating_point.decide(probs, self.decision_bias)
+    def decide(self, probs: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Predicted class indices: the argmax, moved by the operating point (its bias for single views or,
+        ``tta``, for the TTA views the probabilities came from) when best.pt holds one."""
+        return operating_point.decide(probs, operating_point.vector(self.operating_point, self.classes, tta))
 
     def predict_images(
         self, images: Sequence[Image.Image], tta: bool = False, offset: np.ndarray | None = None

@@ -166,12 +166,17 @@ def fit_run(run_dir: Path) -> dict[str, Any]:
 
 
 def main(args) -> None:
+    from skinlesion import operating_point
+    from skinlesion.device import resolve_device
+
     run_dir = Path(args.run_dir)
     if args.remove:
         had = "metadata_prior" in checkpoint.read(run_dir)
         store(run_dir, None)
         print(f"removed the metadata prior from {run_dir / 'best.pt'}" if had else f"{run_dir / 'best.pt'} had none")
-        return
-    model = fit_run(run_dir)
-    print(f"{summary(model)}; stored in {run_dir / 'best.pt'} (evaluate, predict and serve use it; "
-          "re-run `skinlesion export` for the ONNX backend)")  # fmt: skip
+    else:
+        model = fit_run(run_dir)
+        print(f"{summary(model)}; stored in {run_dir / 'best.pt'} (evaluate, predict and serve use it; "
+              "re-run `skinlesion export` for the ONNX backend)")  # fmt: skip
+    # An operating point was set on the probabilities with the old prior (or none): set it again.
+    operating_point.refit_stored(run_dir, "the metadata prior", device=str(resolve_device("auto")))

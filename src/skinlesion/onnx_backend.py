@@ -72,7 +72,8 @@ class OnnxPredictor:
         self.input_name = self.session.get_inputs()[0].name
         self.tta_views: int = self.meta["tta_views"]
         self.metadata_prior: dict | None = self.meta["metadata_prior"]
-        self.decision_bias = operating_point.vector(self.meta["operating_point"], self.classes)
+        self.operating_point: dict | None = self.meta["operating_point"]
+        operating_point.vector(self.operating_point, self.classes)
         self.transform = eval_transform(
             self.img_size, self.meta["resize_size"], tuple(self.meta["mean"]), tuple(self.meta["std"])
         )
@@ -105,8 +106,8 @@ class OnnxPredictor:
         z = combine(logits, self.temperature, offset)
         return torch.softmax(torch.from_numpy(z), dim=1).float().numpy()
 
-    def decide(self, probs: np.ndarray) -> np.ndarray:
-        return operating_point.decide(probs, self.decision_bias)
+    def decide(self, probs: np.ndarray, tta: bool = False) -> np.ndarray:
+        return operating_point.decide(probs, operating_point.vector(self.operating_point, self.classes, tta))
 
     def predict_images(
         self, images: Sequence[Image.Image], tta: bool = False, offset: np.ndarray | None = None

@@ -8,12 +8,16 @@ finds, on the run's val split, the smallest per-class bias b >= 0 for which the 
 
 calls at least 75 % of val melanomas melanoma, and stores b in best.pt. The probabilities p (tempered, with
 the metadata prior) are left as they are -- calibrated, and scored as such (AUC, ECE, log loss) -- only the
-decision moves: exp(b_k) is the factor by which class k's odds must be discounted before another class
-wins, i.e. the cost of missing k relative to a false alarm. Every consumer (evaluate, predict, serve,
-Grad-CAM, report, the ONNX backend) decides this way when best.pt (or model.onnx) holds an operating point.
+decision moves: exp(b_k) is the factor by which class k's odds are raised, i.e. the cost of missing k
+relative to a false alarm. Every consumer (evaluate, predict, serve, Grad-CAM, report, the ONNX backend)
+decides this way when best.pt (or model.onnx) holds an operating point.
 
-The bias is a threshold chosen on val: the sensitivity that evaluate then reports on val is in-sample for
-it. The ablation scores it honestly (set on one half of the val lesions, scored on the other).
+TTA shifts the logits enough to move the threshold (on HAM10000 a bias set on the 8 dihedral views gives
+0.68-0.79 melanoma recall on single views), so one pass over val sets two biases: ``bias`` for single-view
+decisions (serve, Grad-CAM, predict and evaluate without --tta) and ``bias_tta`` for the run's TTA views.
+
+The biases are thresholds chosen on val: the sensitivity that evaluate then reports on val is in-sample. The
+ablation scores it honestly (set on one half of the val lesions, scored on the other).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from skinlesion import checkpoint, fileio
 from skinlesion.errors import SkinLesionError
 
 MARGIN = 1e-6  # strictly above the tie, so the class wins the argmax
-SUMMARY_KEYS = ("classes", "min_sensitivity", "bias", "fitted_on")  # what metrics.json records of it
+SUMMARY_KEYS = ("classes", "min_sensitivity", "bias", "bias_tta", "fitted_on")  # what metrics.json records of it
 
 
 def parse_targets(specs: Sequence[str] | str | None, classes: Sequence[str]) -> dict[str, float]:
@@ -51,6 +55,8 @@ def parse_targets(specs: Sequence[str] | str | None, classes: Sequence[str]) -> 
             target = -1.0
         if not 0.0 < target <= 1.0:
             raise SkinLesionError(f"--min-sensitivity {item!r}: the sensitivity must be a fraction in (0, 1]")
+        if name in targets:
+            raise SkinLesionError(f"--min-sensitivity names {name} twice; give each class once")
         targets[name] = target
     return targets
 
@@ -61,28 +67,32 @@ def recall(z: np.ndarray, y: np.ndarray, k: int) -> float:
 
 
 def fit(z: np.ndarray, y: np.ndarray, classes: Sequence[str], targets: Mapping[str, float]) -> np.ndarray:
-    """The smallest bias per targeted class (0 elsewhere) with recall >= target on (z, y).
+    """A bias per targeted class (0 elsewhere) with recall >= target on (z, y); the smallest one for one class.
 
     For one class k, image i of class k is called k once b exceeds m_i = max_{j != k} z_ij - z_ik, so the
     bias is the ceil(target * n_k)-th smallest m_i (never below 0: the operating point only raises a class).
-    Several classes interact a little (raising one takes images from another), so the per-class solutions
-    are repeated until none moves."""
+    Several classes take images from each other, so each is raised in turn (never lowered) until all are met;
+    targets that cannot be met together are refused."""
     z = np.asarray(z, dtype=np.float64)
     bias = np.zeros(len(classes))
     index = {c: i for i, c in enumerate(classes)}
-    for _ in range(10):
-        before = bias.copy()
+    for name in targets:
+        if not (y == index[name]).any():
+            raise SkinLesionError(f"no {name} image among the images to set the operating point on")
+    for _ in range(100):
         for name, target in targets.items():
             k = index[name]
             zk = z[y == k] + bias
-            if not len(zk):
-                raise SkinLesionError(f"no {name} image among the images to fit the operating point on")
             margin = np.delete(zk, k, axis=1).max(1) - zk[:, k]
             need = np.sort(margin)[int(np.ceil(target * len(zk) - 1e-9)) - 1]
-            bias[k] = max(0.0, bias[k] + need + MARGIN)
-        if np.allclose(bias, before):
-            break
-    return bias
+            bias[k] = max(bias[k], bias[k] + need + MARGIN)
+        if all(recall(z + bias, y, index[c]) >= t for c, t in targets.items()):
+            return bias
+    got = ", ".join(f"{c} {recall(z + bias, y, index[c]):.2f}" for c in targets)
+    raise SkinLesionError(
+        f"the sensitivities {', '.join(f'{c}={t:g}' for c, t in targets.items())} cannot all be reached together "
+        f"on these images (got {got}); ask for lower ones or fewer classes"
+    )
 
 
 def decide(probs: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -94,36 +104,45 @@ def decide(probs: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     return (np.log(np.clip(probs, 1e-300, None)) + bias).argmax(1)
 
 
-def vector(point: Mapping[str, Any] | None, classes: Sequence[str]) -> np.ndarray | None:
-    """The stored bias in ``classes`` order, or None when there is no operating point."""
+def vector(point: Mapping[str, Any] | None, classes: Sequence[str], tta: bool = False) -> np.ndarray | None:
+    """The stored bias for single-view (or, ``tta``, TTA) decisions in ``classes`` order; None without one."""
     if not point:
         return None
     if list(point["classes"]) != list(classes):
         raise SkinLesionError("operating point and model disagree on the class order; re-run operating-point")
-    return np.asarray(point["bias"], dtype=np.float64)
+    return np.asarray(point["bias_tta"] if tta and point.get("bias_tta") else point["bias"], dtype=np.float64)
 
 
 def describe(point: Mapping[str, Any]) -> str:
-    """'mel >= 0.75 (bias +1.17)', for logs, the report and the web page."""
-    biases = dict(zip(point["classes"], point["bias"], strict=True))
-    return ", ".join(f"{c} >= {t:g} (bias {biases[c]:+.2f})" for c, t in point["min_sensitivity"].items())
+    """'mel >= 0.75 (bias +1.62, TTA +1.07)', for logs, the report and the web page."""
+    single = dict(zip(point["classes"], point["bias"], strict=True))
+    tta = dict(zip(point["classes"], point.get("bias_tta") or point["bias"], strict=True))
+    return ", ".join(
+        f"{c} >= {t:g} (bias {single[c]:+.2f}" + (f", TTA {tta[c]:+.2f})" if point.get("bias_tta") else ")")
+        for c, t in point["min_sensitivity"].items()
+    )
 
 
 def build(
-    z: np.ndarray, y: np.ndarray, classes: Sequence[str], targets: Mapping[str, float], **about: Any
+    z: np.ndarray,
+    y: np.ndarray,
+    classes: Sequence[str],
+    targets: Mapping[str, float],
+    z_tta: np.ndarray | None = None,
+    **about: Any,
 ) -> dict[str, Any]:
-    """Fit and describe: what best.pt and model.onnx carry."""
-    bias = fit(z, y, classes, targets)
+    """Fit on single-view logits ``z`` (and TTA logits ``z_tta``) and describe: what best.pt and model.onnx carry."""
     index = {c: i for i, c in enumerate(classes)}
-    return {
-        "classes": list(classes),
-        "min_sensitivity": dict(targets),
-        "bias": bias.tolist(),
-        "sensitivity_before": {c: recall(z, y, index[c]) for c in targets},
-        "sensitivity_after": {c: recall(z + bias, y, index[c]) for c in targets},
-        "n_images": int(len(y)),
-        **about,
-    }
+    point: dict[str, Any] = {"classes": list(classes), "min_sensitivity": dict(targets), "n_images": int(len(y))}
+    for key, logits in (("", z), ("_tta", z_tta)):
+        if logits is None:
+            point["bias_tta"] = None
+            continue
+        bias = fit(logits, y, classes, targets)
+        point[f"bias{key}"] = bias.tolist()
+        point[f"sensitivity_before{key}"] = {c: recall(logits, y, index[c]) for c in targets}
+        point[f"sensitivity_after{key}"] = {c: recall(logits + bias, y, index[c]) for c in targets}
+    return {**point, **about}
 
 
 def store(path: str | Path, point: Mapping[str, Any] | None) -> None:
@@ -148,8 +167,10 @@ def fit_run(
     device: str = "cpu",
     workers: int = 0,
     cache_dir: str | None = None,
+    use_cache: bool = True,
 ) -> dict[str, Any]:
-    """Fit on the run's ``split`` exactly as evaluate scores it (TTA, temperature, metadata prior) and store."""
+    """Set on the run's ``split`` as evaluate scores it (temperature, metadata prior; single views and, with
+    ``tta``, the run's TTA views from the same pass) and store in best.pt."""
     from skinlesion import metadata_prior
     from skinlesion.evaluate import labels_of, open_cache, predict_logits, read_config, split_part
     from skinlesion.inference import Predictor
@@ -157,28 +178,51 @@ def fit_run(
     predictor = Predictor(run_dir, device=device)
     table = split_part(run_dir, split)
     y = labels_of(table)
-    cache = open_cache(
-        table, int(predictor.meta["resize_size"]), True, cache_dir or read_config(run_dir).get("cache_dir")
-    )
+    missing = [c for c in targets if not (y == predictor.classes.index(c)).any()]
+    if missing:  # before the model runs over the whole split
+        raise SkinLesionError(f"the {split} split has no {', '.join(missing)} image to set the operating point on")
+    cache_dir = cache_dir or read_config(run_dir).get("cache_dir")
+    cache = open_cache(table, int(predictor.meta["resize_size"]), use_cache, cache_dir)
     out = predict_logits(predictor, table, batch_size, tta, cache, workers, desc=f"operating point: {split} logits")
-    logits = out[1] if tta else out
+    single, views = out if tta else (out, None)
     prior = predictor.metadata_prior
-    z = metadata_prior.combine(logits, predictor.temperature, metadata_prior.offsets(prior, table) if prior else None)
+    offset = metadata_prior.offsets(prior, table) if prior else None
     point = build(
-        z, y, predictor.classes, targets,
-        fitted_on=split, tta=bool(tta), tta_views=predictor.tta_views if tta else 1,
-        temperature=predictor.temperature, metadata_prior=prior is not None,
+        metadata_prior.combine(single, predictor.temperature, offset), y, predictor.classes, targets,
+        None if views is None else metadata_prior.combine(views, predictor.temperature, offset),
+        fitted_on=split, tta_views=predictor.tta_views if tta else None, temperature=predictor.temperature,
+        metadata_prior=prior is not None,
     )  # fmt: skip
     store(run_dir, point)
     return point
 
 
+def refit_stored(run_dir: Path, why: str, **kwargs: Any) -> None:
+    """Set a stored operating point again with its own targets, split and views after ``why`` changed the
+    probabilities it was set on (a new temperature, metadata prior); removed with a warning if that fails."""
+    point = checkpoint.read(run_dir).get("operating_point")
+    if point is None:
+        return
+    try:
+        point = fit_run(run_dir, point["min_sensitivity"], point["fitted_on"], point.get("tta_views") is not None,
+                        **kwargs)  # fmt: skip
+    except SkinLesionError as e:
+        store(run_dir, None)
+        print(f"warning: the operating point was removed ({why} changed the probabilities it was set on, and "
+              f"setting it again failed: {e})")  # fmt: skip
+        return
+    print(f"{why}: re-set the {report_line(point)}")
+
+
 def report_line(point: Mapping[str, Any]) -> str:
-    before, after = point["sensitivity_before"], point["sensitivity_after"]
-    moved = ", ".join(f"{c} {before[c]:.3f} -> {after[c]:.3f}" for c in point["min_sensitivity"])
+    def moved(key: str) -> str:
+        before, after = point[f"sensitivity_before{key}"], point[f"sensitivity_after{key}"]
+        return ", ".join(f"{c} {before[c]:.3f} -> {after[c]:.3f}" for c in point["min_sensitivity"])
+
+    views = f"; {point['tta_views']} TTA views: {moved('_tta')}" if point.get("bias_tta") else ""
     return (
-        f"operating point {describe(point)} fitted on {point['n_images']} {point['fitted_on']} images "
-        f"({'TTA' if point['tta'] else 'no TTA'}, T {point['temperature']:.3f}); sensitivity there: {moved}"
+        f"operating point {describe(point)} set on {point['n_images']} {point['fitted_on']} images "
+        f"(T {point['temperature']:.3f}); sensitivity there, single view: {moved('')}{views}"
     )
 
 
@@ -187,6 +231,8 @@ def main(args: argparse.Namespace) -> None:
 
     run_dir = Path(args.run_dir)
     if args.remove:
+        if args.min_sensitivity:
+            raise SkinLesionError("--remove takes the operating point out; leave --min-sensitivity off with it")
         had = "operating_point" in checkpoint.read(run_dir)
         store(run_dir, None)
         print(f"removed the operating point from {run_dir / 'best.pt'}" if had else f"{run_dir / 'best.pt'} had none")
@@ -196,7 +242,7 @@ def main(args: argparse.Namespace) -> None:
         raise SkinLesionError("say which class needs which sensitivity, e.g. --min-sensitivity mel=0.75")
     point = fit_run(
         run_dir, targets, args.split, args.tta, args.batch_size, str(resolve_device(args.device)), args.workers,
-        args.cache_dir,
+        args.cache_dir, args.cache,
     )  # fmt: skip
     print(report_line(point))
     print(f"stored in {run_dir / 'best.pt'}; re-run evaluate (and export for the ONNX backend) to use it")

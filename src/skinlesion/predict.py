@@ -28,7 +28,7 @@ from skinlesion.errors import SkinLesionError
 class ProbabilityModel(Protocol):
     meta: dict[str, Any]
     classes: list[str]
-    decision_bias: np.ndarray | None
+    operating_point: dict | None
     img_size: int
     tta_views: int
     metadata_prior: dict | None
@@ -40,7 +40,7 @@ class ProbabilityModel(Protocol):
         self, images: Sequence[Image.Image], tta: bool = False, offset: np.ndarray | None = None
     ) -> np.ndarray: ...
 
-    def decide(self, probs: np.ndarray) -> np.ndarray: ...
+    def decide(self, probs: np.ndarray, tta: bool = False) -> np.ndarray: ...
 
 
 def load_predictor(run_dir: str | Path, backend: str = "torch") -> ProbabilityModel:
@@ -187,7 +187,7 @@ def predict_files(
         for paths, images in decoded_batches(files, batch_size, skipped):
             offset = np.stack([offset_of[str(p)] for p in paths]) if offset_of else None
             probs = predictor.predict_images(images, tta=tta, offset=offset)
-            decided = predictor.decide(probs)
+            decided = predictor.decide(probs, tta)
             rows += [
                 result_row(p, pr, predictor.classes, top_k, k) for p, pr, k in zip(paths, probs, decided, strict=True)
             ]
@@ -239,7 +239,7 @@ def main(args: argparse.Namespace) -> None:
     top_k = min(args.top_k, len(predictor.classes))
     prior = predictor.metadata_prior if getattr(args, "metadata_prior", True) else None
     if not getattr(args, "operating_point", True):
-        predictor.decision_bias = None
+        predictor.operating_point = None
     given = [f"--{k}" for k in ("metadata", "age", "sex", "site") if getattr(args, k, None) is not None]
     clinical = None
     if given and getattr(args, "metadata_prior", True):
@@ -271,7 +271,7 @@ def main(args: argparse.Namespace) -> None:
             "temperature": predictor.temperature,
             "metadata_prior": {"applied": with_metadata > 0, "images_with_metadata": with_metadata},
             # "prediction" honours these minimum sensitivities (operating_point.py); null = the argmax.
-            "operating_point": None if predictor.decision_bias is None else predictor.meta.get("operating_point"),
+            "operating_point": predictor.operating_point,
             "classes": list(predictor.classes),
             "predictions": rows,
             "skipped": skipped + [{"image": str(p), "error": "not a .jpg/.jpeg/.png file"} for p in ignored],

@@ -174,7 +174,7 @@ def make_gallery(
 
     predictor = Predictor(run_dir, device=device)
     if not with_operating_point:
-        predictor.decision_bias = None
+        predictor.operating_point = None
     rows_of = table.assign(image_id=table["image_id"].astype(str)).drop_duplicates("image_id").set_index("image_id")
     prior = predictor.metadata_prior if with_prior else None
     figs = []

@@ -533,8 +533,9 @@ def set_operating_point(run_dir: Path, cfg: dict[str, Any], device: torch.device
     targets = operating_point.parse_targets(cfg["min_sensitivity"], CLASSES)
     try:
         point = operating_point.fit_run(
-            run_dir, targets, "val", True, 2 * cfg["batch_size"], str(device), cfg["workers"], cfg.get("cache_dir")
-        )
+            run_dir, targets, "val", True, 2 * cfg["batch_size"], str(device), cfg["workers"], cfg.get("cache_dir"),
+            cfg["cache"],
+        )  # fmt: skip
     except SkinLesionError as e:  # e.g. no melanoma in a tiny val split: the model stays usable as it is
         print(f"operating point skipped: {e}")
         return

@@ -107,7 +107,7 @@ class ModelService:
         self.lock = threading.Lock()
         meta = self.torch_predictor.meta
         prior = self.predictor.metadata_prior
-        point = self.predictor.meta.get("operating_point")
+        point = self.predictor.operating_point
         self.info = {
             "model_id": self.model_id,
             "run": self.run_dir.name,
