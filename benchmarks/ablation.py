@@ -249,6 +249,18 @@ ROWS: tuple[Row, ...] = (
         "`improved_split7`, training seed 1",
         split_seed=7,
     ),
+    Row(
+        "reference_split7_seed2",
+        ["--recipe", "reference", "--seed", "2"],
+        "`reference_split7`, training seed 2",
+        split_seed=7,
+    ),
+    Row(
+        "improved_split7_seed2",
+        ["--recipe", "improved", "--seed", "2"],
+        "`improved_split7`, training seed 2 (trained with the operating point in the recipe)",
+        split_seed=7,
+    ),
 )
 
 

@@ -100,6 +100,20 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     return Loaded(model, meta)
 
 
+def set_entry(path: str | Path, key: str, value: Any) -> None:
+    """Store ``value`` under ``key`` in an existing checkpoint (atomic rewrite); None removes the key.
+    A value with a ``classes`` list must list the checkpoint's classes in its order."""
+    file = Path(path) / "best.pt" if Path(path).is_dir() else Path(path)
+    ckpt = read(file)
+    if value is None:
+        ckpt.pop(key, None)
+    else:
+        if "classes" in value and list(value["classes"]) != list(ckpt["classes"]):
+            raise SkinLesionError(f"{key} and checkpoint disagree on the class order")
+        ckpt[key] = value
+    fileio.torch_save(file, ckpt)
+
+
 def set_temperature(path: str | Path, temperature: float, calibration: dict[str, Any] | None = None) -> None:
     """Store a fitted temperature in an existing checkpoint (atomic rewrite)."""
     ckpt = read(path)

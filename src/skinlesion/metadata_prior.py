@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from skinlesion import checkpoint, fileio
+from skinlesion import checkpoint
 from skinlesion.errors import SkinLesionError
 
 FIELDS = ("age", "sex", "localization")
@@ -134,16 +134,7 @@ def combine(logits: np.ndarray, temperature: float, offset: np.ndarray | None) -
 
 def store(path: str | Path, model: Mapping[str, Any] | None) -> None:
     """Put the fitted prior in best.pt (atomic rewrite); None removes it."""
-    path = Path(path)
-    file = path / "best.pt" if path.is_dir() else path
-    ckpt = checkpoint.read(file)
-    if model is None:
-        ckpt.pop("metadata_prior", None)
-    else:
-        if list(model["classes"]) != list(ckpt["classes"]):
-            raise SkinLesionError("metadata prior and checkpoint disagree on the class order")
-        ckpt["metadata_prior"] = dict(model)
-    fileio.torch_save(file, ckpt)
+    checkpoint.set_entry(path, "metadata_prior", None if model is None else dict(model))
 
 
 def summary(model: Mapping[str, Any]) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from skinlesion import checkpoint, fileio
+from skinlesion import checkpoint
 from skinlesion.errors import SkinLesionError
 
 MARGIN = 1e-6  # strictly above the tie, so the class wins the argmax
@@ -147,15 +147,7 @@ def build(
 
 def store(path: str | Path, point: Mapping[str, Any] | None) -> None:
     """Put the operating point in best.pt (atomic rewrite); None removes it."""
-    path = Path(path)
-    file = path / "best.pt" if path.is_dir() else path
-    ckpt = checkpoint.read(file)
-    if point is None:
-        ckpt.pop("operating_point", None)
-    else:
-        vector(point, ckpt["classes"])
-        ckpt["operating_point"] = dict(point)
-    fileio.torch_save(file, ckpt)
+    checkpoint.set_entry(path, "operating_point", None if point is None else dict(point))
 
 
 def fit_run(
