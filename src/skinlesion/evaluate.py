@@ -244,5 +244,8 @@ def main(args: argparse.Namespace) -> None:
               "its sensitivity here is in-sample)" if fitted_here else ""))  # fmt: skip
         if point.get("metadata_prior") and not prior:
             print("note: the operating point was set with the metadata prior; without it its sensitivity is not kept")
+        if args.tta and point.get("tta_views") not in (None, predictor.tta_views):
+            print(f"note: the operating point's TTA bias was set on {point['tta_views']} views, not "
+                  f"{predictor.tta_views}; its sensitivity with these is not kept")  # fmt: skip
     print(summary_table(columns))
     print(f"wrote {out_dir / 'predictions.csv'}, metrics.json, classification_report.txt")
