@@ -26,7 +26,6 @@ from skinlesion.errors import SkinLesionError
 
 
 class ProbabilityModel(Protocol):
-    meta: dict[str, Any]
     classes: list[str]
     operating_point: dict | None
     img_size: int
