@@ -90,10 +90,15 @@ class Row:
         return VARIANTS if self.prior_correction else tuple(v for v in VARIANTS if not parse_variant(v).tau)
 
 
-# "<views>[+la[<tau>]][+meta][+op]": views plain | tta4 | tta8; "la" alone = single crop + logit adjustment (tau
-# defaults to 1); "meta" adds the metadata prior (age, sex, site; fit on the run's train rows); "op" the operating
-# point of `--recipe improved` (OPERATING_POINT), set on one half of the val lesions and scored on the other.
-VARIANTS = ("plain", "tta4", "tta8", "la", "tta4+la", "tta8+la", "tta8+meta", "tta8+la+meta", "tta8+la+meta+op")
+# "<views>[+la[<tau>]][+meta][+op][+pool]": views plain | tta4 | tta8; "la" alone = single crop + logit adjustment
+# (tau defaults to 1); "meta" adds the metadata prior (age, sex, site; fit on the run's train rows); "op" the
+# operating point of `--recipe improved` (OPERATING_POINT), set on one half of the val lesions and scored on the
+# other; "pool" scores each image with its lesion's pooled probabilities (lesion_pooling.py), the temperature and
+# the operating point still set per image, as `skinlesion evaluate` applies them.
+VARIANTS = (
+    "plain", "tta4", "tta8", "la", "tta4+la", "tta8+la", "tta8+meta", "tta8+la+meta", "tta8+la+meta+op",
+    "tta8+la+meta+pool", "tta8+la+meta+op+pool",
+)  # fmt: skip
 VIEWS = {
     "plain": "single centre crop",
     "tta4": "mean logit over 4 flips",
@@ -107,12 +112,16 @@ class Variant(NamedTuple):
     tau: float  # 0 = no logit adjustment
     meta: bool
     op: bool
+    pool: bool = False
 
 
 def parse_variant(variant: str) -> Variant:
     """'tta8+la0.5' -> ('tta8', 0.5, False, False); 'la' -> ('plain', 1.0, False, False);
-    'tta8+la+meta+op' -> ('tta8', 1.0, True, True): views, tau (0 = none), metadata prior, operating point."""
+    'tta8+la+meta+op' -> ('tta8', 1.0, True, True, False): views, tau (0 = none), metadata prior, operating point,
+    lesion pooling."""
     parts = variant.split("+")
+    pool = parts[-1] == "pool" and len(parts) > 1
+    parts = parts[:-1] if pool else parts
     op = parts[-1] == "op" and len(parts) > 1
     parts = parts[:-1] if op else parts
     meta = parts[-1] == "meta" and len(parts) > 1
@@ -121,16 +130,18 @@ def parse_variant(variant: str) -> Variant:
     la = next((p for p in parts if p.startswith("la")), None)
     if views not in VIEWS or len(parts) > 2 or (len(parts) == 2 and la is None):
         raise ValueError(f"unknown variant {variant!r}")
-    return Variant(views, float(la[2:] or 1.0) if la is not None else 0.0, meta, op)
+    return Variant(views, float(la[2:] or 1.0) if la is not None else 0.0, meta, op, pool)
 
 
 def variant_note(variant: str) -> str:
-    views, tau, meta, op = parse_variant(variant)
+    views, tau, meta, op, pool = parse_variant(variant)
     if not tau:
         note = VIEWS[views]
     else:
         note = {"plain": "", "tta4": "4-flip TTA + ", "tta8": "8-view TTA + "}[views] + f"logit adjustment tau={tau:g}"
-    return note + (" + metadata prior" if meta else "") + (f" + operating point {OPERATING_POINT}" if op else "")
+    return note + (" + metadata prior" if meta else "") + (f" + operating point {OPERATING_POINT}" if op else "") + (
+        " + lesion pooling" if pool else ""
+    )
 
 
 REGULARISED = [
@@ -365,7 +376,7 @@ def image_logits(data: dict[str, np.ndarray], variant: str) -> tuple[np.ndarray,
     from skinlesion import posthoc
 
     views = data["views"].astype(np.float64)
-    name, tau, meta, _ = parse_variant(variant)
+    name, tau, meta, *_ = parse_variant(variant)
     base = {"plain": views[:1], "tta4": views[:4], "tta8": views}[name].mean(0)  # dihedral_views: 4 flips first
     return (posthoc.adjust(base, data["counts"], tau) if tau else base), (data["meta"] if meta else None)
 
@@ -376,8 +387,8 @@ def decisions(data: dict[str, np.ndarray], variant: str) -> np.ndarray | None:
         return None
     from skinlesion import operating_point
 
-    z = variant_logits(data, variant)
-    return operating_point.decide(softmax(z), out_of_fold_bias(z, data["labels"], data["lesions"]))
+    z = variant_logits(data, variant)  # the bias is set per image, as `skinlesion operating-point` sets it
+    return operating_point.decide(variant_probs(data, variant), out_of_fold_bias(z, data["labels"], data["lesions"]))
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -406,6 +417,17 @@ def variant_logits(data: dict[str, np.ndarray], variant: str) -> np.ndarray:
     return logits if offset is None else logits + offset
 
 
+def pooled(data: dict[str, np.ndarray], variant: str, probs: np.ndarray) -> np.ndarray:
+    """``probs`` pooled over each lesion's images for a "+pool" variant, unchanged otherwise."""
+    from skinlesion import lesion_pooling
+
+    return lesion_pooling.pool(probs, data["lesions"]) if parse_variant(variant).pool else probs
+
+
+def variant_probs(data: dict[str, np.ndarray], variant: str) -> np.ndarray:
+    return pooled(data, variant, softmax(variant_logits(data, variant)))
+
+
 def score_variant(data: dict[str, np.ndarray], variant: str, n_boot: int) -> dict[str, float]:
     from skinlesion import metrics
     from skinlesion.calibration import crossfit
@@ -413,8 +435,9 @@ def score_variant(data: dict[str, np.ndarray], variant: str, n_boot: int) -> dic
 
     logits, offset = image_logits(data, variant)
     y, groups, decided = data["labels"], data["lesions"], decisions(data, variant)
-    m = metrics.evaluate(y, softmax(variant_logits(data, variant)), groups, CLASSES, n_boot, seed=0, y_pred=decided)
-    calibrated, temps = crossfit(logits, y, groups, n_folds=2, seed=0, offsets=offset)
+    m = metrics.evaluate(y, variant_probs(data, variant), groups, CLASSES, n_boot, seed=0, y_pred=decided)
+    calibrated, temps = crossfit(logits, y, groups, n_folds=2, seed=0, offsets=offset)  # T set per image
+    calibrated = pooled(data, variant, calibrated)
     m_cal = metrics.evaluate(y, calibrated, groups, CLASSES, n_boot=n_boot, seed=0)  # ECE: the probabilities only
     entries = {
         "accuracy": m["accuracy"],
@@ -450,7 +473,7 @@ def paired_deltas(data: dict, variant: str, ref: dict, n_boot: int) -> dict[str,
     ones = np.ones((1, len(y)))
     mel = CLASS_INDEX["mel"]
     out = {}
-    both = [softmax(variant_logits(data, variant)), softmax(variant_logits(ref, "plain"))]
+    both = [variant_probs(data, variant), softmax(variant_logits(ref, "plain"))]
     decided = [decisions(data, variant), None]
     point, boot = (
         [metrics.weighted_metrics(y, p, w, d) for p, d in zip(both, decided, strict=True)] for w in (ones, weights)
@@ -518,7 +541,7 @@ def targets(line: pd.Series, ref: pd.Series) -> dict[str, bool]:
 
 # What `--recipe improved` ships: its training + logit adjustment and metadata prior in best.pt, scored with
 # `skinlesion evaluate --tta` (its recipe's 8 dihedral views). Reported as "the winner" when present in the CSV.
-SHIPPED = ("improved", "tta8+la+meta+op")
+SHIPPED = ("improved", "tta8+la+meta+op+pool")
 
 
 def best_line(frame: pd.DataFrame) -> pd.Series:
@@ -582,8 +605,8 @@ def delta_table(frame: pd.DataFrame) -> str | None:
 # Recipes trained with several seeds (rows "<recipe>" = seed 42 and "<recipe>_seed<N>"): the post-hoc lines
 # compared across seeds; a recipe not named here shows the shipped line.
 SEED_VARIANTS = {
-    "reference": ("plain", "tta8+la", "tta8+la+meta", "tta8+la+meta+op"),
-    "improved": ("tta8", "tta8+la", "tta8+meta", "tta8+la+meta", "tta8+la+meta+op"),
+    "reference": ("plain", "tta8+la", "tta8+la+meta", "tta8+la+meta+op", "tta8+la+meta+op+pool"),
+    "improved": ("tta8", "tta8+la", "tta8+meta", "tta8+la+meta", "tta8+la+meta+op", "tta8+la+meta+op+pool"),
 }
 SEED_METRICS = ("balanced_accuracy", "macro_f1", "macro_auc", "ece_after", "mel_recall")
 
@@ -764,7 +787,7 @@ def write_report(csv: Path, out: Path) -> None:
         if parse_variant(best["variant"]).meta:
             data["meta"] = metadata_offsets(out / best["row"])
         decided = decisions(data, best["variant"])
-        pred = softmax(variant_logits(data, best["variant"])).argmax(1) if decided is None else decided
+        pred = variant_probs(data, best["variant"]).argmax(1) if decided is None else decided
         confusion = confusion_markdown(data["labels"], pred, list(CLASSES))
     by_name = {r.name: r for r in ROWS}
     sweeps = {}

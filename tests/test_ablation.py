@@ -59,18 +59,20 @@ def test_variant_logits(ablation):
 
 
 def test_variant_names_parse_to_views_tau_and_metadata(ablation):
-    assert ablation.parse_variant("plain") == ("plain", 0.0, False, False)
-    assert ablation.parse_variant("la") == ("plain", 1.0, False, False)
-    assert ablation.parse_variant("tta4+la") == ("tta4", 1.0, False, False)
-    assert ablation.parse_variant("tta8+la0.5") == ("tta8", 0.5, False, False)
-    assert ablation.parse_variant("tta8+la+meta") == ("tta8", 1.0, True, False)
-    assert ablation.parse_variant("tta8+meta") == ("tta8", 0.0, True, False)
-    assert ablation.parse_variant("tta8+la+meta+op") == ("tta8", 1.0, True, True)
+    assert ablation.parse_variant("plain") == ("plain", 0.0, False, False, False)
+    assert ablation.parse_variant("la") == ("plain", 1.0, False, False, False)
+    assert ablation.parse_variant("tta4+la") == ("tta4", 1.0, False, False, False)
+    assert ablation.parse_variant("tta8+la0.5") == ("tta8", 0.5, False, False, False)
+    assert ablation.parse_variant("tta8+la+meta") == ("tta8", 1.0, True, False, False)
+    assert ablation.parse_variant("tta8+meta") == ("tta8", 0.0, True, False, False)
+    assert ablation.parse_variant("tta8+la+meta+op") == ("tta8", 1.0, True, True, False)
     assert ablation.parse_variant("tta8+op").op and not ablation.parse_variant("tta8+op").meta
+    assert ablation.parse_variant("tta8+la+meta+op+pool") == ("tta8", 1.0, True, True, True)
+    assert ablation.variant_note("tta8+op+pool").endswith("+ operating point mel=0.75 + lesion pooling")
     assert ablation.variant_note("tta8+la0.5") == "8-view TTA + logit adjustment tau=0.5"
     assert ablation.variant_note("tta8+la+meta") == "8-view TTA + logit adjustment tau=1 + metadata prior"
     assert ablation.variant_note("tta8+la+meta+op").endswith("+ metadata prior + operating point mel=0.75")
-    for bad in ("tta16", "tta8+meta+la", "tta8+tta4", "meta", "op", "tta8+op+meta"):
+    for bad in ("tta16", "tta8+meta+la", "tta8+tta4", "meta", "op", "tta8+op+meta", "pool", "tta8+pool+op"):
         with pytest.raises(ValueError, match="unknown variant"):
             ablation.parse_variant(bad)
 
@@ -272,3 +274,32 @@ def test_operating_point_variant_is_scored_out_of_fold_and_moves_decisions_only(
     assert op["mel_recall"] > plain["mel_recall"] and op["mel_recall"] > 0.65
     for key in ("macro_auc", "ece_before", "ece_after", "mel_auc"):  # the probabilities are the same
         assert op[key] == plain[key]
+
+
+def test_pooled_variant_pools_probabilities_with_per_image_temperature_and_bias(ablation):
+    """"+pool": each image scored with its lesion's pooled probabilities; the operating point's bias and the
+    temperature are still set on single images, as `skinlesion operating-point` and `calibrate` set them."""
+    from skinlesion import lesion_pooling, metrics, operating_point
+    from skinlesion.calibration import crossfit
+    from skinlesion.classes import CLASS_INDEX, CLASSES
+    from skinlesion.evaluate import softmax
+
+    rng = np.random.default_rng(6)
+    n = 900
+    y = rng.choice(7, n // 3, p=[0.04, 0.05, 0.11, 0.02, 0.12, 0.62, 0.04]).repeat(3)  # 3 images per lesion
+    lesions = np.array([f"L{i // 3}" for i in range(n)])
+    views = rng.normal(size=(1, n, 7)) * 1.5 + 0.1 * rng.normal(size=(8, n, 7)) + 1.0 * np.eye(7)[y][None]
+    views[..., CLASS_INDEX["nv"]] += 1.0
+    data = {"views": views, "labels": y, "lesions": lesions, "counts": np.bincount(y, minlength=7).astype(float)}
+    z = views.mean(0)
+    np.testing.assert_allclose(ablation.variant_probs(data, "tta8+pool"), lesion_pooling.pool(softmax(z), lesions))
+    bias = ablation.out_of_fold_bias(z, y, lesions)  # set on the single images
+    expected = operating_point.decide(lesion_pooling.pool(softmax(z), lesions), bias)
+    assert np.array_equal(ablation.decisions(data, "tta8+op+pool"), expected)
+    single, pooled = (ablation.score_variant(data, v, n_boot=20) for v in ("tta8", "tta8+pool"))
+    assert pooled["temperature"] == single["temperature"]  # T fitted per image ...
+    calibrated, _ = crossfit(z, y, lesions, n_folds=2, seed=0)
+    ece = metrics.evaluate(y, lesion_pooling.pool(calibrated, lesions), lesions, CLASSES, n_boot=0)["ece"]
+    assert pooled["ece_after"] == pytest.approx(ece["value"])  # ... and applied before pooling
+    # Three noisy views of one lesion know its class better than one.
+    assert pooled["balanced_accuracy"] > single["balanced_accuracy"] + 0.02

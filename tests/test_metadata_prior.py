@@ -203,13 +203,16 @@ def test_predict_reads_per_image_metadata_from_a_csv(prior_run, images, tmp_path
         (["--age", "300"], "not an age in years"),
         (["--metadata", "missing.csv"], "does not exist"),
         (["--metadata", "BAD"], "is not a readable CSV"),
-        (["--metadata", "NOCOLS"], "needs an image_id column and at least one of age, sex, localization"),
+        (["--metadata", "NOCOLS"], "needs at least one of age, sex, localization"),
+        (["--metadata", "NOID"], "needs an image_id column"),
     ],
 )
 def test_predict_refuses_bad_metadata_in_one_line(prior_run, images, tmp_path, capsys, argv, message):
     (tmp_path / "bad.csv").write_text("image_id,age\na,1\nb,2,3,4\n")
     (tmp_path / "nocols.csv").write_text("image_id,dx\na,nv\n")
-    argv = [{"BAD": str(tmp_path / "bad.csv"), "NOCOLS": str(tmp_path / "nocols.csv")}.get(a, a) for a in argv]
+    (tmp_path / "noid.csv").write_text("name,age\na,50\n")
+    files = {"BAD": "bad.csv", "NOCOLS": "nocols.csv", "NOID": "noid.csv"}
+    argv = [str(tmp_path / files[a]) if a in files else a for a in argv]
     assert main(["predict", "--run-dir", str(prior_run), str(images[0]), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

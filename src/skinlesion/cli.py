@@ -109,6 +109,8 @@ def _add_train(sub) -> None:
     p.add_argument("--min-sensitivity", help="after training, set the operating point on val: the smallest "
                    "bias per class that reaches CLASS=FRACTION sensitivity there, e.g. mel=0.75 (reference none; "
                    "improved mel=0.75; 'none' turns it off)")
+    p.add_argument("--pool-lesions", action=argparse.BooleanOptionalAction, help="evaluate / predict score the "
+                   "images of one lesion together where lesion ids are given (reference off, improved on)")
     p.add_argument("--mixup", type=float, help="timm Mixup alpha (reference 0 = off)")
     p.add_argument("--cutmix", type=float, help="timm CutMix alpha (reference 0 = off)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, help="EMA of the weights, validated and kept "
@@ -141,6 +143,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--tta-views", type=int, choices=[4, 8],
                    help="TTA views: 4 flips or the 8 dihedral symmetries (default: the run's recipe)")
     p.add_argument("--lesion-level", action="store_true", help="also score lesions (mean probability)")
+    p.add_argument("--pool-lesions", action=argparse.BooleanOptionalAction, help="give each image its lesion's "
+                   "pooled probabilities (images sharing a lesion_id scored together; default: the run's recipe)")
     p.add_argument("--no-metadata-prior", dest="metadata_prior", action="store_false",
                    help="score the image model alone even if best.pt holds a metadata prior")
     p.add_argument("--no-operating-point", dest="operating_point", action="store_false",
@@ -239,7 +243,10 @@ def _add_predict(sub) -> None:
                    help="TTA views: 4 flips or the 8 dihedral symmetries (default: the run's recipe)")
     p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
     p.add_argument("--metadata", help="CSV with image_id (= file name stem) and any of age, sex, localization, "
-                   "e.g. HAM10000_metadata.csv: per-image input for the run's metadata prior")
+                   "lesion_id, e.g. HAM10000_metadata.csv: per-image input for the run's metadata prior and "
+                   "lesion pooling")
+    p.add_argument("--pool-lesions", action=argparse.BooleanOptionalAction, help="score images that share a "
+                   "lesion_id in --metadata together (default: the run's recipe, where lesion ids are given)")
     p.add_argument("--age", type=float, help="patient age in years, for every input image (metadata prior)")
     p.add_argument("--sex", help="male | female, for every input image (metadata prior)")
     p.add_argument("--site", help="body site as in HAM10000's localization column (e.g. back, face), for every "

@@ -15,7 +15,7 @@ from sklearn.metrics import classification_report
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from skinlesion import fileio, metadata_prior, metrics, operating_point
+from skinlesion import fileio, lesion_pooling, metadata_prior, metrics, operating_point
 from skinlesion.classes import CLASS_INDEX
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.device import resolve_device
@@ -196,10 +196,18 @@ def main(args: argparse.Namespace) -> None:
     with_metadata = int(metadata_prior.known(table, prior).sum()) if prior else 0
     point = predictor.operating_point if getattr(args, "operating_point", True) else None
     predictor.operating_point = point
-    probs = softmax(metadata_prior.combine(logits, temperature, offset))
+    lesions = table["lesion_id"].astype(str).to_numpy()
+    asked = getattr(args, "pool_lesions", None)
+    pool = predictor.pool_lesions if asked is None else asked
+    pooled = lesion_pooling.shared(lesions) if pool else 0
+
+    def probabilities(z: np.ndarray) -> np.ndarray:
+        p = softmax(metadata_prior.combine(z, temperature, offset))
+        return lesion_pooling.pool(p, lesions) if pooled else p
+
+    probs = probabilities(logits)
     decided = predictor.decide(probs)
     frame = predictions_frame(table, probs, classes, decided)
-    lesions = frame["lesion_id"].to_numpy()
 
     def score(p: np.ndarray, groups: np.ndarray, labels: np.ndarray, tta: bool = False) -> dict[str, Any]:
         y_pred = predictor.decide(p, tta)  # the operating point's decisions (the argmax without one)
@@ -209,6 +217,8 @@ def main(args: argparse.Namespace) -> None:
         **source,
         "temperature": temperature,
         "metadata_prior": {"applied": with_metadata > 0, "images_with_metadata": with_metadata},
+        # Each image scored with its lesion's pooled probabilities (lesion_pooling.py).
+        "lesion_pooling": {"applied": pooled > 0, "images_pooled": pooled},
         # In-sample when scored on the split it was fitted on (operating_point.py).
         "operating_point": None if point is None else {k: point[k] for k in operating_point.SUMMARY_KEYS},
         "tta": False,
@@ -220,7 +230,7 @@ def main(args: argparse.Namespace) -> None:
     )
     fileio.write_csv(out_dir / "predictions.csv", frame)
     if logits_tta is not None:
-        probs_tta = softmax(metadata_prior.combine(logits_tta, temperature, offset))
+        probs_tta = probabilities(logits_tta)
         decided_tta = predictor.decide(probs_tta, tta=True)
         fileio.write_csv(out_dir / "predictions_tta.csv", predictions_frame(table, probs_tta, classes, decided_tta))
         result["with_tta"] = columns["images+TTA"] = score(probs_tta, lesions, y, tta=True)
@@ -238,6 +248,8 @@ def main(args: argparse.Namespace) -> None:
     print(f"{where}: {result['n_images']} images, {result['n_lesions']} lesions, temperature {temperature:.3f}")
     if prior:
         print(f"metadata prior added for {with_metadata} of {len(y)} images (age / sex / site known)")
+    if pool:
+        print(lesion_pooling.describe(lesions) if pooled else "lesion pooling: no two images share a lesion id")
     if point is not None:
         fitted_here = point["fitted_on"] == source.get("split")
         print(f"operating point {operating_point.describe(point)}" + (f" (set on these {point['fitted_on']} images: "

@@ -19,7 +19,7 @@ import torch
 
 from skinlesion import checkpoint, fileio
 from skinlesion.errors import SkinLesionError
-from skinlesion.inference import run_tta_views
+from skinlesion.inference import run_pools_lesions, run_tta_views
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -37,6 +37,8 @@ def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
         "temperature": repr(float(meta.get("temperature", 1.0))),
         "backbone": str(meta["backbone"]),
         "tta_views": str(run_tta_views(meta)),
+        # skinlesion.lesion_pooling: images sharing a lesion_id are scored together by default ("true"/"false").
+        "pool_lesions": json.dumps(run_pools_lesions(meta)),
         "source_sha256": source_sha256,
         "input_name": INPUT_NAME,
         "output": "logits (apply softmax(logits / temperature + metadata offset))",

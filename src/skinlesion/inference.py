@@ -37,6 +37,11 @@ def run_tta_views(meta: dict) -> int:
     return int((meta.get("config") or {}).get("tta_views", 4))
 
 
+def run_pools_lesions(meta: dict) -> bool:
+    """Whether this run scores a lesion's images together by default (its recipe's ``pool_lesions``)."""
+    return bool((meta.get("config") or {}).get("pool_lesions", False))
+
+
 class Predictor:
     def __init__(self, source: str | Path | checkpoint.Loaded, device: str = "cpu"):
         self.loaded = source if isinstance(source, checkpoint.Loaded) else checkpoint.load(source, device)
@@ -48,6 +53,7 @@ class Predictor:
         self.img_size = int(meta["img_size"])
         self.transform = eval_transform(meta["img_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
         self.tta_views = run_tta_views(meta)
+        self.pool_lesions = run_pools_lesions(meta)
         self.metadata_prior: dict | None = meta.get("metadata_prior")
         # The operating point (operating_point.py): per-class decision biases; None = the plain argmax.
         self.operating_point: dict | None = meta.get("operating_point")

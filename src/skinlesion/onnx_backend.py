@@ -46,6 +46,7 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
         "source_sha256": props.get("source_sha256", ""),
         "metadata_prior": json.loads(props.get("metadata_prior", "null")),
         "operating_point": json.loads(props.get("operating_point", "null")),
+        "pool_lesions": bool(json.loads(props.get("pool_lesions", "false"))),
     }
 
 
@@ -73,6 +74,7 @@ class OnnxPredictor:
         self.tta_views: int = self.meta["tta_views"]
         self.metadata_prior: dict | None = self.meta["metadata_prior"]
         self.operating_point: dict | None = self.meta["operating_point"]
+        self.pool_lesions: bool = self.meta["pool_lesions"]
         operating_point.vector(self.operating_point, self.classes)
         self.transform = eval_transform(
             self.img_size, self.meta["resize_size"], tuple(self.meta["mean"]), tuple(self.meta["std"])

@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from skinlesion import metadata_prior
+from skinlesion import lesion_pooling, metadata_prior
 from skinlesion.classes import FULL_NAMES
 from skinlesion.data.images import IMAGE_SUFFIXES, open_rgb
 from skinlesion.errors import SkinLesionError
@@ -31,6 +31,7 @@ class ProbabilityModel(Protocol):
     img_size: int
     tta_views: int
     metadata_prior: dict | None
+    pool_lesions: bool
 
     @property
     def temperature(self) -> float: ...
@@ -116,6 +117,36 @@ def result_row(path: Path, probs: np.ndarray, classes: Sequence[str], top_k: int
 SEXES = ("male", "female")
 
 
+def read_metadata_csv(csv_path: str) -> pd.DataFrame:
+    """The --metadata CSV, one row per image_id (the first where an id repeats)."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise SkinLesionError(f"--metadata {path} does not exist; pass a CSV of image_id, age, sex, localization")
+    try:
+        given = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise SkinLesionError(f"--metadata {path} is not a readable CSV ({' '.join(str(e).split())})") from e
+    if "image_id" not in given:
+        raise SkinLesionError(
+            f"--metadata {path} needs an image_id column (the file name stem; it has: "
+            f"{', '.join(map(str, given.columns))})"
+        )
+    return given.drop_duplicates("image_id")
+
+
+def lesion_ids(files: Sequence[Path], csv_path: str | None, required: bool) -> list[str] | None:
+    """Lesion id of each input from the --metadata CSV's lesion_id column (an image it does not name is its own
+    lesion); None when there is no such column, an error instead when pooling was asked for (``required``)."""
+    given = read_metadata_csv(csv_path) if csv_path is not None else None
+    if given is None or "lesion_id" not in given:
+        if required:
+            raise SkinLesionError("--pool-lesions needs --metadata CSV with image_id and lesion_id columns "
+                                  "(e.g. HAM10000_metadata.csv) to know which images show the same lesion")  # fmt: skip
+        return None
+    known = dict(zip(given["image_id"], given["lesion_id"], strict=True))
+    return [str(known[f.stem]) if pd.notna(known.get(f.stem)) else f"image:{f}" for f in files]
+
+
 def clinical_table(
     files: Sequence[Path],
     csv_path: str | None = None,
@@ -130,21 +161,14 @@ def clinical_table(
         return None
     table = pd.DataFrame({"image_id": [f.stem for f in files]})
     if csv_path is not None:
-        path = Path(csv_path)
-        if not path.is_file():
-            raise SkinLesionError(f"--metadata {path} does not exist; pass a CSV of image_id, age, sex, localization")
-        try:
-            given = pd.read_csv(path, dtype={"image_id": str})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise SkinLesionError(f"--metadata {path} is not a readable CSV ({' '.join(str(e).split())})") from e
+        given = read_metadata_csv(csv_path)
         fields = [c for c in metadata_prior.FIELDS if c in given]
-        if "image_id" not in given or not fields:
+        if not fields:
             raise SkinLesionError(
-                f"--metadata {path} needs an image_id column and at least one of {', '.join(metadata_prior.FIELDS)} "
-                f"(it has: {', '.join(map(str, given.columns))})"
+                f"--metadata {csv_path} needs at least one of {', '.join(metadata_prior.FIELDS)} for the metadata "
+                f"prior (it has: {', '.join(map(str, given.columns))})"
             )
-        given = given.drop_duplicates("image_id")[["image_id", *fields]]
-        table = table.merge(given, on="image_id", how="left")
+        table = table.merge(given[["image_id", *fields]], on="image_id", how="left")
     for column, value in clinical_values(age, sex, site, sites).items():
         table[column] = value
     return table
@@ -177,21 +201,32 @@ def predict_files(
     tta: bool = False,
     top_k: int = 3,
     offsets: np.ndarray | None = None,
+    lesions: Sequence[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """``offsets`` (row i for files[i]): the metadata prior's, added to the tempered logits."""
+    """``offsets`` (row i for files[i]): the metadata prior's, added to the tempered logits; ``lesions`` (row i
+    for files[i]): lesion ids whose images are scored together (lesion_pooling.py)."""
     offset_of = {} if offsets is None else {str(f): offsets[i] for i, f in enumerate(files)}
-    rows: list[dict[str, Any]] = []
+    read: list[Path] = []
+    chunks: list[np.ndarray] = []
     skipped: list[dict[str, str]] = []
     with tqdm(total=len(files), desc="predict", unit="img", file=sys.stderr, disable=len(files) < 2) as bar:
         for paths, images in decoded_batches(files, batch_size, skipped):
             offset = np.stack([offset_of[str(p)] for p in paths]) if offset_of else None
-            probs = predictor.predict_images(images, tta=tta, offset=offset)
-            decided = predictor.decide(probs, tta)
-            rows += [
-                result_row(p, pr, predictor.classes, top_k, k) for p, pr, k in zip(paths, probs, decided, strict=True)
-            ]
-            bar.update(len(rows) + len(skipped) - bar.n)
+            chunks.append(predictor.predict_images(images, tta=tta, offset=offset))
+            read += paths
+            bar.update(len(read) + len(skipped) - bar.n)
         bar.update(len(files) - bar.n)  # failures after the last full batch
+    if not read:
+        return [], skipped
+    probs = np.concatenate(chunks)
+    if lesions is not None:  # after every image is read: a lesion's images may sit in different batches
+        lesion_of = {str(f): lesions[i] for i, f in enumerate(files)}
+        probs = lesion_pooling.pool(probs, [lesion_of[str(p)] for p in read]).astype(np.float32)
+    decided = predictor.decide(probs, tta)
+    rows = [result_row(p, pr, predictor.classes, top_k, k) for p, pr, k in zip(read, probs, decided, strict=True)]
+    if lesions is not None:
+        for row, path in zip(rows, read, strict=True):
+            row["lesion_id"] = lesion_of[str(path)]
     return rows, skipped
 
 
@@ -239,7 +274,13 @@ def main(args: argparse.Namespace) -> None:
     prior = predictor.metadata_prior if getattr(args, "metadata_prior", True) else None
     if not getattr(args, "operating_point", True):
         predictor.operating_point = None
+    asked = getattr(args, "pool_lesions", None)
+    pool = predictor.pool_lesions if asked is None else asked
+    lesions = lesion_ids(files, args.metadata, required=bool(asked)) if pool else None
     given = [f"--{k}" for k in ("metadata", "age", "sex", "site") if getattr(args, k, None) is not None]
+    fields = set(metadata_prior.FIELDS) & set(read_metadata_csv(args.metadata)) if lesions is not None else set()
+    if lesions is not None and (prior is None or not fields):
+        given.remove("--metadata")  # it was given for the lesion ids alone
     clinical = None
     if given and getattr(args, "metadata_prior", True):
         if prior is None:
@@ -255,10 +296,12 @@ def main(args: argparse.Namespace) -> None:
                 f"{args.run_dir}` (and `skinlesion export` again for --backend onnx)"
             )
         sites = prior["categories"]["localization"]
-        clinical = clinical_table(files, args.metadata, args.age, args.sex, args.site, sites)
+        csv_path = args.metadata if "--metadata" in given else None
+        clinical = clinical_table(files, csv_path, args.age, args.sex, args.site, sites)
     offsets = metadata_prior.offsets(prior, clinical) if clinical is not None else None
     with_metadata = int(metadata_prior.known(clinical, prior).sum()) if clinical is not None else 0
-    rows, skipped = predict_files(predictor, files, args.batch_size, args.tta, top_k, offsets)
+    rows, skipped = predict_files(predictor, files, args.batch_size, args.tta, top_k, offsets, lesions)
+    pooled = lesion_pooling.shared([r["lesion_id"] for r in rows]) if lesions is not None else 0
     if not rows:
         raise SkinLesionError(f"none of the {len(files)} input file(s) could be read as an image")
     if args.format == "json":
@@ -269,6 +312,8 @@ def main(args: argparse.Namespace) -> None:
             "tta_views": predictor.tta_views if args.tta else 1,
             "temperature": predictor.temperature,
             "metadata_prior": {"applied": with_metadata > 0, "images_with_metadata": with_metadata},
+            # Images that share a lesion_id were scored together (lesion_pooling.py).
+            "lesion_pooling": {"applied": pooled > 0, "images_pooled": pooled},
             # "prediction" honours these minimum sensitivities (operating_point.py); null = the argmax.
             "operating_point": predictor.operating_point,
             "classes": list(predictor.classes),
@@ -284,3 +329,5 @@ def main(args: argparse.Namespace) -> None:
         print(f"{len(skipped)} of {len(files)} file(s) could not be read and were skipped", file=sys.stderr)
     if clinical is not None:
         print(f"metadata prior added for {with_metadata} of {len(files)} image(s)", file=sys.stderr)
+    if lesions is not None:
+        print(lesion_pooling.describe([r["lesion_id"] for r in rows]), file=sys.stderr)

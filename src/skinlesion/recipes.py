@@ -41,6 +41,7 @@ REFERENCE: dict[str, Any] = {
     "tta_views": 4,
     "metadata_prior": False,
     "min_sensitivity": None,  # operating point set on val after training, e.g. "mel=0.75" (operating_point.py)
+    "pool_lesions": False,  # score a lesion's images together where lesion ids are given (lesion_pooling.py)
     "patience": None,
     "val_frac": 0.2,
     "seed": 42,
@@ -65,6 +66,9 @@ REFERENCE: dict[str, Any] = {
 # (operating_point.py) then moves the decision, not the probabilities, so that at least 75 % of val melanomas are
 # called melanoma: scored on val lesions it was not set on, melanoma recall 0.58-0.66 -> 0.74-0.76 over six
 # runs on two splits, for about -0.01 balanced accuracy and macro F1 (the issue asks for melanoma recall >= 0.70).
+# Lesion pooling (lesion_pooling.py) scores the images of one lesion together wherever lesion ids are given
+# (evaluate on splits.csv; predict --metadata with a lesion_id column): macro F1 +0.021, balanced accuracy +0.015
+# and AUC +0.006 on average over 27 networks on two splits (26 gain); one image alone (serve) is unchanged.
 IMPROVED: dict[str, Any] = {
     **REFERENCE,
     "lr": 1e-3,
@@ -72,6 +76,7 @@ IMPROVED: dict[str, Any] = {
     "tta_views": 8,
     "metadata_prior": True,
     "min_sensitivity": "mel=0.75",
+    "pool_lesions": True,
 }
 
 RECIPES: dict[str, dict[str, Any]] = {"reference": REFERENCE, "improved": IMPROVED}

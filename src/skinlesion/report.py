@@ -166,9 +166,11 @@ def make_gallery(
     method: str,
     with_prior: bool = False,
     with_operating_point: bool = False,
+    pooled: bool = False,
 ):
     """Grad-CAM figures of the gallery cases, titled as predictions.csv was made: ``with_prior``, with the
-    metadata-fused probabilities; ``with_operating_point``, with the operating point's decisions."""
+    metadata-fused probabilities; ``with_operating_point``, with the operating point's decisions; ``pooled``
+    (lesion pooling), with the map drawn for the lesion's decision, which the image alone may not reach."""
     from skinlesion.explain import explain, figure
     from skinlesion.inference import Predictor
 
@@ -183,15 +185,14 @@ def make_gallery(
         if image_id not in rows_of.index:
             continue
         offset = metadata_prior.offsets(prior, rows_of.loc[[image_id]]) if prior else None
-        exp = explain(predictor, open_rgb(rows_of.loc[image_id, "path"]), method=method, offset=offset)
+        image = open_rgb(rows_of.loc[image_id, "path"])
+        exp = explain(predictor, image, str(row["y_pred"]) if pooled else None, method=method, offset=offset)
         out = figure(exp, run_dir / "figures" / f"cam_{row['y_true']}_{kind}.png", method)
-        figs.append(
-            (
-                out,
-                f"true {row['y_true']}, predicted {row['y_pred']} ({kind}, "
-                f"confidence {row['confidence']:.2f}) — {row['image_id']}",
-            )
-        )
+        how = ", with its lesion" if pooled else ""
+        if pooled and exp.predicted != row["y_pred"]:
+            how += f"; this image alone: {exp.predicted}"
+        caption = f"true {row['y_true']}, predicted {row['y_pred']} ({kind}, confidence {row['confidence']:.2f}{how})"
+        figs.append((out, f"{caption} — {row['image_id']}"))
     return figs
 
 
@@ -250,7 +251,8 @@ def main(args: argparse.Namespace) -> None:
         used_prior = bool((m.get("metadata_prior") or {}).get("applied"))
         device = str(resolve_device(args.device))
         used_point = bool(m.get("operating_point"))
-        gallery = make_gallery(run_dir, preds, table, device, args.cam_method, used_prior, used_point)
+        pooled = bool((m.get("lesion_pooling") or {}).get("applied"))
+        gallery = make_gallery(run_dir, preds, table, device, args.cam_method, used_prior, used_point, pooled)
     grid_image, _ = grid.make_grid(table, n_per_class=args.grid_per_class, size=args.grid_size, seed=0)
     grid_path = fileio.atomic_write(run_dir / "figures" / "lesion_grid.png", lambda p: grid_image.save(p, "PNG"))
 

@@ -60,7 +60,8 @@ SELECT = {  # --select name -> (history column, higher is better)
 # Options that describe where data and outputs live rather than the recipe; recorded in config.json too.
 RUN_KEYS = ("data_dir", "metadata", "images", "splits", "cache", "cache_dir", "out", "run_name")
 # Flags that may change when resuming (they do not change what the saved state means).
-RESUMABLE = {"epochs", "patience", "workers", "device", "max_train_batches", "metadata_prior", "min_sensitivity"}
+RESUMABLE = {"epochs", "patience", "workers", "device", "max_train_batches", "metadata_prior", "min_sensitivity",
+             "pool_lesions"}
 
 
 # ----------------------------------------------------------------------------------------------- config
