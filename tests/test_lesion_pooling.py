@@ -37,6 +37,10 @@ def test_pool_gives_each_image_its_lesions_geometric_mean():
     out = lesion_pooling.pool(hard, ["x", "x"])
     assert np.isfinite(out).all() and out[0].argmax() == 0
     assert lesion_pooling.shared(ids) == 3 and lesion_pooling.shared(["a", "b"]) == 0
+    # A missing id is a lesion of its own, not one shared "nan" lesion.
+    unknown = [None, float("nan"), "", "a", "a"]
+    np.testing.assert_allclose(lesion_pooling.pool(softmax(z), unknown)[:3], softmax(z)[:3], atol=1e-12)
+    assert lesion_pooling.shared(unknown) == 2
     with pytest.raises(ValueError, match="3 lesion ids for 5 images"):
         lesion_pooling.pool(softmax(z), ids[:3])
 
@@ -98,6 +102,10 @@ def test_evaluate_pools_a_lesions_images_when_asked_or_when_the_run_says_so(run,
     assert main(["report", "--run-dir", str(run)]) == 0  # Grad-CAM gallery captions name the pooled decision
     html = (run / "report.html").read_text()
     assert "· lesion pooling:" in html and ", with its lesion" in html
+    assert "were made image by image" not in html
+    evaluate(run, "--no-pool-lesions")  # the run pools, these predictions do not: the report says so
+    assert main(["report", "--run-dir", str(run), "--no-gallery"]) == 0
+    assert "were made image by image" in (run / "report.html").read_text()
 
 
 def test_evaluate_on_images_without_lesion_ids_pools_nothing(run, synth_dir, tmp_path, capsys):
@@ -149,18 +157,68 @@ def test_predict_pools_images_the_metadata_csv_groups(onnx_run, lesion_inputs, t
     assert [r["prediction"] for r in doc["predictions"]] == [CLASSES[k] for k in expected.argmax(1)]
 
 
+def test_predict_pools_what_it_can_and_names_what_it_could_not(onnx_run, lesion_inputs, tmp_path, capsys):
+    """An unreadable input and inputs the CSV does not name: the rest of their lesions still pool."""
+    files, csv = lesion_inputs
+    lesion_of = pd.read_csv(csv).set_index("image_id")["lesion_id"]
+    ids = pd.Series([lesion_of[f.stem] for f in files[1:]])
+    pooled = ids.map(ids.value_counts()) > 1  # among the readable inputs
+    broken = tmp_path / f"{files[0].stem}.jpg"  # in the CSV, but not an image
+    broken.write_bytes(b"not a jpeg")
+    twin = files[1:][int(np.flatnonzero(pooled)[0])]
+    stranger = tmp_path / "not_in_csv.jpg"  # the same picture as twin, under a name the CSV does not know
+    shutil.copy(twin, stranger)
+    inputs = [str(broken), *map(str, files[1:]), str(stranger), str(stranger)]  # named twice: predicted once
+    argv = ["predict", "--run-dir", str(onnx_run), *inputs, "--format", "json", "--metadata", str(csv)]
+    assert main([*argv, "--pool-lesions"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [s["image"] for s in doc["skipped"]] == [str(broken)]
+    rows = {Path(r["image"]).name: r for r in doc["predictions"]}
+    assert len(doc["predictions"]) == len(files) and rows["not_in_csv.jpg"]["lesion_id"] is None
+    assert doc["lesion_pooling"]["images_pooled"] == int(pooled.sum())
+    # twin is pooled with its lesion; its copy, a lesion of its own, is not.
+    assert rows["not_in_csv.jpg"]["probabilities"] != pytest.approx(rows[twin.name]["probabilities"], abs=1e-4)
+
+
 def test_predict_pool_lesions_needs_lesion_ids(onnx_run, lesion_inputs, tmp_path, capsys):
     files, _ = lesion_inputs
-    assert main(["predict", "--run-dir", str(onnx_run), str(files[0]), "--pool-lesions"]) == 2
-    assert "--pool-lesions needs --metadata CSV with image_id and lesion_id" in capsys.readouterr().err
+
+    def refused(*flags: str) -> str:
+        assert main(["predict", "--run-dir", str(onnx_run), str(files[0]), "--pool-lesions", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        return err
+
+    assert "--pool-lesions needs --metadata CSV with image_id and lesion_id" in refused()
     no_ids = tmp_path / "ids.csv"
     pd.DataFrame({"image_id": [f.stem for f in files], "age": 50}).to_csv(no_ids, index=False)
-    argv = ["predict", "--run-dir", str(onnx_run), str(files[0]), "--pool-lesions", "--metadata", str(no_ids)]
-    assert main(argv) == 2
-    assert "lesion_id" in capsys.readouterr().err
+    assert "lesion_id columns" in refused("--metadata", str(no_ids))
+    others = tmp_path / "others.csv"
+    pd.DataFrame({"image_id": ["someone_else"], "lesion_id": ["L1"]}).to_csv(others, index=False)
+    assert "gives a lesion_id for none of the inputs" in refused("--metadata", str(others))
 
 
-def test_the_onnx_export_carries_the_runs_pooling(run):
-    set_config(run, pool_lesions=True)
+@pytest.mark.parametrize("pools", [True, False])
+def test_the_onnx_export_carries_the_runs_pooling(run, lesion_inputs, capsys, pools):
+    set_config(run, pool_lesions=pools)
     export_onnx(run)
-    assert OnnxPredictor(run).pool_lesions is True and Predictor(run).pool_lesions is True
+    assert OnnxPredictor(run).pool_lesions is pools and Predictor(run).pool_lesions is pools
+    files, csv = lesion_inputs  # the run's default decides, with no --pool-lesions on the command line
+    argv = ["predict", "--run-dir", str(run), "--backend", "onnx", *map(str, files), "--metadata", str(csv)]
+    if pools:
+        assert main([*argv, "--format", "json"]) == 0
+        assert json.loads(capsys.readouterr().out)["lesion_pooling"]["applied"] is True
+    else:  # a --metadata CSV is then only for a metadata prior, which this run lacks
+        assert main(argv) == 2 and "need a run with a metadata prior" in capsys.readouterr().err
+
+
+def test_resume_can_switch_pooling_and_best_pt_follows(tiny_run, tmp_path):
+    """pool_lesions changes no training step, so --resume may change it; evaluate / predict read it from best.pt."""
+    shutil.copytree(tiny_run, tmp_path / "tiny")
+    run = tmp_path / "tiny"
+    assert not Predictor(run).pool_lesions
+    argv = ["train", "--out", str(tmp_path), "--run-name", "tiny", "--resume", "--workers", "0", "--pool-lesions"]
+    assert main(argv) == 0
+    assert Predictor(run).pool_lesions and json.loads((run / "config.json").read_text())["pool_lesions"]
+    assert main([*argv[:-1], "--no-pool-lesions"]) == 0
+    assert not Predictor(run).pool_lesions

@@ -254,6 +254,9 @@ def main(args: argparse.Namespace) -> None:
         fitted_here = point["fitted_on"] == source.get("split")
         print(f"operating point {operating_point.describe(point)}" + (f" (set on these {point['fitted_on']} images: "
               "its sensitivity here is in-sample)" if fitted_here else ""))  # fmt: skip
+        if pooled:
+            print("note: the operating point was set on single images; pooled, its sensitivity is close to the target "
+                  "rather than exactly on it")  # fmt: skip
         if point.get("metadata_prior") and not prior:
             print("note: the operating point was set with the metadata prior; without it its sensitivity is not kept")
         if args.tta and point.get("tta_views") not in (None, predictor.tta_views):

@@ -21,10 +21,17 @@ import numpy as np
 import pandas as pd
 
 
-def pool(probs: np.ndarray, lesion_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+def _ids(lesion_ids: Sequence[str | None] | np.ndarray) -> np.ndarray:
+    """Lesion ids as text; a missing one (None, NaN, "") becomes an id of its own row, never shared."""
+    ids = pd.Series(list(lesion_ids), dtype=object)
+    missing = ids.isna() | (ids.astype(str).str.strip() == "")
+    return np.where(missing, [f"\0row {i}" for i in range(len(ids))], ids.astype(str))
+
+
+def pool(probs: np.ndarray, lesion_ids: Sequence[str | None] | np.ndarray) -> np.ndarray:
     """(N, C) probabilities with each row replaced by its lesion's softmax(mean log p)."""
     probs = np.asarray(probs, dtype=np.float64)
-    ids = np.asarray(lesion_ids).astype(str)
+    ids = _ids(lesion_ids)
     if len(ids) != len(probs):
         raise ValueError(f"{len(ids)} lesion ids for {len(probs)} images")
     log_p = np.log(np.clip(probs, np.finfo(np.float64).tiny, None))
@@ -34,14 +41,14 @@ def pool(probs: np.ndarray, lesion_ids: Sequence[str] | np.ndarray) -> np.ndarra
     return e / e.sum(1, keepdims=True)
 
 
-def shared(lesion_ids: Sequence[str] | np.ndarray) -> int:
+def shared(lesion_ids: Sequence[str | None] | np.ndarray) -> int:
     """How many images share their lesion with at least one other image (the ones pooling changes)."""
-    ids = pd.Series(np.asarray(lesion_ids).astype(str))
+    ids = pd.Series(_ids(lesion_ids))
     return int((ids.map(ids.value_counts()) > 1).sum())
 
 
-def describe(lesion_ids: Sequence[str] | np.ndarray) -> str:
-    ids = np.asarray(lesion_ids).astype(str)
+def describe(lesion_ids: Sequence[str | None] | np.ndarray) -> str:
+    ids = _ids(lesion_ids)
     n = shared(ids)
     return (
         f"lesion pooling: {n} of {len(ids)} images share their lesion with others "

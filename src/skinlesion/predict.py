@@ -134,17 +134,22 @@ def read_metadata_csv(csv_path: str) -> pd.DataFrame:
     return given.drop_duplicates("image_id")
 
 
-def lesion_ids(files: Sequence[Path], csv_path: str | None, required: bool) -> list[str] | None:
-    """Lesion id of each input from the --metadata CSV's lesion_id column (an image it does not name is its own
-    lesion); None when there is no such column, an error instead when pooling was asked for (``required``)."""
+def lesion_ids(files: Sequence[Path], csv_path: str | None, required: bool) -> list[str | None] | None:
+    """Lesion id of each input from the --metadata CSV's lesion_id column (None for an image it does not name: a
+    lesion of its own); None when there is no such column, an error instead when pooling was asked for
+    (``required``), as when the CSV names none of the inputs."""
     given = read_metadata_csv(csv_path) if csv_path is not None else None
     if given is None or "lesion_id" not in given:
         if required:
             raise SkinLesionError("--pool-lesions needs --metadata CSV with image_id and lesion_id columns "
                                   "(e.g. HAM10000_metadata.csv) to know which images show the same lesion")  # fmt: skip
         return None
-    known = dict(zip(given["image_id"], given["lesion_id"], strict=True))
-    return [str(known[f.stem]) if pd.notna(known.get(f.stem)) else f"image:{f}" for f in files]
+    known = {k: str(v) for k, v in zip(given["image_id"], given["lesion_id"], strict=True) if pd.notna(v)}
+    ids = [known.get(f.stem) for f in files]
+    if required and all(i is None for i in ids):
+        raise SkinLesionError(f"--pool-lesions: --metadata {csv_path} gives a lesion_id for none of the inputs "
+                              "(its image_id must be the file name without extension)")  # fmt: skip
+    return ids
 
 
 def clinical_table(
@@ -164,9 +169,10 @@ def clinical_table(
         given = read_metadata_csv(csv_path)
         fields = [c for c in metadata_prior.FIELDS if c in given]
         if not fields:
+            pool = "; for its lesion ids alone add --pool-lesions" if "lesion_id" in given else ""
             raise SkinLesionError(
                 f"--metadata {csv_path} needs at least one of {', '.join(metadata_prior.FIELDS)} for the metadata "
-                f"prior (it has: {', '.join(map(str, given.columns))})"
+                f"prior (it has: {', '.join(map(str, given.columns))}){pool}"
             )
         table = table.merge(given[["image_id", *fields]], on="image_id", how="left")
     for column, value in clinical_values(age, sex, site, sites).items():
@@ -201,7 +207,7 @@ def predict_files(
     tta: bool = False,
     top_k: int = 3,
     offsets: np.ndarray | None = None,
-    lesions: Sequence[str] | None = None,
+    lesions: Sequence[str | None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """``offsets`` (row i for files[i]): the metadata prior's, added to the tempered logits; ``lesions`` (row i
     for files[i]): lesion ids whose images are scored together (lesion_pooling.py)."""
@@ -262,6 +268,7 @@ def main(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise SkinLesionError("--batch-size must be at least 1")
     files, ignored = expand_inputs(args.inputs)
+    files = list(dict.fromkeys(files))  # a file named twice is predicted once
     if ignored:
         names = ", ".join(p.name for p in ignored[:5]) + (" ..." if len(ignored) > 5 else "")
         print(f"skipped {len(ignored)} file(s) without a .jpg/.jpeg/.png suffix: {names}", file=sys.stderr)
@@ -330,4 +337,5 @@ def main(args: argparse.Namespace) -> None:
     if clinical is not None:
         print(f"metadata prior added for {with_metadata} of {len(files)} image(s)", file=sys.stderr)
     if lesions is not None:
-        print(lesion_pooling.describe([r["lesion_id"] for r in rows]), file=sys.stderr)
+        print(lesion_pooling.describe([r["lesion_id"] for r in rows]) if pooled else
+              "lesion pooling: no two inputs share a lesion id", file=sys.stderr)  # fmt: skip

@@ -241,6 +241,14 @@ def main(args: argparse.Namespace) -> None:
             "predictions.csv was decided with an operating point best.pt no longer holds; re-run skinlesion evaluate."
         )
 
+    pooled_run = bool((meta.get("config") or {}).get("pool_lesions"))
+    pooled_here = bool((m.get("lesion_pooling") or {}).get("applied"))
+    if pooled_run and not pooled_here and preds["lesion_id"].duplicated().any():
+        warnings.append(
+            "the run scores a lesion's images together, but these predictions were made image by image (evaluated "
+            "with --no-pool-lesions or by an older skinlesion); re-run skinlesion evaluate to pool them."
+        )
+
     figs = make_figures(run_dir, preds, m, classes, calibration)
     counts = table.pivot_table(index="dx", columns="split", values="image_id", aggfunc="count", fill_value=0)
     counts = counts.reindex(classes, fill_value=0)

@@ -513,6 +513,8 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> Path:
             break
     if d.is_main and state["best_value"] is not None:
         print(f"best {cfg['select']} {state['best_value']:.4f} at epoch {state['best_epoch']}: {run_dir / 'best.pt'}")
+    if d.is_main and (run_dir / "best.pt").is_file():
+        keep_scoring_settings(run_dir / "best.pt", cfg_out)
     if d.is_main and cfg.get("logit_adjust_tau") and (run_dir / "best.pt").is_file():
         offset = posthoc.set_logit_adjustment(run_dir / "best.pt", cfg["logit_adjust_tau"])
         print(f"logit adjustment tau {cfg['logit_adjust_tau']:g} stored in best.pt: {np.round(offset, 2).tolist()}")
@@ -527,6 +529,14 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> Path:
     if d.is_main and cfg.get("min_sensitivity") not in (None, "", "none") and (run_dir / "best.pt").is_file():
         set_operating_point(run_dir, cfg, device)
     return run_dir
+
+
+def keep_scoring_settings(path: Path, cfg_out: dict[str, Any]) -> None:
+    """A --resume may change how later stages score (``pool_lesions``); they read best.pt's config, which is only
+    rewritten at a new best epoch, so carry the change over."""
+    stored = checkpoint.read(path).get("config") or {}
+    if stored.get("pool_lesions") != cfg_out.get("pool_lesions"):
+        checkpoint.set_entry(path, "config", {**stored, "pool_lesions": cfg_out.get("pool_lesions")})
 
 
 def set_operating_point(run_dir: Path, cfg: dict[str, Any], device: torch.device) -> None:
