@@ -134,11 +134,12 @@ def read_metadata_csv(csv_path: str) -> pd.DataFrame:
     return given.drop_duplicates("image_id")
 
 
-def lesion_ids(files: Sequence[Path], csv_path: str | None, required: bool) -> list[str | None] | None:
+def lesion_ids(
+    files: Sequence[Path], given: pd.DataFrame | None, required: bool, csv_path: str | None = None
+) -> list[str | None] | None:
     """Lesion id of each input from the --metadata CSV's lesion_id column (None for an image it does not name: a
     lesion of its own); None when there is no such column, an error instead when pooling was asked for
     (``required``), as when the CSV names none of the inputs."""
-    given = read_metadata_csv(csv_path) if csv_path is not None else None
     if given is None or "lesion_id" not in given:
         if required:
             raise SkinLesionError("--pool-lesions needs --metadata CSV with image_id and lesion_id columns "
@@ -154,19 +155,19 @@ def lesion_ids(files: Sequence[Path], csv_path: str | None, required: bool) -> l
 
 def clinical_table(
     files: Sequence[Path],
-    csv_path: str | None = None,
+    given: pd.DataFrame | None = None,
     age: float | None = None,
     sex: str | None = None,
     site: str | None = None,
     sites: Sequence[str] = (),
+    csv_path: str | None = None,
 ) -> pd.DataFrame | None:
-    """Age, sex and site of each input (row i = files[i]): from a CSV matched on image_id = file stem, then
-    the command-line values for every image. None when nothing was given."""
-    if csv_path is None and age is None and sex is None and site is None:
+    """Age, sex and site of each input (row i = files[i]): from the --metadata CSV ``given`` (read_metadata_csv)
+    matched on image_id = file stem, then the command-line values for every image. None when nothing was given."""
+    if given is None and age is None and sex is None and site is None:
         return None
     table = pd.DataFrame({"image_id": [f.stem for f in files]})
-    if csv_path is not None:
-        given = read_metadata_csv(csv_path)
+    if given is not None:
         fields = [c for c in metadata_prior.FIELDS if c in given]
         if not fields:
             pool = "; for its lesion ids alone add --pool-lesions" if "lesion_id" in given else ""
@@ -283,10 +284,10 @@ def main(args: argparse.Namespace) -> None:
         predictor.operating_point = None
     asked = getattr(args, "pool_lesions", None)
     pool = predictor.pool_lesions if asked is None else asked
-    lesions = lesion_ids(files, args.metadata, required=bool(asked)) if pool else None
+    csv = read_metadata_csv(args.metadata) if args.metadata is not None else None
+    lesions = lesion_ids(files, csv, bool(asked), args.metadata) if pool else None
     given = [f"--{k}" for k in ("metadata", "age", "sex", "site") if getattr(args, k, None) is not None]
-    fields = set(metadata_prior.FIELDS) & set(read_metadata_csv(args.metadata)) if lesions is not None else set()
-    if lesions is not None and (prior is None or not fields):
+    if lesions is not None and (prior is None or not set(metadata_prior.FIELDS) & set(csv)):
         given.remove("--metadata")  # it was given for the lesion ids alone
     clinical = None
     if given and getattr(args, "metadata_prior", True):
@@ -303,8 +304,8 @@ def main(args: argparse.Namespace) -> None:
                 f"{args.run_dir}` (and `skinlesion export` again for --backend onnx)"
             )
         sites = prior["categories"]["localization"]
-        csv_path = args.metadata if "--metadata" in given else None
-        clinical = clinical_table(files, csv_path, args.age, args.sex, args.site, sites)
+        csv_used = csv if "--metadata" in given else None
+        clinical = clinical_table(files, csv_used, args.age, args.sex, args.site, sites, args.metadata)
     offsets = metadata_prior.offsets(prior, clinical) if clinical is not None else None
     with_metadata = int(metadata_prior.known(clinical, prior).sum()) if clinical is not None else 0
     rows, skipped = predict_files(predictor, files, args.batch_size, args.tta, top_k, offsets, lesions)
