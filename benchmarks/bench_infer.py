@@ -29,10 +29,10 @@ import timm
 import torch
 from PIL import Image
 
-from skinlesion import checkpoint
 from skinlesion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
-from skinlesion.export import export_onnx
-from skinlesion.onnx_backend import OnnxPredictor
+from skinlesion.inference.onnx_backend import OnnxBackend
+from skinlesion.inference.onnx_export import export_onnx
+from skinlesion.model import checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000_originals"
 
@@ -67,7 +67,7 @@ def timings(fn, runs: int, warmup: int = 5) -> np.ndarray:
 
 def bench_backends(run_dir: Path, img_size: int, runs: int) -> dict[str, dict[str, float]]:
     model = checkpoint.load(run_dir).model
-    session = OnnxPredictor(run_dir).session
+    session = OnnxBackend(run_dir).session
     x1, x32 = torch.randn(1, 3, img_size, img_size), torch.randn(32, 3, img_size, img_size)
 
     def torch_run(x):

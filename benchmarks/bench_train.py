@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from skinlesion.device import resolve_device
-from skinlesion.train import amp_dtype
+from skinlesion.training.loop import amp_dtype
 
 
 def peak_rss_mib() -> float:

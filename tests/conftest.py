@@ -64,8 +64,8 @@ def onnx_run(tiny_run, tmp_path_factory) -> Path:
     """
     import shutil
 
-    from skinlesion import checkpoint
-    from skinlesion.export import export_onnx
+    from skinlesion.inference.onnx_export import export_onnx
+    from skinlesion.model import checkpoint
 
     run = tmp_path_factory.mktemp("onnx") / "tiny"
     shutil.copytree(tiny_run, run)

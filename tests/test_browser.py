@@ -115,22 +115,22 @@ def test_page_says_when_the_operating_point_overrules_the_most_probable_class(br
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from skinlesion import operating_point
     from skinlesion.classes import CLASSES
     from skinlesion.data.images import open_rgb
-    from skinlesion.inference import Predictor
+    from skinlesion.inference.classifier import Classifier
+    from skinlesion.model import checkpoint
 
     run = tmp_path / "tiny"
     shutil.copytree(onnx_run, run)
     (run / "model.onnx").unlink()  # the torch backend reads the operating point straight from best.pt
     image = tmp_path / "lesion.jpg"
     shutil.copy(sorted((synth_dir / "images").glob("*.jpg"))[0], image)
-    predictor = Predictor(run)
-    top = CLASSES[int(predictor.predict_images([open_rgb(image)])[0].argmax())]
+    top = CLASSES[int(Classifier.load(run).predict([open_rgb(image)]).probabilities[0].argmax())]
     pushed = next(c for c in CLASSES if c != top)
     bias = [30.0 if c == pushed else 0.0 for c in CLASSES]
-    operating_point.store(run, {"classes": list(CLASSES), "min_sensitivity": {pushed: 0.9}, "bias": bias,
-                                "fitted_on": "val", "bias_tta": None, "temperature": 1.5})  # fmt: skip
+    point = {"classes": list(CLASSES), "min_sensitivity": {pushed: 0.9}, "bias": bias, "fitted_on": "val",
+             "bias_tta": None, "temperature": 1.5}  # fmt: skip
+    checkpoint.set_entry(run, "operating_point", point)
     with serving(run) as url:
         browser.get(url + "/")
         wait = WebDriverWait(browser, 60)

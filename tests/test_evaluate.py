@@ -13,8 +13,8 @@ from sklearn import metrics as skm
 from skinlesion.classes import CLASS_INDEX, CLASSES
 from skinlesion.cli import main
 from skinlesion.data.images import open_rgb
-from skinlesion.evaluate import run_table
-from skinlesion.inference import Predictor
+from skinlesion.data.run_folder import run_table
+from skinlesion.inference.classifier import Classifier
 
 P_COLS = [f"p_{c}" for c in CLASSES]
 
@@ -51,11 +51,11 @@ def test_predictions_csv(evaluated):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
     assert (np.asarray(CLASSES)[probs.argmax(1)] == preds["y_pred"]).all()
 
-    # Same probabilities as the shared Predictor on the decoded files.
+    # Same probabilities as the classifier on the decoded files.
     table = run_table(evaluated).set_index("image_id")
     first = preds.head(3)
-    direct = Predictor(evaluated).predict_images([open_rgb(table.loc[i, "path"]) for i in first["image_id"]])
-    np.testing.assert_allclose(direct, first[P_COLS].astype(float).to_numpy(), atol=1e-4)
+    direct = Classifier.load(evaluated).predict([open_rgb(table.loc[i, "path"]) for i in first["image_id"]])
+    np.testing.assert_allclose(direct.probabilities, first[P_COLS].astype(float).to_numpy(), atol=1e-4)
 
 
 def test_metrics_json_equals_sklearn(evaluated):

@@ -10,19 +10,21 @@ import torch
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from skinlesion import checkpoint
 from skinlesion.classes import CLASSES
 from skinlesion.cli import main
 from skinlesion.data.synth import draw_lesion
 from skinlesion.data.transforms import train_transform
-from skinlesion.explain import explain, model_view, target_layer, title
-from skinlesion.inference import Predictor
+from skinlesion.decision.chain import DecisionChain
+from skinlesion.inference.classifier import Classifier
+from skinlesion.inference.torch_backend import TorchBackend
+from skinlesion.model import checkpoint
+from skinlesion.reporting.explain import explain, model_view, target_layer, title
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIZE = 64
 
 
-def _predictor(model: torch.nn.Module, img_size: int, backbone: str = "x") -> Predictor:
+def _predictor(model: torch.nn.Module, img_size: int, backbone: str = "x") -> Classifier:
     meta = {
         "backbone": backbone,
         "img_size": img_size,
@@ -32,7 +34,7 @@ def _predictor(model: torch.nn.Module, img_size: int, backbone: str = "x") -> Pr
         "classes": list(CLASSES),
         "temperature": 1.0,
     }
-    return Predictor(checkpoint.Loaded(model.eval(), meta))
+    return Classifier(TorchBackend(checkpoint.Loaded(model.eval(), meta)), DecisionChain.from_meta(meta))
 
 
 def _name(model, layer) -> str:
@@ -99,7 +101,8 @@ def test_cam_lies_on_the_lesion(lesion_model, method):
         centre = tuple(rng.uniform(0.25, 0.75, 2) * SIZE)
         image, mask = draw_lesion(CLASSES[k], (SIZE, SIZE), rng, center=centre)
         exp = explain(lesion_model, image, method=method)
-        m = np.asarray(model_view(lesion_model)(Image.fromarray(mask.astype(np.uint8) * 255))) > 127
+        view = model_view(lesion_model.backend.resize_size, lesion_model.backend.img_size)
+        m = np.asarray(view(Image.fromarray(mask.astype(np.uint8) * 255))) > 127
         dilated = binary_dilation(m, iterations=4)
         inside.append(exp.cam[m].mean())
         outside.append(exp.cam[~m].mean())
@@ -109,7 +112,7 @@ def test_cam_lies_on_the_lesion(lesion_model, method):
 
 
 def test_exif_orientation_and_any_size(tiny_run, tmp_path, capsys):
-    predictor = Predictor(tiny_run)
+    predictor = Classifier.load(tiny_run)
     rng = np.random.default_rng(3)
     upright, _ = draw_lesion("mel", (150, 100), rng, center=(40.0, 30.0))
     # Stored sideways with an EXIF tag saying "rotate 90° clockwise to display".

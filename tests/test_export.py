@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from skinlesion import checkpoint, export, fileio
+from skinlesion import fileio
 from skinlesion.classes import CLASSES
 from skinlesion.cli import main
 from skinlesion.errors import SkinLesionError
-from skinlesion.inference import Predictor
-from skinlesion.onnx_backend import OnnxPredictor
+from skinlesion.inference import onnx_export as export
+from skinlesion.inference.classifier import Classifier
+from skinlesion.model import checkpoint
 
 
 def synth_images(synth_dir: Path, n: int = 6) -> list[Image.Image]:
@@ -44,20 +45,20 @@ def test_metadata_describes_the_model(onnx_run):
 
 def test_onnx_runtime_matches_pytorch_on_images(onnx_run, synth_dir):
     images = synth_images(synth_dir)
-    torch_p, onnx_p = Predictor(onnx_run), OnnxPredictor(onnx_run)
-    assert onnx_p.temperature == torch_p.temperature == pytest.approx(1.5)
+    torch_p, onnx_p = Classifier.load(onnx_run, "torch"), Classifier.load(onnx_run, "onnx")
+    assert onnx_p.chain == torch_p.chain and torch_p.chain.temperature == pytest.approx(1.5)
     for tta, views in ((False, 4), (True, 4), (True, 8)):
-        torch_p.tta_views = onnx_p.tta_views = views
-        a, b = torch_p.predict_images(images, tta=tta), onnx_p.predict_images(images, tta=tta)
+        a = torch_p.with_chain(tta_views=views).predict(images, tta=tta).probabilities
+        b = onnx_p.with_chain(tta_views=views).predict(images, tta=tta).probabilities
         assert a.shape == b.shape == (len(images), len(CLASSES))
         assert np.abs(a - b).max() < 1e-4
-    eight = onnx_p.predict_images(images, tta=True)
-    onnx_p.tta_views = 4
-    assert not np.allclose(eight, onnx_p.predict_images(images, tta=True), atol=1e-5)  # 8 views != 4 flips
+    eight = onnx_p.with_chain(tta_views=8).predict(images, tta=True).probabilities
+    four = onnx_p.with_chain(tta_views=4).predict(images, tta=True).probabilities
+    assert not np.allclose(eight, four, atol=1e-5)  # 8 views != 4 flips
     # Calibrated: the probabilities are softmax(logits / 1.5), not softmax(logits).
-    logits = torch_p.logits(torch_p.preprocess(images))
-    assert np.allclose(torch_p.predict_images(images), torch.softmax(logits / 1.5, 1).numpy(), atol=1e-6)
-    assert not np.allclose(torch_p.predict_images(images), torch.softmax(logits, 1).numpy(), atol=1e-4)
+    logits = torch.from_numpy(torch_p.view_logits(images)[0])
+    assert np.allclose(torch_p.predict(images).probabilities, torch.softmax(logits / 1.5, 1).numpy(), atol=1e-6)
+    assert not np.allclose(torch_p.predict(images).probabilities, torch.softmax(logits, 1).numpy(), atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the quick legacy exporter builds the wrong graph

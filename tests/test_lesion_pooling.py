@@ -11,13 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skinlesion import checkpoint, fileio, lesion_pooling, recipes
+from skinlesion import fileio
 from skinlesion.classes import CLASSES
 from skinlesion.cli import main
-from skinlesion.evaluate import softmax
-from skinlesion.export import export_onnx
-from skinlesion.inference import Predictor
-from skinlesion.onnx_backend import OnnxPredictor
+from skinlesion.decision import lesion_pooling
+from skinlesion.decision.chain import softmax
+from skinlesion.inference.classifier import Classifier
+from skinlesion.inference.onnx_export import export_onnx
+from skinlesion.model import checkpoint
+from skinlesion.training import recipes
 
 P_COLS = [f"p_{c}" for c in CLASSES]
 
@@ -88,7 +90,7 @@ def test_evaluate_pools_a_lesions_images_when_asked_or_when_the_run_says_so(run,
     assert m["n_images"] == m_plain["n_images"]  # still scored per image
 
     set_config(run, pool_lesions=True)  # a run trained with --recipe improved / --pool-lesions
-    assert Predictor(run).pool_lesions
+    assert Classifier.load(run).chain.pool_lesions
     again, m_default = evaluate(run)
     np.testing.assert_allclose(again[P_COLS].to_numpy(), pooled[P_COLS].to_numpy(), atol=1e-6)
     off, m_off = evaluate(run, "--no-pool-lesions")
@@ -202,7 +204,7 @@ def test_predict_pool_lesions_needs_lesion_ids(onnx_run, lesion_inputs, tmp_path
 def test_the_onnx_export_carries_the_runs_pooling(run, lesion_inputs, capsys, pools):
     set_config(run, pool_lesions=pools)
     export_onnx(run)
-    assert OnnxPredictor(run).pool_lesions is pools and Predictor(run).pool_lesions is pools
+    assert Classifier.load(run, "onnx").chain.pool_lesions is pools and Classifier.load(run).chain.pool_lesions is pools
     files, csv = lesion_inputs  # the run's default decides, with no --pool-lesions on the command line
     argv = ["predict", "--run-dir", str(run), "--backend", "onnx", *map(str, files), "--metadata", str(csv)]
     if pools:
@@ -216,9 +218,9 @@ def test_resume_can_switch_pooling_and_best_pt_follows(tiny_run, tmp_path):
     """pool_lesions changes no training step, so --resume may change it; evaluate / predict read it from best.pt."""
     shutil.copytree(tiny_run, tmp_path / "tiny")
     run = tmp_path / "tiny"
-    assert not Predictor(run).pool_lesions
+    assert not Classifier.load(run).chain.pool_lesions
     argv = ["train", "--out", str(tmp_path), "--run-name", "tiny", "--resume", "--workers", "0", "--pool-lesions"]
     assert main(argv) == 0
-    assert Predictor(run).pool_lesions and json.loads((run / "config.json").read_text())["pool_lesions"]
+    assert Classifier.load(run).chain.pool_lesions and json.loads((run / "config.json").read_text())["pool_lesions"]
     assert main([*argv[:-1], "--no-pool-lesions"]) == 0
-    assert not Predictor(run).pool_lesions
+    assert not Classifier.load(run).chain.pool_lesions

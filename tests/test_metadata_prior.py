@@ -13,15 +13,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from skinlesion import checkpoint, metadata_prior
 from skinlesion.classes import CLASS_INDEX, CLASSES
 from skinlesion.cli import main
 from skinlesion.data.images import open_rgb
+from skinlesion.data.run_folder import run_table
+from skinlesion.decision import metadata_prior
+from skinlesion.decision.chain import softmax
 from skinlesion.errors import SkinLesionError
-from skinlesion.evaluate import run_table, softmax
-from skinlesion.export import export_onnx
-from skinlesion.inference import Predictor
-from skinlesion.onnx_backend import OnnxPredictor
+from skinlesion.inference.classifier import Classifier
+from skinlesion.inference.onnx_export import export_onnx
+from skinlesion.model import checkpoint
 
 
 def site_table(n: int = 400, seed: int = 0) -> pd.DataFrame:
@@ -125,7 +126,7 @@ def test_fit_metadata_prior_stores_the_model_fitted_on_the_train_split(prior_run
     shutil.copytree(prior_run, copy)
     assert main(["fit-metadata-prior", "--run-dir", str(copy), "--remove"]) == 0
     assert "metadata_prior" not in checkpoint.read(copy)
-    assert Predictor(copy).metadata_prior is None
+    assert Classifier.load(copy).chain.metadata_prior is None
 
 
 def test_evaluate_adds_the_offsets_to_the_tempered_logits(prior_run, capsys):
@@ -172,8 +173,7 @@ def test_predict_uses_age_sex_site_in_both_backends(prior_run, images, capsys, b
     assert old["metadata_prior"] == {"applied": True, "images_with_metadata": 3}
     prior = checkpoint.read(prior_run)["metadata_prior"]
     offset = metadata_prior.offsets(prior, pd.DataFrame({"age": [80.0], "sex": ["male"], "localization": ["face"]}))
-    predictor = Predictor(prior_run)
-    logits = predictor.logits(predictor.preprocess([open_rgb(images[0])])).numpy()
+    logits = Classifier.load(prior_run).view_logits([open_rgb(images[0])])[0]
     expected = softmax(logits / 1.5 + offset)[0]
     got = np.array([old["predictions"][0]["probabilities"][c] for c in CLASSES])
     np.testing.assert_allclose(got, expected, atol=1e-4)  # ONNX Runtime vs PyTorch logits: 1e-4
@@ -224,7 +224,7 @@ def test_predict_metadata_needs_a_run_with_a_prior(tiny_run, images, capsys):
 
 
 def test_onnx_export_carries_the_prior(prior_run):
-    assert OnnxPredictor(prior_run).metadata_prior == checkpoint.read(prior_run)["metadata_prior"]
+    assert Classifier.load(prior_run, "onnx").chain.metadata_prior == checkpoint.read(prior_run)["metadata_prior"]
 
 
 def test_serve_takes_optional_age_sex_site(prior_run, images):
@@ -332,14 +332,13 @@ def test_report_says_when_the_prior_was_used(prior_run, capsys):
 
 
 def test_gradcam_titles_use_the_fused_prediction(prior_run):
-    from skinlesion.explain import explain
+    from skinlesion.reporting.explain import explain
 
     assert main(["evaluate", "--run-dir", str(prior_run), "--bootstrap", "0"]) == 0
     preds = pd.read_csv(prior_run / "predictions.csv").head(12)
     table = run_table(prior_run).set_index("image_id").loc[preds["image_id"]].reset_index()
-    predictor = Predictor(prior_run)
-    offsets = metadata_prior.offsets(predictor.metadata_prior, table)
+    classifier = Classifier.load(prior_run)
     for i, row in preds.iterrows():
-        exp = explain(predictor, open_rgb(table.loc[i, "path"]), offset=offsets[i : i + 1])
+        exp = explain(classifier, open_rgb(table.loc[i, "path"]), clinical=table.iloc[[i]])
         assert exp.predicted == row["y_pred"]
         np.testing.assert_allclose(exp.probs, row[[f"p_{c}" for c in CLASSES]].to_numpy(float), atol=1e-5)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import SkinLesionError
-from skinlesion.models import create_model, lite0_weights_path, normalisation, read_state_dict
+from skinlesion.model.factory import create_model, lite0_weights_path, normalisation, read_state_dict
 
 # Grace Hopper in uniform (the photo bundled with matplotlib). ImageNet classes seen in the top 5 of genuine
 # Lite0 weights: 400 academic gown, 457 bow tie, 652 military uniform, 667 mortarboard, 834 suit, 906 Windsor tie.

@@ -14,14 +14,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sklearn.metrics import recall_score
 
-from skinlesion import checkpoint, metrics, operating_point
+from skinlesion import metrics
 from skinlesion.classes import CLASS_INDEX, CLASSES
 from skinlesion.cli import main
+from skinlesion.decision import operating_point
+from skinlesion.decision.chain import softmax
 from skinlesion.errors import SkinLesionError
-from skinlesion.evaluate import softmax
-from skinlesion.export import export_onnx
-from skinlesion.inference import Predictor
-from skinlesion.onnx_backend import OnnxPredictor
+from skinlesion.inference.classifier import Classifier
+from skinlesion.inference.onnx_export import export_onnx
+from skinlesion.model import checkpoint
 
 MEL = CLASS_INDEX["mel"]
 
@@ -151,7 +152,7 @@ def test_operating_point_cli_sets_the_bias_and_evaluate_decides_with_it(weakest,
     again, m_off = evaluate(run, "--no-operating-point")
     assert again["y_pred"].tolist() == plain["y_pred"].tolist() and m_off["operating_point"] is None
     assert main(["operating-point", "--run-dir", str(run), "--remove"]) == 0
-    assert "operating_point" not in checkpoint.read(run) and Predictor(run).operating_point is None
+    assert "operating_point" not in checkpoint.read(run) and Classifier.load(run).chain.operating_point is None
 
 
 def test_one_pass_sets_a_bias_for_single_views_and_one_for_the_tta_views(weakest, tmp_path):
@@ -218,7 +219,7 @@ def strong_run(weakest, tmp_path_factory) -> tuple[Path, str]:
     bias[CLASS_INDEX[name]] = 4.0
     point = {"classes": list(CLASSES), "min_sensitivity": {name: 1.0}, "bias": bias.tolist(), "bias_tta": None,
              "fitted_on": "val", "tta_views": None, "temperature": 1.5}  # fmt: skip
-    operating_point.store(run, point)
+    checkpoint.set_entry(run, "operating_point", point)
     export_onnx(run)
     return run, name
 
@@ -255,8 +256,8 @@ def test_predict_decides_with_the_operating_point_in_both_backends(strong_run, i
 
 
 def test_onnx_export_carries_the_operating_point(strong_run):
-    onnx = OnnxPredictor(strong_run[0])
-    assert onnx.operating_point == Predictor(strong_run[0]).operating_point is not None
+    onnx = Classifier.load(strong_run[0], "onnx")
+    assert onnx.chain.operating_point == Classifier.load(strong_run[0]).chain.operating_point is not None
 
 
 def test_serve_reports_and_decides_with_the_operating_point(strong_run, images):
@@ -312,7 +313,8 @@ def test_report_says_which_decisions_it_shows(strong_run, tmp_path, capsys):
     assert main(["report", "--run-dir", str(run), "--no-gallery"]) == 0
     assert "holds an operating point that these predictions do not use" in (run / "report.html").read_text()
     evaluate(run)
-    operating_point.store(run, {**checkpoint.read(run)["operating_point"], "bias": [0.0] * len(CLASSES)})
+    zero = {**checkpoint.read(run)["operating_point"], "bias": [0.0] * len(CLASSES)}
+    checkpoint.set_entry(run, "operating_point", zero)
     assert main(["report", "--run-dir", str(run), "--no-gallery"]) == 0
     assert "decided with an operating point best.pt no longer holds" in (run / "report.html").read_text()
 

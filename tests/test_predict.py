@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from skinlesion import checkpoint
 from skinlesion.classes import CLASSES, FULL_NAMES
 from skinlesion.cli import main
 from skinlesion.data.images import open_rgb
-from skinlesion.inference import Predictor
+from skinlesion.inference.classifier import Classifier
+from skinlesion.model import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,8 @@ def test_json_output_probabilities_topk_and_skips(onnx_run, folder, capsys):
         assert r["top_k"][0]["probability"] >= r["top_k"][1]["probability"]
     assert "broken.jpg" in err and "notes.txt" in err
     assert {Path(s["image"]).name for s in doc["skipped"]} == {"broken.jpg", "notes.txt"}
-    # Calibrated with the checkpoint's temperature (1.5), as inference.Predictor computes it.
-    predictor = Predictor(onnx_run)
-    logits = predictor.logits(predictor.preprocess([open_rgb(rows[0]["image"])]))
+    # Calibrated with the checkpoint's temperature (1.5).
+    logits = torch.from_numpy(Classifier.load(onnx_run).view_logits([open_rgb(rows[0]["image"])])[0])
     expected = torch.softmax(logits / 1.5, 1).numpy()[0]
     assert np.allclose([rows[0]["probabilities"][c] for c in CLASSES], expected, atol=1e-6)
     assert doc["temperature"] == pytest.approx(1.5)

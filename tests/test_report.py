@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from skinlesion import grid
 from skinlesion.classes import CLASSES, FULL_NAMES
 from skinlesion.cli import main
 from skinlesion.data.ham10000 import load_table
+from skinlesion.reporting import grid
 
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 

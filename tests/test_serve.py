@@ -12,11 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from skinlesion import checkpoint, fileio
+from skinlesion import fileio
 from skinlesion.classes import CLASSES, FULL_NAMES
 from skinlesion.cli import build_parser
 from skinlesion.data.images import open_rgb
-from skinlesion.onnx_backend import OnnxPredictor
+from skinlesion.inference.classifier import Classifier
+from skinlesion.model import checkpoint
 from skinlesion.serve import app as serve_app
 
 
@@ -78,7 +79,7 @@ def test_predict_matches_the_predictor(client, run):
     assert body["prediction_name"] == FULL_NAMES[body["prediction"]]
     assert body["temperature"] == pytest.approx(1.5)
     assert "overlay" not in body
-    expected = OnnxPredictor(run).predict_images([open_rgb(data)])[0]
+    expected = Classifier.load(run, "onnx").predict([open_rgb(data)]).probabilities[0]
     assert np.allclose([probs[c] for c in CLASSES], expected, atol=1e-6)
 
 

@@ -16,9 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
-from skinlesion import checkpoint, fileio
+from skinlesion import fileio
 from skinlesion.cli import main
-from skinlesion.train import HISTORY_COLUMNS
+from skinlesion.model import checkpoint
+from skinlesion.training.loop import HISTORY_COLUMNS
 
 # A timm test model (100k parameters): every flag gets exercised in seconds.
 FAST = ["--backbone", "test_efficientnet", "--no-pretrained", "--img-size", "32", "--batch-size", "16",
@@ -109,7 +110,7 @@ def test_head_only_warmup_leaves_the_backbone_alone():
     import timm
     from timm.scheduler import CosineLRScheduler
 
-    from skinlesion.train import param_groups, set_backbone_frozen
+    from skinlesion.training.loop import param_groups, set_backbone_frozen
 
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=7)  # no BatchNorm: weights are all an optimiser moves
@@ -204,7 +205,7 @@ def test_local_weights_from_the_cli(synth_dir, tmp_path):
     """--weights lite0 (EfficientNet-PyTorch keys) and a timm-format .safetensors file both load."""
     from safetensors.torch import save_file
 
-    from skinlesion.models import lite0_weights_path, read_state_dict
+    from skinlesion.model.factory import lite0_weights_path, read_state_dict
 
     flags = ["--img-size", "32", "--epochs", "1", "--max-train-batches", "1", "--lr", "1e-6", "--workers", "0"]
     assert train(synth_dir, tmp_path, "lite0", "--backbone", "tf_efficientnet_lite0", "--weights", "lite0", *flags) == 0

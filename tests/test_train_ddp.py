@@ -10,7 +10,7 @@ import sys
 
 import pandas as pd
 
-from skinlesion import checkpoint
+from skinlesion.model import checkpoint
 
 
 def test_two_process_ddp_run(synth_dir, tiny_run, tmp_path):

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from skinlesion.cli import build_parser
 from skinlesion.errors import SkinLesionError
-from skinlesion.losses import FocalLoss, build_loss, class_weights
-from skinlesion.sampling import BalancedSampler, ShardSampler
-from skinlesion.train import resolve_config, val_metrics
+from skinlesion.training.loop import resolve_config, val_metrics
+from skinlesion.training.losses import FocalLoss, build_loss, class_weights
+from skinlesion.training.sampling import BalancedSampler, ShardSampler
 
 
 def test_class_weight_schemes():

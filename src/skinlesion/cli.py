@@ -35,7 +35,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--allow-missing", action="store_true", help="drop (and record) missing or corrupt images")
     p.add_argument("--img-size", type=int, default=224, help="training size the cache is made for (default 224)")
     p.add_argument("--cache-size", type=int, help="short side of cached images (default: derived from --img-size)")
-    p.set_defaults(module="skinlesion.data.prepare")
+    p.set_defaults(module="skinlesion.commands.prepare")
 
 
 def _add_split(sub) -> None:
@@ -48,7 +48,7 @@ def _add_split(sub) -> None:
     p.add_argument("--fold", type=int, default=0, help="which fold is val in K-fold mode (default 0)")
     p.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
     p.add_argument("--allow-missing", action="store_true", help="drop missing or corrupt images")
-    p.set_defaults(module="skinlesion.data.split")
+    p.set_defaults(module="skinlesion.commands.split")
 
 
 def _add_synth(sub) -> None:
@@ -58,13 +58,13 @@ def _add_synth(sub) -> None:
     p.add_argument("--size", default="96x72", help="image size WxH (default 96x72)")
     p.add_argument("--imbalance", action="store_true", help="HAM10000-like class proportions")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(module="skinlesion.data.synth")
+    p.set_defaults(module="skinlesion.commands.synth")
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="fine-tune a timm backbone; writes a run folder",
-        description="Every option left out takes its value from --recipe (see README.md, Training).",
+        description="Every option left out takes its value from --recipe (see docs/training.md).",
     )  # fmt: skip
     _data_args(p)
     _cache_args(p)
@@ -130,7 +130,7 @@ def _add_train(sub) -> None:
     p.add_argument("--max-train-batches", type=int, help=argparse.SUPPRESS)
     # Stop as if interrupted after N epochs of this invocation (tests of --resume; time-boxed runs).
     p.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)
-    p.set_defaults(module="skinlesion.train")
+    p.set_defaults(module="skinlesion.commands.train")
 
 
 def _add_evaluate(sub) -> None:
@@ -155,7 +155,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--device", default="auto")
     _cache_args(p)
-    p.set_defaults(module="skinlesion.evaluate")
+    p.set_defaults(module="skinlesion.commands.evaluate")
 
 
 def _add_calibrate(sub) -> None:
@@ -172,7 +172,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
     _cache_args(p)
-    p.set_defaults(module="skinlesion.calibration")
+    p.set_defaults(module="skinlesion.commands.calibrate")
 
 
 def _add_fit_metadata_prior(sub) -> None:
@@ -180,7 +180,7 @@ def _add_fit_metadata_prior(sub) -> None:
                        "stores it in best.pt")  # fmt: skip
     p.add_argument("--run-dir", required=True)
     p.add_argument("--remove", action="store_true", help="take the prior out of best.pt instead")
-    p.set_defaults(module="skinlesion.metadata_prior")
+    p.set_defaults(module="skinlesion.commands.fit_metadata_prior")
 
 
 def _add_operating_point(sub) -> None:
@@ -198,7 +198,7 @@ def _add_operating_point(sub) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
     _cache_args(p)
-    p.set_defaults(module="skinlesion.operating_point")
+    p.set_defaults(module="skinlesion.commands.operating_point")
 
 
 def _add_report(sub) -> None:
@@ -210,7 +210,7 @@ def _add_report(sub) -> None:
     p.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip the Grad-CAM gallery")
     p.add_argument("--grid-per-class", type=int, default=2, help="lesion-grid images per class (default 2)")
     p.add_argument("--grid-size", type=int, default=160, help="lesion-grid tile size in pixels (default 160)")
-    p.set_defaults(module="skinlesion.report")
+    p.set_defaults(module="skinlesion.commands.report")
 
 
 def _add_gradcam(sub) -> None:
@@ -221,7 +221,7 @@ def _add_gradcam(sub) -> None:
     p.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "eigencam"])
     p.add_argument("--out", help="output PNG (default <run>/figures/gradcam_<image>.png)")
     p.add_argument("--device", default="auto")
-    p.set_defaults(module="skinlesion.explain")
+    p.set_defaults(module="skinlesion.commands.gradcam")
 
 
 def _add_grid(sub) -> None:
@@ -231,7 +231,7 @@ def _add_grid(sub) -> None:
     p.add_argument("--size", type=int, default=256, help="tile size in pixels")
     p.add_argument("--out", default="lesion_grid.png")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(module="skinlesion.grid")
+    p.set_defaults(module="skinlesion.commands.grid")
 
 
 def _add_predict(sub) -> None:
@@ -259,7 +259,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="torch: best.pt; onnx: model.onnx from `skinlesion export` (default torch)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    p.set_defaults(module="skinlesion.predict")
+    p.set_defaults(module="skinlesion.commands.predict")
 
 
 def _add_export(sub) -> None:
@@ -268,7 +268,7 @@ def _add_export(sub) -> None:
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--out", help="output file (default <run>/model.onnx)")
-    p.set_defaults(module="skinlesion.export")
+    p.set_defaults(module="skinlesion.commands.export")
 
 
 def _add_serve(sub) -> None:
@@ -282,7 +282,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
                    help="scoring backend; auto = ONNX Runtime when an up-to-date model.onnx exists (default auto)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(module="skinlesion.serve.app")
+    p.set_defaults(module="skinlesion.commands.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

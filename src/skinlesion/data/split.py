@@ -6,7 +6,6 @@ result depends only on its content and the seed, never on the CSV row order.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
@@ -22,21 +21,25 @@ SPLIT_COLUMNS = ("image_id", "lesion_id", "dx", "split")
 PARTS = ("train", "val", "test")
 
 
-def _held_out(table: pd.DataFrame, n_splits: int, fold: int, seed: int) -> np.ndarray:
-    """Boolean mask of fold ``fold`` of ``n_splits`` lesion-grouped stratified folds."""
-    n_lesions = table["lesion_id"].nunique()
-    if n_splits > n_lesions:
-        raise SkinLesionError(f"cannot make {n_splits} folds from {n_lesions} lesions; use fewer folds or more data")
-    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+def lesion_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold index (0..n_folds-1) per row: lesions kept whole, labels spread evenly where the counts allow
+    (scikit-learn StratifiedGroupKFold, shuffled, seeded). Splits, calibration and the ablation all use it."""
+    n_groups = len(pd.unique(np.asarray(groups)))
+    if n_folds > n_groups:
+        raise SkinLesionError(f"cannot make {n_folds} folds from {n_groups} lesions; use fewer folds or more data")
+    fold = np.empty(len(labels), dtype=int)
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # Rare classes with fewer lesions than folds are still split as evenly as possible.
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        for i, (_, held) in enumerate(sgkf.split(table, table["dx"], groups=table["lesion_id"])):
-            if i == fold:
-                mask = np.zeros(len(table), dtype=bool)
-                mask[held] = True
-                return mask
-    raise AssertionError("unreachable: fold < n_splits was checked")
+        for f, (_, held) in enumerate(sgkf.split(np.zeros(len(labels)), labels, groups=groups)):
+            fold[held] = f
+    return fold
+
+
+def _held_out(table: pd.DataFrame, n_splits: int, fold: int, seed: int) -> np.ndarray:
+    """Boolean mask of fold ``fold`` of ``n_splits`` lesion-grouped stratified folds."""
+    return lesion_folds(table["dx"].to_numpy(), table["lesion_id"].to_numpy(), n_splits, seed) == fold
 
 
 def make_split(
@@ -135,17 +138,3 @@ def format_summary(frame: pd.DataFrame) -> str:
             f"{n} ({s:.1f}%)" for n, s in zip(counts.loc[list(CLASSES), part], share[part], strict=True)
         ]
     return out.to_string()
-
-
-def main(args: argparse.Namespace) -> None:
-    from skinlesion.data.ham10000 import load_table
-
-    table = load_table(args.data_dir, args.metadata, args.images, allow_missing=args.allow_missing)
-    frame = make_split(
-        table, val_frac=args.val_frac, test_frac=args.test_frac, folds=args.folds, fold=args.fold, seed=args.seed
-    )
-    path = write_splits(args.out, frame)
-    how = f"fold {args.fold} of {args.folds}" if args.folds else f"val {args.val_frac:g}"
-    print(f"split of {len(frame)} images ({how}, test {args.test_frac:g}, seed {args.seed}); images per class:")
-    print(format_summary(frame))
-    print(f"wrote {path}")

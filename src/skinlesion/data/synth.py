@@ -10,7 +10,6 @@ blue-grey · nv round uniform brown · vasc cluster of red-purple lobules.
 
 from __future__ import annotations
 
-import argparse
 import io
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -235,13 +234,3 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise SkinLesionError(f"--size must look like WIDTHxHEIGHT (e.g. 96x72), got {text!r}") from None
     return w, h
-
-
-def main(args: argparse.Namespace) -> None:
-    out = write_synthetic(
-        args.out, n_per_class=args.n_per_class, size=parse_size(args.size), imbalance=args.imbalance, seed=args.seed
-    )
-    meta = pd.read_csv(out / "HAM10000_metadata.csv")
-    counts = meta["dx"].value_counts().reindex(list(CLASSES), fill_value=0)
-    print(f"wrote {len(meta)} images of {meta['lesion_id'].nunique()} lesions to {out}")
-    print("  ".join(f"{c} {n}" for c, n in counts.items()))

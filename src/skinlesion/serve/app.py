@@ -9,11 +9,9 @@ lock, so the event loop stays free and concurrent requests do not oversubscribe 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,11 +23,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from skinlesion import __version__, fileio, metadata_prior, operating_point
+from skinlesion import __version__, fileio
 from skinlesion.classes import FULL_NAMES
+from skinlesion.data.clinical import clinical_values
 from skinlesion.data.images import ImageTooLargeError, open_rgb
+from skinlesion.decision import operating_point
 from skinlesion.errors import SkinLesionError
-from skinlesion.predict import clinical_values, load_predictor
+from skinlesion.inference.classifier import Classifier
+from skinlesion.inference.onnx_backend import OnnxBackend
+from skinlesion.reporting.explain import explain
 
 STATIC = Path(__file__).with_name("static")
 MULTIPART_OVERHEAD = 64 * 1024  # boundary + part headers on top of the file itself
@@ -40,16 +42,14 @@ PAGE_CSP = (
 )
 
 
-def gradcam_overlay(torch_predictor: Any, image: Image.Image, target_class: str) -> Image.Image:
+def gradcam_overlay(explainer: Classifier, image: Image.Image, target_class: str) -> Image.Image:
     """Grad-CAM of ``target_class`` blended over the model's view of ``image`` (resized, centre-cropped).
 
-    The one seam to skinlesion.explain: its ``explain()`` picks the layer and computes the map.
+    The one seam to reporting.explain: its ``explain()`` picks the layer and computes the map.
     """
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    from skinlesion.explain import explain
-
-    exp = explain(torch_predictor, image, target_class)
+    exp = explain(explainer, image, target_class)
     return Image.fromarray(show_cam_on_image(exp.rgb, exp.cam, use_rgb=True))
 
 
@@ -86,13 +86,11 @@ def choose_backend(run_dir: Path, backend: str) -> str:
     onnx_file = run_dir / "model.onnx"
     if not onnx_file.is_file():
         return "torch"
-    from skinlesion.onnx_backend import OnnxPredictor
-
-    return "torch" if OnnxPredictor(onnx_file).is_stale(run_dir / "best.pt") else "onnx"
+    return "torch" if OnnxBackend(onnx_file).is_stale(run_dir / "best.pt") else "onnx"
 
 
 class ModelService:
-    """Everything loaded once: the probability model (torch or ONNX) and the torch model for Grad-CAM."""
+    """Everything loaded once: the classifier (torch or ONNX backend) and the torch one for Grad-CAM."""
 
     def __init__(self, run_dir: str | Path, backend: str = "auto"):
         self.run_dir = Path(run_dir)
@@ -100,14 +98,15 @@ class ModelService:
         if not ckpt.is_file():
             raise SkinLesionError(f"no best.pt in {self.run_dir}; pass the --run-dir of a trained run")
         self.backend = choose_backend(self.run_dir, backend)
-        self.predictor = load_predictor(self.run_dir, self.backend)
+        self.classifier = Classifier.load(self.run_dir, self.backend)
         # Grad-CAM needs gradients, so the torch model is kept even when ONNX Runtime scores.
-        self.torch_predictor = self.predictor if self.backend == "torch" else load_predictor(self.run_dir, "torch")
+        self.explainer = self.classifier if self.backend == "torch" else Classifier.load(self.run_dir, "torch")
         self.model_id = f"{self.run_dir.name}@{fileio.sha256_file(ckpt)[:12]}"
         self.lock = threading.Lock()
-        meta = self.torch_predictor.meta
-        prior = self.predictor.metadata_prior
-        point = self.predictor.operating_point
+        meta = self.explainer.backend.meta
+        chain = self.classifier.chain
+        prior = chain.metadata_prior
+        point = chain.operating_point
         self.info = {
             "model_id": self.model_id,
             "run": self.run_dir.name,
@@ -115,9 +114,9 @@ class ModelService:
             "backend": self.backend,
             "img_size": int(meta["img_size"]),
             "resize_size": int(meta["resize_size"]),
-            "classes": list(self.predictor.classes),
-            "full_names": {c: FULL_NAMES.get(c, c) for c in self.predictor.classes},
-            "temperature": float(self.predictor.temperature),
+            "classes": list(chain.classes),
+            "full_names": {c: FULL_NAMES.get(c, c) for c in chain.classes},
+            "temperature": float(chain.temperature),
             "epoch": meta.get("epoch"),
             "metrics": headline_metrics(self.run_dir),
             # What the page may ask for: the metadata prior's body sites (None: the image model alone).
@@ -130,23 +129,23 @@ class ModelService:
         }
 
     def predict(self, image: Image.Image, cam: bool, clinical: dict[str, Any] | None = None) -> dict[str, Any]:
-        """``clinical``: checked age / sex / localization (predict.clinical_values), for the metadata prior."""
-        classes = self.predictor.classes
-        prior = self.predictor.metadata_prior
-        offset = metadata_prior.offsets(prior, pd.DataFrame([clinical])) if prior and clinical else None
+        """``clinical``: checked age / sex / localization (data.clinical.clinical_values), for the metadata prior."""
+        chain = self.classifier.chain
+        classes = chain.classes
+        table = pd.DataFrame([clinical]) if chain.metadata_prior is not None and clinical else None
         with self.lock:  # one inference at a time: each already uses every core
-            probs = self.predictor.predict_images([image], offset=offset)[0]
-            best = int(self.predictor.decide(probs[None])[0])  # argmax, or the operating point's decision
-            overlay = gradcam_overlay(self.torch_predictor, image, classes[best]) if cam else None
+            decisions = self.classifier.predict([image], clinical=table)
+            probs, best = decisions.probabilities[0], int(decisions.labels[0])
+            overlay = gradcam_overlay(self.explainer, image, classes[best]) if cam else None
         out: dict[str, Any] = {
             "prediction": classes[best],
             "prediction_name": FULL_NAMES.get(classes[best], classes[best]),
             "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
             "model_id": self.model_id,
-            "temperature": float(self.predictor.temperature),
+            "temperature": float(chain.temperature),
             "backend": self.backend,
             "image": {"width": image.width, "height": image.height},
-            "metadata": clinical if offset is not None else None,
+            "metadata": clinical if table is not None else None,
         }
         if overlay is not None:
             out["overlay"] = png_data_url(overlay)
@@ -212,7 +211,7 @@ def create_app(
         sex: Annotated[str | None, Form(description="male | female (metadata prior; optional)")] = None,
         site: Annotated[str | None, Form(description="body site, see /api/model (metadata prior; optional)")] = None,
     ) -> dict[str, Any]:
-        prior = service.predictor.metadata_prior
+        prior = service.classifier.chain.metadata_prior
         try:
             clinical = clinical_values(age, sex, site, prior["categories"]["localization"] if prior else ())
         except SkinLesionError as e:
@@ -235,19 +234,3 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
-
-
-def main(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
-        raise SkinLesionError("--max-upload-mb and --max-megapixels must be positive")
-    app = create_app(args.run_dir, args.max_upload_mb, args.backend, args.max_megapixels)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"warning: listening on {args.host}, reachable from other machines; this app has no authentication",
-            file=sys.stderr,
-        )
-    service = app.state.service
-    print(f"serving {service.model_id} ({service.backend}) on http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -7,25 +7,23 @@ p(y | metadata); assuming image and metadata independent given the class, the po
 
     log p(y | image, metadata) = log p(y | image) + [log p(y | metadata) - log p(y)] + const,
 
-so the bracket -- the *offset* -- is added to the (tempered) image logits. It is a per-image constant,
-so it composes with TTA, temperature scaling and the logit adjustment stored in best.pt. An image with no
-known field gets offset 0: without metadata the model is exactly the image model. Never used: ``dx_type``
-(how the diagnosis was confirmed), which leaks the label.
+so the bracket -- the *offset* -- is added to the (tempered) image logits by decision/chain.py. It is a
+per-image constant, so it composes with TTA, temperature scaling and the logit adjustment stored in best.pt.
+An image with no known field gets offset 0: without metadata the model is exactly the image model. Never
+used: ``dx_type`` (how the diagnosis was confirmed), which leaks the label.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from skinlesion import checkpoint
+from skinlesion.data.clinical import FIELDS  # noqa: F401 - the fields the prior reads
 from skinlesion.errors import SkinLesionError
 
-FIELDS = ("age", "sex", "localization")
 MISSING = {"", "unknown", "nan", "none"}
 VERSION = 1
 
@@ -126,48 +124,9 @@ def offsets(model: Mapping[str, Any], table: pd.DataFrame) -> np.ndarray:
     return out
 
 
-def combine(logits: np.ndarray, temperature: float, offset: np.ndarray | None) -> np.ndarray:
-    """Tempered image logits plus the metadata offset (the temperature calibrates the image model only)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    return z if offset is None else z + offset
-
-
-def store(path: str | Path, model: Mapping[str, Any] | None) -> None:
-    """Put the fitted prior in best.pt (atomic rewrite); None removes it."""
-    checkpoint.set_entry(path, "metadata_prior", None if model is None else dict(model))
-
-
 def summary(model: Mapping[str, Any]) -> str:
     cats = model["categories"]
     return (
         f"metadata prior fit on {model['n_fit_with_metadata']}/{model['n_fit']} training images "
         f"({len(cats['age_decade'])} age decades, {len(cats['sex'])} sexes, {len(cats['localization'])} sites)"
     )
-
-
-def fit_run(run_dir: Path) -> dict[str, Any]:
-    """Fit on the run's own training rows (splits.csv joined with its metadata CSV) and store in best.pt."""
-    from skinlesion.evaluate import run_table
-
-    table = run_table(run_dir)
-    ckpt_classes = checkpoint.read(run_dir / "best.pt")["classes"]
-    model = fit(table[table["split"] == "train"], ckpt_classes)
-    store(run_dir, model)
-    return model
-
-
-def main(args) -> None:
-    from skinlesion import operating_point
-    from skinlesion.device import resolve_device
-
-    run_dir = Path(args.run_dir)
-    if args.remove:
-        had = "metadata_prior" in checkpoint.read(run_dir)
-        store(run_dir, None)
-        print(f"removed the metadata prior from {run_dir / 'best.pt'}" if had else f"{run_dir / 'best.pt'} had none")
-    else:
-        model = fit_run(run_dir)
-        print(f"{summary(model)}; stored in {run_dir / 'best.pt'} (evaluate, predict and serve use it; "
-              "re-run `skinlesion export` for the ONNX backend)")  # fmt: skip
-    # An operating point was set on the probabilities with the old prior (or none): set it again.
-    operating_point.refit_stored(run_dir, "the metadata prior", device=str(resolve_device("auto")))

@@ -1,15 +1,9 @@
-"""``skinlesion report``: figures/*.png and one self-contained report.html (every image base64-embedded).
-
-Reads only files of the run folder (config.json, splits.csv, history.csv, predictions.csv,
-metrics.json, calibration.json, best.pt for the Grad-CAM gallery), so it reruns alone.
-"""
+"""The report's parts: figures from a run folder's files, the Grad-CAM gallery, warnings, the HTML page."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +12,14 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sklearn.metrics import confusion_matrix
 
-from skinlesion import checkpoint, fileio, grid, metadata_prior, metrics, operating_point, plots
+from skinlesion import metrics
 from skinlesion.classes import CLASS_INDEX, FULL_NAMES
 from skinlesion.data.images import open_rgb
-from skinlesion.device import resolve_device
-from skinlesion.errors import SkinLesionError
-from skinlesion.evaluate import SUMMARY_ROWS, read_config, run_table
+from skinlesion.decision.chain import DecisionChain
+from skinlesion.inference.classifier import Classifier
+from skinlesion.reporting import plots
+from skinlesion.reporting.explain import explain
+from skinlesion.reporting.explain import figure as cam_figure
 
 HEADLINE_NAMES = {
     "accuracy": "accuracy",
@@ -37,7 +33,7 @@ HEADLINE_NAMES = {
 }
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -171,23 +167,21 @@ def make_gallery(
     """Grad-CAM figures of the gallery cases, titled as predictions.csv was made: ``with_prior``, with the
     metadata-fused probabilities; ``with_operating_point``, with the operating point's decisions; ``pooled``
     (lesion pooling), with the map drawn for the lesion's decision, which the image alone may not reach."""
-    from skinlesion.explain import explain, figure
-    from skinlesion.inference import Predictor
-
-    predictor = Predictor(run_dir, device=device)
+    classifier = Classifier.load(run_dir, "torch", device)
+    changes = {"metadata_prior": None} if not with_prior else {}
     if not with_operating_point:
-        predictor.operating_point = None
+        changes["operating_point"] = None
+    classifier = classifier.with_chain(**changes)
     rows_of = table.assign(image_id=table["image_id"].astype(str)).drop_duplicates("image_id").set_index("image_id")
-    prior = predictor.metadata_prior if with_prior else None
     figs = []
-    for row, kind in gallery_cases(preds, predictor.classes):
+    for row, kind in gallery_cases(preds, classifier.classes):
         image_id = str(row["image_id"])
         if image_id not in rows_of.index:
             continue
-        offset = metadata_prior.offsets(prior, rows_of.loc[[image_id]]) if prior else None
+        clinical = rows_of.loc[[image_id]]
         image = open_rgb(rows_of.loc[image_id, "path"])
-        exp = explain(predictor, image, str(row["y_pred"]) if pooled else None, method=method, offset=offset)
-        out = figure(exp, run_dir / "figures" / f"cam_{row['y_true']}_{kind}.png", method)
+        exp = explain(classifier, image, str(row["y_pred"]) if pooled else None, method=method, clinical=clinical)
+        out = cam_figure(exp, run_dir / "figures" / f"cam_{row['y_true']}_{kind}.png", method)
         how = ", with its lesion" if pooled else ""
         if pooled and exp.predicted != row["y_pred"]:
             how += f"; this image alone: {exp.predicted}"
@@ -196,41 +190,30 @@ def make_gallery(
     return figs
 
 
-def _embed(path: Path, caption: str) -> dict[str, str]:
+def embed(path: Path, caption: str) -> dict[str, str]:
     return {"data": base64.b64encode(path.read_bytes()).decode("ascii"), "caption": caption}
 
 
 def render(context: dict[str, Any]) -> str:
-    env = Environment(loader=PackageLoader("skinlesion", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    loader = PackageLoader("skinlesion.reporting", "templates")
+    env = Environment(loader=loader, autoescape=select_autoescape(["html", "j2"]))
     return env.get_template("report.html.j2").render(**context)
 
 
-def main(args: argparse.Namespace) -> None:
-    run_dir = Path(args.run_dir)
-    config = read_config(run_dir)
-    if not (run_dir / "predictions.csv").is_file() or not (run_dir / "metrics.json").is_file():
-        raise SkinLesionError(f"no predictions in {run_dir}; run `skinlesion evaluate --run-dir {run_dir}` first")
-    preds = pd.read_csv(run_dir / "predictions.csv", dtype={"image_id": str, "lesion_id": str})
-    m = _read_json(run_dir / "metrics.json")
-    calibration = _read_json(run_dir / "calibration.json")
-    meta = checkpoint.read(run_dir)
-    classes = list(meta["classes"])
-    table = run_table(run_dir)
-
+def warnings_for(chain: DecisionChain, m: dict[str, Any], preds: pd.DataFrame) -> list[str]:
+    """Where predictions.csv / metrics.json were not made with the chain best.pt holds now."""
     warnings = []
-    if abs(float(m.get("temperature", 1.0)) - float(meta.get("temperature", 1.0))) > 1e-9:
+    if abs(float(m.get("temperature", 1.0)) - chain.temperature) > 1e-9:
         warnings.append(
             f"predictions.csv was made with temperature {m.get('temperature', 1.0):.3f} but best.pt now "
-            f"has {meta['temperature']:.3f}; re-run skinlesion evaluate for calibrated numbers."
+            f"has {chain.temperature:.3f}; re-run skinlesion evaluate for calibrated numbers."
         )
-
-    if "metadata_prior" in meta and not (m.get("metadata_prior") or {}).get("applied"):
+    if chain.metadata_prior is not None and not (m.get("metadata_prior") or {}).get("applied"):
         warnings.append(
             "best.pt holds a metadata prior that these predictions do not use (evaluated with --no-metadata-prior, "
             "before it was fitted, or on images without age/sex/site); re-run skinlesion evaluate to include it."
         )
-
-    point = meta.get("operating_point")
+    point = chain.operating_point
     if point is not None and not m.get("operating_point"):
         warnings.append(
             "best.pt holds an operating point that these predictions do not use (evaluated with --no-operating-point "
@@ -240,55 +223,10 @@ def main(args: argparse.Namespace) -> None:
         warnings.append(
             "predictions.csv was decided with an operating point best.pt no longer holds; re-run skinlesion evaluate."
         )
-
-    pooled_run = bool((meta.get("config") or {}).get("pool_lesions"))
     pooled_here = bool((m.get("lesion_pooling") or {}).get("applied"))
-    if pooled_run and not pooled_here and preds["lesion_id"].duplicated().any():
+    if chain.pool_lesions and not pooled_here and preds["lesion_id"].duplicated().any():
         warnings.append(
             "the run scores a lesion's images together, but these predictions were made image by image (evaluated "
             "with --no-pool-lesions or by an older skinlesion); re-run skinlesion evaluate to pool them."
         )
-
-    figs = make_figures(run_dir, preds, m, classes, calibration)
-    counts = table.pivot_table(index="dx", columns="split", values="image_id", aggfunc="count", fill_value=0)
-    counts = counts.reindex(classes, fill_value=0)
-    figs.append((plots.class_counts(counts, run_dir / "figures" / "class_counts.png"), "Images per class and split"))
-
-    gallery = []
-    if args.gallery:
-        used_prior = bool((m.get("metadata_prior") or {}).get("applied"))
-        device = str(resolve_device(args.device))
-        used_point = bool(m.get("operating_point"))
-        pooled = bool((m.get("lesion_pooling") or {}).get("applied"))
-        gallery = make_gallery(run_dir, preds, table, device, args.cam_method, used_prior, used_point, pooled)
-    grid_image, _ = grid.make_grid(table, n_per_class=args.grid_per_class, size=args.grid_size, seed=0)
-    grid_path = fileio.atomic_write(run_dir / "figures" / "lesion_grid.png", lambda p: grid_image.save(p, "PNG"))
-
-    # Any other PNG already in figures/ (e.g. from `skinlesion gradcam`) is embedded too.
-    made = {p.resolve() for p, _ in [*figs, *gallery, (grid_path, "")]}
-    others = [(p, f"{p.name}") for p in sorted((run_dir / "figures").glob("*.png")) if p.resolve() not in made]
-    context = {
-        "run_name": run_dir.name,
-        "backbone": meta["backbone"],
-        "img_size": meta["img_size"],
-        "temperature": float(meta.get("temperature", 1.0)),
-        "evaluated_on": m.get("split") or m.get("external") or "?",
-        "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "warnings": warnings,
-        "operating_point": operating_point.describe(m["operating_point"]) if m.get("operating_point") else None,
-        "metrics": m,
-        "classes": classes,
-        "per_class": per_class_rows(m, classes),
-        "split_table": split_rows(table, classes),
-        "calibration": calibration,
-        "figures": [_embed(p, c) for p, c in [*figs, *others]],
-        "gallery": [_embed(p, c) for p, c in gallery],
-        "cam_method": args.cam_method,
-        "grid": _embed(grid_path, f"Example lesions per class ({args.grid_per_class} per class)"),
-        "config_json": json.dumps(config, indent=2, default=str),
-    }
-    context["headline_columns"], context["headline"] = headline_rows(m)
-    out = fileio.write_text(run_dir / "report.html", render(context))
-    n_img = len(context["figures"]) + len(context["gallery"]) + 1
-    print(f"wrote {out} ({n_img} embedded images, {out.stat().st_size / 1e6:.1f} MB) and {run_dir / 'figures'}/")
-    print("  " + "  ".join(f"{k} {fmt(m.get(k))}" for k in SUMMARY_ROWS[:3]))
+    return warnings

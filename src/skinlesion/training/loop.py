@@ -1,4 +1,4 @@
-"""``skinlesion train``: fine-tune a timm backbone and write the run folder.
+"""The training loop: fine-tune a timm backbone and write the run folder.
 
 Read top to bottom: resolve the config (recipe + flags, or the saved run on --resume) -> data (table,
 split, cache, loaders) -> model, optimiser, scheduler, loss, EMA -> epochs of train + validate, writing
@@ -29,23 +29,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from skinlesion import (
-    checkpoint,
-    distributed,
-    fileio,
-    metadata_prior,
-    metrics,
-    models,
-    operating_point,
-    posthoc,
-    recipes,
-)
+from skinlesion import fileio, metrics
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.transforms import eval_transform, resize_for, train_transform
+from skinlesion.decision import operating_point
 from skinlesion.errors import SkinLesionError
-from skinlesion.losses import build_loss, class_weights
-from skinlesion.sampling import ShardSampler, train_sampler
+from skinlesion.model import checkpoint
+from skinlesion.model import factory as models
+from skinlesion.training import distributed, recipes
+from skinlesion.training.losses import build_loss, class_weights
+from skinlesion.training.sampling import ShardSampler, train_sampler
 
 HISTORY_COLUMNS = [
     "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc",
@@ -338,16 +332,9 @@ def validate(ctx: dict[str, Any], model: nn.Module) -> tuple[dict[str, float], i
     return val_metrics(labels, logits), len(labels)
 
 
-# ------------------------------------------------------------------------------------------------- main
-def main(args: argparse.Namespace) -> None:
-    d = distributed.setup(getattr(args, "device", None) or "auto")
-    try:
-        run(args, d)
-    finally:
-        distributed.teardown()
-
-
-def run(args: argparse.Namespace, d: distributed.Dist) -> Path:
+# ------------------------------------------------------------------------------------------------- run
+def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, Any]]:
+    """Train (or resume) the run the options describe; its folder and resolved config."""
     resume = bool(getattr(args, "resume", False))
     cfg = resolve_config(args)
     run_name = cfg["run_name"] or distributed.broadcast_object(
@@ -515,20 +502,7 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> Path:
         print(f"best {cfg['select']} {state['best_value']:.4f} at epoch {state['best_epoch']}: {run_dir / 'best.pt'}")
     if d.is_main and (run_dir / "best.pt").is_file():
         keep_scoring_settings(run_dir / "best.pt", cfg_out)
-    if d.is_main and cfg.get("logit_adjust_tau") and (run_dir / "best.pt").is_file():
-        offset = posthoc.set_logit_adjustment(run_dir / "best.pt", cfg["logit_adjust_tau"])
-        print(f"logit adjustment tau {cfg['logit_adjust_tau']:g} stored in best.pt: {np.round(offset, 2).tolist()}")
-    if d.is_main and cfg.get("metadata_prior") and (run_dir / "best.pt").is_file():
-        train_rows = data[data["split"] == "train"]
-        if metadata_prior.known(train_rows).any():
-            prior = metadata_prior.fit(train_rows, CLASSES)
-            metadata_prior.store(run_dir / "best.pt", prior)
-            print(f"{metadata_prior.summary(prior)}; stored in best.pt")
-        else:  # e.g. one image folder without a metadata CSV: the image model is complete on its own
-            print("metadata prior skipped: the training images have no age, sex or localization")
-    if d.is_main and cfg.get("min_sensitivity") not in (None, "", "none") and (run_dir / "best.pt").is_file():
-        set_operating_point(run_dir, cfg, device)
-    return run_dir
+    return run_dir, cfg
 
 
 def keep_scoring_settings(path: Path, cfg_out: dict[str, Any]) -> None:
@@ -537,17 +511,3 @@ def keep_scoring_settings(path: Path, cfg_out: dict[str, Any]) -> None:
     stored = checkpoint.read(path).get("config") or {}
     if stored.get("pool_lesions") != cfg_out.get("pool_lesions"):
         checkpoint.set_entry(path, "config", {**stored, "pool_lesions": cfg_out.get("pool_lesions")})
-
-
-def set_operating_point(run_dir: Path, cfg: dict[str, Any], device: torch.device) -> None:
-    """Last step: the operating point sits on top of everything above (logit adjustment, metadata prior)."""
-    targets = operating_point.parse_targets(cfg["min_sensitivity"], CLASSES)
-    try:
-        point = operating_point.fit_run(
-            run_dir, targets, "val", True, 2 * cfg["batch_size"], str(device), cfg["workers"], cfg.get("cache_dir"),
-            cfg["cache"],
-        )  # fmt: skip
-    except SkinLesionError as e:  # e.g. no melanoma in a tiny val split: the model stays usable as it is
-        print(f"operating point skipped: {e}")
-        return
-    print(f"{operating_point.report_line(point)}; stored in best.pt")

@@ -22,14 +22,11 @@ ablation scores it honestly (set on one half of the val lesions, scored on the o
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from skinlesion import checkpoint
 from skinlesion.errors import SkinLesionError
 
 MARGIN = 1e-6  # strictly above the tie, so the class wins the argmax
@@ -145,67 +142,6 @@ def build(
     return {**point, **about}
 
 
-def store(path: str | Path, point: Mapping[str, Any] | None) -> None:
-    """Put the operating point in best.pt (atomic rewrite); None removes it."""
-    checkpoint.set_entry(path, "operating_point", None if point is None else dict(point))
-
-
-def fit_run(
-    run_dir: Path,
-    targets: Mapping[str, float],
-    split: str = "val",
-    tta: bool = True,
-    batch_size: int = 64,
-    device: str = "cpu",
-    workers: int = 0,
-    cache_dir: str | None = None,
-    use_cache: bool = True,
-) -> dict[str, Any]:
-    """Set on the run's ``split`` as evaluate scores it (temperature, metadata prior; single views and, with
-    ``tta``, the run's TTA views from the same pass) and store in best.pt."""
-    from skinlesion import metadata_prior
-    from skinlesion.evaluate import labels_of, open_cache, predict_logits, read_config, split_part
-    from skinlesion.inference import Predictor
-
-    predictor = Predictor(run_dir, device=device)
-    table = split_part(run_dir, split)
-    y = labels_of(table)
-    missing = [c for c in targets if not (y == predictor.classes.index(c)).any()]
-    if missing:  # before the model runs over the whole split
-        raise SkinLesionError(f"the {split} split has no {', '.join(missing)} image to set the operating point on")
-    cache_dir = cache_dir or read_config(run_dir).get("cache_dir")
-    cache = open_cache(table, int(predictor.meta["resize_size"]), use_cache, cache_dir)
-    out = predict_logits(predictor, table, batch_size, tta, cache, workers, desc=f"operating point: {split} logits")
-    single, views = out if tta else (out, None)
-    prior = predictor.metadata_prior
-    offset = metadata_prior.offsets(prior, table) if prior else None
-    point = build(
-        metadata_prior.combine(single, predictor.temperature, offset), y, predictor.classes, targets,
-        None if views is None else metadata_prior.combine(views, predictor.temperature, offset),
-        fitted_on=split, tta_views=predictor.tta_views if tta else None, temperature=predictor.temperature,
-        metadata_prior=prior is not None,
-    )  # fmt: skip
-    store(run_dir, point)
-    return point
-
-
-def refit_stored(run_dir: Path, why: str, **kwargs: Any) -> None:
-    """Set a stored operating point again with its own targets, split and views after ``why`` changed the
-    probabilities it was set on (a new temperature, metadata prior); removed with a warning if that fails."""
-    point = checkpoint.read(run_dir).get("operating_point")
-    if point is None:
-        return
-    try:
-        point = fit_run(run_dir, point["min_sensitivity"], point["fitted_on"], point.get("tta_views") is not None,
-                        **kwargs)  # fmt: skip
-    except SkinLesionError as e:
-        store(run_dir, None)
-        print(f"warning: the operating point was removed ({why} changed the probabilities it was set on, and "
-              f"setting it again failed: {e})")  # fmt: skip
-        return
-    print(f"{why}: re-set the {report_line(point)}")
-
-
 def report_line(point: Mapping[str, Any]) -> str:
     def moved(key: str) -> str:
         before, after = point[f"sensitivity_before{key}"], point[f"sensitivity_after{key}"]
@@ -216,25 +152,3 @@ def report_line(point: Mapping[str, Any]) -> str:
         f"operating point {describe(point)} set on {point['n_images']} {point['fitted_on']} images "
         f"(T {point['temperature']:.3f}); sensitivity there, single view: {moved('')}{views}"
     )
-
-
-def main(args: argparse.Namespace) -> None:
-    from skinlesion.device import resolve_device
-
-    run_dir = Path(args.run_dir)
-    if args.remove:
-        if args.min_sensitivity:
-            raise SkinLesionError("--remove takes the operating point out; leave --min-sensitivity off with it")
-        had = "operating_point" in checkpoint.read(run_dir)
-        store(run_dir, None)
-        print(f"removed the operating point from {run_dir / 'best.pt'}" if had else f"{run_dir / 'best.pt'} had none")
-        return
-    targets = parse_targets(args.min_sensitivity, checkpoint.read(run_dir)["classes"])
-    if not targets:
-        raise SkinLesionError("say which class needs which sensitivity, e.g. --min-sensitivity mel=0.75")
-    point = fit_run(
-        run_dir, targets, args.split, args.tta, args.batch_size, str(resolve_device(args.device)), args.workers,
-        args.cache_dir, args.cache,
-    )  # fmt: skip
-    print(report_line(point))
-    print(f"stored in {run_dir / 'best.pt'}; re-run evaluate (and export for the ONNX backend) to use it")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from skinlesion import fileio
 from skinlesion.classes import CLASSES, FULL_NAMES
 from skinlesion.data.images import open_rgb
 from skinlesion.errors import SkinLesionError
@@ -78,14 +75,3 @@ def make_grid(
                 draw.text((left + PAD, top + size // 2), "no image", fill="grey", font=font)
                 tiles.append(Tile(dx, None, box))
     return canvas, tiles
-
-
-def main(args: argparse.Namespace) -> None:
-    from skinlesion.data.ham10000 import load_table
-
-    table = load_table(data_dir=args.data_dir, metadata=args.metadata, images=args.images)
-    image, tiles = make_grid(table, args.n_per_class, args.size, args.seed)
-    out = Path(args.out)
-    fileio.atomic_write(out, lambda p: image.save(p, format="PNG"))
-    shown = sum(t.image_id is not None for t in tiles)
-    print(f"wrote {out} ({image.width}x{image.height}, {shown} images, {len(CLASSES)} classes)")

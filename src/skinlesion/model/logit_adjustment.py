@@ -20,8 +20,9 @@ import numpy as np
 import timm
 import torch
 
-from skinlesion import checkpoint, fileio
+from skinlesion import fileio
 from skinlesion.errors import SkinLesionError
+from skinlesion.model import checkpoint
 
 
 def offset(class_counts: Sequence[float], tau: float = 1.0) -> np.ndarray:

@@ -1,13 +1,12 @@
-"""``skinlesion export``: best.pt -> model.onnx (dynamic batch, self-describing metadata), checked by ONNX Runtime.
+"""best.pt -> model.onnx (dynamic batch, self-describing metadata), checked by ONNX Runtime.
 
-The graph outputs raw logits; the temperature travels in the metadata and is applied by
-``onnx_backend.OnnxPredictor`` exactly like ``inference.Predictor`` does, so both backends
-report the same calibrated probabilities.
+The graph outputs raw logits; the decision chain's settings (temperature, metadata prior, operating point, TTA
+views, lesion pooling) travel in the metadata, and the ONNX backend's logits go through the same
+``DecisionChain`` as the torch backend's, so both report the same probabilities and decisions.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -17,9 +16,10 @@ from typing import Any
 
 import torch
 
-from skinlesion import checkpoint, fileio
+from skinlesion import fileio
+from skinlesion.decision.chain import DecisionChain
 from skinlesion.errors import SkinLesionError
-from skinlesion.inference import run_pools_lesions, run_tta_views
+from skinlesion.model import checkpoint
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -28,24 +28,25 @@ TOLERANCE = 1e-4  # max abs difference allowed between PyTorch and ONNX Runtime 
 
 def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
     """``metadata_props`` of model.onnx: everything a consumer needs, JSON-encoded strings."""
+    chain = DecisionChain.from_meta(meta)
     return {
         "classes": json.dumps(list(meta["classes"])),
         "mean": json.dumps([float(v) for v in meta["mean"]]),
         "std": json.dumps([float(v) for v in meta["std"]]),
         "img_size": str(int(meta["img_size"])),
         "resize_size": str(int(meta["resize_size"])),
-        "temperature": repr(float(meta.get("temperature", 1.0))),
+        "temperature": repr(chain.temperature),
         "backbone": str(meta["backbone"]),
-        "tta_views": str(run_tta_views(meta)),
-        # skinlesion.lesion_pooling: images sharing a lesion_id are scored together by default ("true"/"false").
-        "pool_lesions": json.dumps(run_pools_lesions(meta)),
+        "tta_views": str(chain.tta_views),
+        # decision.lesion_pooling: images sharing a lesion_id are scored together by default ("true"/"false").
+        "pool_lesions": json.dumps(chain.pool_lesions),
         "source_sha256": source_sha256,
         "input_name": INPUT_NAME,
         "output": "logits (apply softmax(logits / temperature + metadata offset))",
-        # p(class | age, sex, site) for skinlesion.metadata_prior.offsets; "null" when the run has none.
-        "metadata_prior": json.dumps(meta.get("metadata_prior")),
-        # skinlesion.operating_point: decide argmax(log p + "bias") ("classes" order); "null" = plain argmax.
-        "operating_point": json.dumps(meta.get("operating_point")),
+        # p(class | age, sex, site) for decision.metadata_prior.offsets; "null" when the run has none.
+        "metadata_prior": json.dumps(chain.metadata_prior),
+        # decision.operating_point: decide argmax(log p + "bias") ("classes" order); "null" = plain argmax.
+        "operating_point": json.dumps(chain.operating_point),
     }
 
 
@@ -111,7 +112,7 @@ def sample_inputs(meta: dict[str, Any], n_real: int = 3, seed: int = 0) -> torch
 
 
 def check_against_torch(
-    model: torch.nn.Module, model_bytes: bytes, x: torch.Tensor, temperature: float
+    model: torch.nn.Module, model_bytes: bytes, x: torch.Tensor, chain: DecisionChain
 ) -> tuple[float, float, float]:
     """Max abs differences of the calibrated probabilities and of the logits (ONNX Runtime vs PyTorch on
     ``x``), and the largest |logit|."""
@@ -123,7 +124,7 @@ def check_against_torch(
     got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
     if got.shape != ref.shape:
         raise SkinLesionError(f"ONNX output shape {tuple(got.shape)} != PyTorch {tuple(ref.shape)}; export is broken")
-    p_diff = (torch.softmax(got / temperature, 1) - torch.softmax(ref / temperature, 1)).abs().max().item()
+    p_diff = float(abs(chain.probabilities(got.numpy()) - chain.probabilities(ref.numpy())).max())
     return p_diff, (got - ref).abs().max().item(), ref.abs().max().item()
 
 
@@ -142,7 +143,7 @@ def export_onnx(
     onnx_bytes = to_onnx_bytes(model, img_size, opset)
     onnx_bytes = add_metadata(onnx_bytes, metadata(loaded.meta, fileio.sha256_file(ckpt_path)))
     x = sample_inputs(loaded.meta)
-    p_diff, logit_diff, logit_scale = check_against_torch(model, onnx_bytes, x, loaded.temperature)
+    p_diff, logit_diff, logit_scale = check_against_torch(model, onnx_bytes, x, DecisionChain.from_meta(loaded.meta))
     # Logits are compared relative to their size: random pixels can push them into the thousands.
     if not (p_diff <= TOLERANCE and logit_diff <= TOLERANCE * max(1.0, logit_scale)):
         raise SkinLesionError(
@@ -152,16 +153,3 @@ def export_onnx(
     target = Path(out) if out else ckpt_path.parent / "model.onnx"
     fileio.write_bytes(target, onnx_bytes)
     return target, p_diff, logit_diff, logit_scale
-
-
-def main(args: argparse.Namespace) -> None:
-    if args.format != "onnx":
-        raise SkinLesionError(f"unsupported --format {args.format}; only onnx")
-    target, p_diff, logit_diff, logit_scale = export_onnx(args.run_dir, args.out, args.opset)
-    size_mb = target.stat().st_size / 1e6
-    print(f"wrote {target} ({size_mb:.1f} MB, opset {args.opset}, dynamic batch)")
-    print(
-        f"check: ONNX Runtime vs PyTorch on 3 bundled HAM10000 images + 1 random-pixel image: "
-        f"max |dp| = {p_diff:.2e} (tolerance {TOLERANCE:g}), max |dlogit| = {logit_diff:.2e} "
-        f"(largest |logit| {logit_scale:.3g})"
-    )

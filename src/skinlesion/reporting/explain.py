@@ -1,4 +1,4 @@
-"""``skinlesion gradcam``: class activation maps (pytorch-grad-cam) for one image.
+"""Class activation maps (pytorch-grad-cam) of one image, titled with the decision chain's decision.
 
 The target layer is found automatically: for CNNs, the module whose output *is* the tensor that
 ``forward_features`` returns (the last feature map before global pooling: EfficientNet ``bn2``,
@@ -9,13 +9,14 @@ The map is shown on the image as the model sees it (resized and centre-cropped).
 
 from __future__ import annotations
 
-import argparse
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
@@ -26,10 +27,8 @@ from torchvision.transforms import v2
 
 from skinlesion import fileio
 from skinlesion.classes import CLASS_INDEX, FULL_NAMES
-from skinlesion.data.images import open_rgb
-from skinlesion.device import resolve_device
 from skinlesion.errors import SkinLesionError
-from skinlesion.inference import Predictor
+from skinlesion.inference.classifier import Classifier
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}
 
@@ -90,39 +89,42 @@ class Explanation:
     classes: list[str]
 
 
-def model_view(predictor: Predictor) -> v2.Compose:
+def model_view(resize_size: int, img_size: int) -> v2.Compose:
     """The geometric part of the eval transform (resize + centre crop), for showing images and masks."""
-    return v2.Compose(
-        [v2.Resize(int(predictor.meta["resize_size"]), antialias=True), v2.CenterCrop(predictor.img_size)]
-    )
+    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(img_size)])
+
+
+# Finding the layer costs a forward pass; it is kept per model (e.g. the server's, asked many times).
+_TARGETS: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, Callable | None]] = weakref.WeakKeyDictionary()
 
 
 def explain(
-    predictor: Predictor,
+    classifier: Classifier,
     image: Image.Image,
     target_class: str | None = None,
     method: str = "gradcam",
-    offset: np.ndarray | None = None,
-):
-    """Grad-CAM of one image. ``offset`` (1, C): the metadata prior's, so the predicted class and the shown
-    probabilities are the fused ones (a per-image constant: it does not change the map of a given class)."""
+    clinical: pd.DataFrame | None = None,
+) -> Explanation:
+    """Grad-CAM of one image with a torch-backend classifier. The predicted class and the shown probabilities are
+    the decision chain's (``clinical``, one row of age / sex / site, for the metadata prior: a per-image constant,
+    it does not change the map of a given class)."""
     if method not in METHODS:
         raise SkinLesionError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
     if target_class is not None and target_class not in CLASS_INDEX:
         raise SkinLesionError(f"unknown --target-class {target_class!r}; choose from {', '.join(CLASS_INDEX)}")
-    model = predictor.model
-    x = predictor.preprocess([image]).to(predictor.device)
-    probs = predictor.probabilities(predictor.logits(x), offset=offset)[0]
-    predicted = predictor.classes[int(predictor.decide(probs[None])[0])]  # the operating point's decision
+    backend, chain = classifier.backend, classifier.chain
+    model = backend.model
+    x = backend.preprocess([image]).to(backend.device)
+    decided = chain(backend.view_logits(x, 1), chain.offsets(clinical))
+    probs, predicted = decided.probabilities[0], decided.names[0]
     target = target_class or predicted
-    # Finding the layer costs a forward pass; a predictor (one model, e.g. the server's) keeps the answer.
-    if not hasattr(predictor, "cam_target"):
-        predictor.cam_target = target_layer(model, predictor.img_size)
-    layer, reshape = predictor.cam_target
+    if model not in _TARGETS:
+        _TARGETS[model] = target_layer(model, backend.img_size)
+    layer, reshape = _TARGETS[model]
     with torch.inference_mode(False), torch.enable_grad(), METHODS[method](model, [layer], reshape) as cam:
-        grey = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(predictor.classes.index(target))])[0]
-    rgb = np.asarray(model_view(predictor)(image), dtype=np.float32) / 255.0
-    return Explanation(rgb, grey, probs, predicted, target, predictor.classes)
+        grey = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(chain.classes.index(target))])[0]
+    rgb = np.asarray(model_view(backend.resize_size, backend.img_size)(image), dtype=np.float32) / 255.0
+    return Explanation(rgb, grey, probs, predicted, target, list(chain.classes))
 
 
 def title(exp: Explanation) -> str:
@@ -152,14 +154,3 @@ def figure(exp: Explanation, path: str | Path, method: str = "gradcam") -> Path:
     fileio.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
     return Path(path)
-
-
-def main(args: argparse.Namespace) -> None:
-    run_dir = Path(args.run_dir)
-    predictor = Predictor(run_dir, device=str(resolve_device(args.device)))
-    image = open_rgb(args.image)
-    exp = explain(predictor, image, args.target_class, args.method)
-    out = Path(args.out) if args.out else run_dir / "figures" / f"gradcam_{Path(args.image).stem}.png"
-    figure(exp, out, args.method)
-    print(title(exp).replace("\n", "; "))
-    print(f"wrote {out}")

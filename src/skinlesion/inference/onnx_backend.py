@@ -1,7 +1,8 @@
-"""ONNX Runtime predictor with the interface of ``inference.Predictor.predict_images``.
+"""ONNX Runtime backend: model.onnx -> raw logits per TTA view, with the interface of the torch backend.
 
-Everything it needs (classes, normalisation, sizes, temperature, metadata prior) comes from model.onnx's
-metadata, written by ``skinlesion export``; preprocessing is the same eval transform.
+Everything it needs (classes, normalisation, sizes, and the decision chain's settings: temperature, metadata
+prior, operating point, TTA views, lesion pooling) comes from model.onnx's metadata, written by
+``skinlesion export``; preprocessing is the same eval transform.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skinlesion import fileio, operating_point
+from skinlesion import fileio
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import SkinLesionError
-from skinlesion.metadata_prior import combine
+from skinlesion.inference.views import views
 
 REQUIRED_KEYS = ("classes", "mean", "std", "img_size", "resize_size", "temperature", "backbone")
 
@@ -50,8 +51,8 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
     }
 
 
-class OnnxPredictor:
-    """``predict_images(pil_list, tta)`` -> calibrated probabilities (N, num_classes), like the torch one."""
+class OnnxBackend:
+    name = "onnx"
 
     def __init__(self, source: str | Path, threads: int | None = None):
         import onnxruntime as ort
@@ -70,48 +71,21 @@ class OnnxPredictor:
         self.meta = read_metadata(self.session, self.path)
         self.classes: list[str] = list(self.meta["classes"])
         self.img_size: int = self.meta["img_size"]
+        self.resize_size: int = self.meta["resize_size"]
         self.input_name = self.session.get_inputs()[0].name
-        self.tta_views: int = self.meta["tta_views"]
-        self.metadata_prior: dict | None = self.meta["metadata_prior"]
-        self.operating_point: dict | None = self.meta["operating_point"]
-        self.pool_lesions: bool = self.meta["pool_lesions"]
-        operating_point.vector(self.operating_point, self.classes)
-        self.transform = eval_transform(
-            self.img_size, self.meta["resize_size"], tuple(self.meta["mean"]), tuple(self.meta["std"])
-        )
-
-    @property
-    def temperature(self) -> float:
-        return float(self.meta["temperature"])
+        self.transform = eval_transform(self.img_size, self.resize_size, tuple(self.meta["mean"]),
+                                        tuple(self.meta["std"]))  # fmt: skip
 
     def is_stale(self, checkpoint_path: str | Path) -> bool:
         """True when best.pt changed (retrained / recalibrated) after this model.onnx was exported."""
         src = self.meta["source_sha256"]
         return bool(src) and Path(checkpoint_path).is_file() and fileio.sha256_file(checkpoint_path) != src
 
-    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return torch.stack([self.transform(im) for im in images]).numpy()
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(im) for im in images])
 
-    def logits(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
-        """Raw logits; with ``tta`` the mean over the run's views, in inference.TTA_VIEWS's order: identity,
-        h, v and hv flips, then (8 views) the same four of the transposed image."""
-        views = [batch]
-        if tta:
-            flips = [batch[..., ::-1], batch[..., ::-1, :], batch[..., ::-1, ::-1]]
-            views += flips
-            if self.tta_views == 8:
-                views += [v.swapaxes(-1, -2) for v in (batch, *flips)]
-        out = [self.session.run(None, {self.input_name: np.ascontiguousarray(v)})[0] for v in views]
-        return np.mean(out, axis=0).astype(np.float32)
-
-    def probabilities(self, logits: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-        z = combine(logits, self.temperature, offset)
-        return torch.softmax(torch.from_numpy(z), dim=1).float().numpy()
-
-    def decide(self, probs: np.ndarray, tta: bool = False) -> np.ndarray:
-        return operating_point.decide(probs, operating_point.vector(self.operating_point, self.classes, tta))
-
-    def predict_images(
-        self, images: Sequence[Image.Image], tta: bool = False, offset: np.ndarray | None = None
-    ) -> np.ndarray:
-        return self.probabilities(self.logits(self.preprocess(images), tta=tta), offset)
+    def view_logits(self, batch: torch.Tensor | np.ndarray, n_views: int = 1) -> np.ndarray:
+        """Raw logits (n_views, N, C), float32, of a preprocessed batch under each TTA view."""
+        x = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+        return np.stack([self.session.run(None, {self.input_name: np.ascontiguousarray(v)})[0].astype(np.float32)
+                         for v in views(x, n_views)])  # fmt: skip

@@ -1,0 +1,49 @@
+"""``skinlesion train``: train (training/loop.py), then the post-hoc steps the recipe asks for, each the same
+library call its own command makes: the logit adjustment, the metadata prior, then the operating point (it
+sits on top of both). Under torchrun every rank trains and rank 0 alone runs the post-hoc steps."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skinlesion.classes import CLASSES
+from skinlesion.decision import metadata_prior, operating_point
+from skinlesion.errors import SkinLesionError
+from skinlesion.evaluation import fitting
+from skinlesion.model import logit_adjustment
+from skinlesion.training import distributed, loop
+
+
+def main(args: argparse.Namespace) -> None:
+    d = distributed.setup(getattr(args, "device", None) or "auto")
+    try:
+        run_dir, cfg = loop.run(args, d)
+        if d.is_main and (run_dir / "best.pt").is_file():
+            post_hoc(run_dir, cfg, str(d.device))
+    finally:
+        distributed.teardown()
+
+
+def post_hoc(run_dir: Path, cfg: dict[str, Any], device: str) -> None:
+    if cfg.get("logit_adjust_tau"):
+        offset = logit_adjustment.set_logit_adjustment(run_dir / "best.pt", cfg["logit_adjust_tau"])
+        print(f"logit adjustment tau {cfg['logit_adjust_tau']:g} stored in best.pt: {np.round(offset, 2).tolist()}")
+    if cfg.get("metadata_prior"):
+        prior = fitting.fit_metadata_prior(run_dir)
+        if prior is not None:
+            print(f"{metadata_prior.summary(prior)}; stored in best.pt")
+        else:  # e.g. one image folder without a metadata CSV: the image model is complete on its own
+            print("metadata prior skipped: the training images have no age, sex or localization")
+    if cfg.get("min_sensitivity") not in (None, "", "none"):
+        targets = operating_point.parse_targets(cfg["min_sensitivity"], CLASSES)
+        try:
+            point = fitting.set_operating_point(run_dir, targets, "val", True, 2 * cfg["batch_size"], device,
+                                                cfg["workers"], cfg.get("cache_dir"), cfg["cache"])  # fmt: skip
+        except SkinLesionError as e:  # e.g. no melanoma in a tiny val split: the model stays usable as it is
+            print(f"operating point skipped: {e}")
+            return
+        print(f"{operating_point.report_line(point)}; stored in best.pt")

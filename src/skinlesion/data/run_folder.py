@@ -1,0 +1,73 @@
+"""The data side of a run folder: its config.json, its splits.csv joined with the data folder it names, labels,
+and the image cache its images live in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from skinlesion.classes import CLASS_INDEX
+from skinlesion.data.ham10000 import load_table
+from skinlesion.data.split import read_splits
+from skinlesion.errors import SkinLesionError
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise SkinLesionError(f"{path} not found; pass the folder `skinlesion train` wrote as --run-dir")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_table(run_dir: Path) -> pd.DataFrame:
+    """splits.csv joined with image paths (and age, sex, site) from the data folder recorded in config.json."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    splits_path = run_dir / "splits.csv"
+    if not splits_path.is_file():
+        raise SkinLesionError(f"{splits_path} not found; is {run_dir} a training run folder?")
+    splits = read_splits(splits_path)
+    table = load_table(data_dir=config.get("data_dir"), metadata=config.get("metadata"), images=config.get("images"))
+    # Age, sex and site come along for the metadata prior.
+    extra = [c for c in ("age", "sex", "localization") if c in table and c not in splits]
+    merged = splits.merge(table[["image_id", "path", *extra]], on="image_id", how="left")
+    missing = merged["path"].isna()
+    if missing.any():
+        raise SkinLesionError(
+            f"{int(missing.sum())} images of {splits_path} (e.g. {merged.loc[missing, 'image_id'].iloc[0]}) are not in "
+            f"the data folder recorded in config.json ({config.get('data_dir')}); restore that folder"
+        )
+    return merged
+
+
+def split_part(run_dir: Path, split: str) -> pd.DataFrame:
+    table = run_table(run_dir)
+    part = table[table["split"] == split].reset_index(drop=True)
+    if part.empty:
+        have = ", ".join(sorted(table["split"].unique()))
+        raise SkinLesionError(f"splits.csv of {run_dir} has no '{split}' images (it has: {have}); pick another --split")
+    return part
+
+
+def labels_of(table: pd.DataFrame) -> np.ndarray:
+    unknown = sorted(set(table["dx"].astype(str)) - set(CLASS_INDEX))
+    if unknown:
+        raise SkinLesionError(f"labels {unknown} are not HAM10000 classes; evaluation needs labelled images")
+    return table["dx"].map(CLASS_INDEX).to_numpy(dtype=int)
+
+
+def lesion_ids(table: pd.DataFrame) -> np.ndarray:
+    return table["lesion_id"].astype(str).to_numpy()
+
+
+def open_cache(table: pd.DataFrame, short_side: int, use_cache: bool, cache_dir: str | None):
+    """The pre-resized image cache of these images, or None (decode the originals) when it is off."""
+    if not use_cache:
+        return None
+    from skinlesion.data.cache import ImageCache
+
+    return ImageCache.open_or_build(table, short_side, cache_dir=cache_dir)

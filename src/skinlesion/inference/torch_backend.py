@@ -1,0 +1,41 @@
+"""PyTorch backend: best.pt's network and its eval transform -> raw logits per TTA view.
+
+It returns logits before any post-hoc step; the decision chain (decision/chain.py) does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from skinlesion.data.transforms import eval_transform
+from skinlesion.inference.views import views
+from skinlesion.model import checkpoint
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, source: str | Path | checkpoint.Loaded, device: str = "cpu"):
+        self.loaded = source if isinstance(source, checkpoint.Loaded) else checkpoint.load(source, device)
+        self.device = torch.device(device)
+        self.model = self.loaded.model.to(self.device).eval()
+        self.meta = self.loaded.meta
+        self.classes: list[str] = list(self.meta["classes"])
+        self.img_size = int(self.meta["img_size"])
+        self.resize_size = int(self.meta["resize_size"])
+        self.transform = eval_transform(self.img_size, self.resize_size, tuple(self.meta["mean"]),
+                                        tuple(self.meta["std"]))  # fmt: skip
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(im) for im in images])
+
+    @torch.inference_mode()
+    def view_logits(self, batch: torch.Tensor, n_views: int = 1) -> np.ndarray:
+        """Raw logits (n_views, N, C), float32, of a preprocessed batch under each TTA view."""
+        batch = batch.to(self.device)
+        return np.stack([self.model(v).float().cpu().numpy() for v in views(batch, n_views)])
