@@ -150,3 +150,12 @@ def test_single_image_consumers_agree_with_predict(full_run, capsys):
     # The decision is the operating point's, not the argmax, wherever they differ.
     bias = operating_point.vector(DecisionChain.from_meta(checkpoint.read(full_run)).operating_point, CLASSES)
     assert row["prediction"] == CLASSES[int(operating_point.decide(expected[None], bias)[0])]
+
+
+def test_the_command_line_switches_change_only_what_they_name():
+    point = {"classes": list(CLASSES), "min_sensitivity": {"mel": 0.8}, "bias": [0.0] * 7, "fitted_on": "val"}
+    chain = DecisionChain(tuple(CLASSES), 1.3, {"categories": {}}, point, tta_views=4, pool_lesions=True)
+    assert chain.switched() == chain
+    off = chain.switched(8, metadata_prior=False, operating_point=False, pool_lesions=False)
+    assert (off.tta_views, off.metadata_prior, off.operating_point, off.pool_lesions) == (8, None, None, False)
+    assert off.temperature == 1.3 and chain.switched(pool_lesions=None).pool_lesions

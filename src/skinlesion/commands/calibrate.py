@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from skinlesion import fileio
 from skinlesion.data.run_folder import read_config
 from skinlesion.device import resolve_device
 from skinlesion.evaluation import fitting
@@ -13,6 +14,7 @@ from skinlesion.evaluation import fitting
 
 def main(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
+    fileio.remove_stale_temps(run_dir)  # temp files of a process that died mid-write
     device = str(resolve_device(args.device))
     cache_dir = args.cache_dir or read_config(run_dir).get("cache_dir")
     use_cache = getattr(args, "cache", True)

@@ -45,17 +45,9 @@ def main(args: argparse.Namespace) -> None:
     y = labels_of(table)
 
     # The run's chain, with what the flags switch off.
-    chain = classifier.chain
-    changes: dict[str, Any] = {}
-    if getattr(args, "tta_views", None):
-        changes["tta_views"] = args.tta_views
-    if not getattr(args, "metadata_prior", True):
-        changes["metadata_prior"] = None
-    if not getattr(args, "operating_point", True):
-        changes["operating_point"] = None
-    if getattr(args, "pool_lesions", None) is not None:
-        changes["pool_lesions"] = args.pool_lesions
-    classifier = classifier.with_chain(**changes)
+    switches = (getattr(args, "tta_views", None), getattr(args, "metadata_prior", True),
+                getattr(args, "operating_point", True), getattr(args, "pool_lesions", None))  # fmt: skip
+    classifier = classifier.switched(*switches)
     chain = classifier.chain
 
     # The run's own images live in the cache training used, unless told otherwise.

@@ -165,17 +165,10 @@ def main(args: argparse.Namespace) -> None:
     if not files:
         raise SkinLesionError("no image files found in the inputs; pass .jpg/.jpeg/.png files or folders holding them")
     classifier = load_classifier(args.run_dir, args.backend)
-    changes: dict[str, Any] = {}
-    if getattr(args, "tta_views", None):
-        changes["tta_views"] = args.tta_views
-    if not getattr(args, "metadata_prior", True):
-        changes["metadata_prior"] = None
-    if not getattr(args, "operating_point", True):
-        changes["operating_point"] = None
     asked = getattr(args, "pool_lesions", None)
-    if asked is not None:
-        changes["pool_lesions"] = asked
-    classifier = classifier.with_chain(**changes)
+    switches = (getattr(args, "tta_views", None), getattr(args, "metadata_prior", True),
+                getattr(args, "operating_point", True), asked)  # fmt: skip
+    classifier = classifier.switched(*switches)
     chain = classifier.chain
     top_k = min(args.top_k, len(chain.classes))
     prior = chain.metadata_prior

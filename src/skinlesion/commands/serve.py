@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 
 from skinlesion.errors import SkinLesionError
 from skinlesion.serve.app import create_app
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` once (and let go) so a busy port is one line before the model loads, not a uvicorn
+    traceback after. SO_REUSEADDR as uvicorn sets it: a port in TIME_WAIT is free, one with a listener is not."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SkinLesionError(f"cannot resolve --host {host} ({e.strerror}); pass an address such as 127.0.0.1") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        if sys.platform != "win32":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
+                raise SkinLesionError(f"port {port} on {host} is in use; pass --port N") from e
+            raise SkinLesionError(
+                f"cannot listen on {host} port {port} ({e.strerror or e}); pass another --host or --port"
+            ) from e
 
 
 def main(args: argparse.Namespace) -> None:
@@ -14,6 +37,7 @@ def main(args: argparse.Namespace) -> None:
 
     if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
         raise SkinLesionError("--max-upload-mb and --max-megapixels must be positive")
+    check_port(args.host, args.port)
     app = create_app(args.run_dir, args.max_upload_mb, args.backend, args.max_megapixels)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(

@@ -73,6 +73,26 @@ class DecisionChain:
     def replace(self, **changes: Any) -> DecisionChain:
         return dataclasses.replace(self, **changes)
 
+    def switched(
+        self,
+        tta_views: int | None = None,
+        metadata_prior: bool = True,
+        operating_point: bool = True,
+        pool_lesions: bool | None = None,
+    ) -> DecisionChain:
+        """The chain with the command line's switches: --tta-views N, --no-metadata-prior, --no-operating-point,
+        --pool-lesions / --no-pool-lesions (None: the run's own setting)."""
+        changes: dict[str, Any] = {}
+        if tta_views:
+            changes["tta_views"] = tta_views
+        if not metadata_prior:
+            changes["metadata_prior"] = None
+        if not operating_point:
+            changes["operating_point"] = None
+        if pool_lesions is not None:
+            changes["pool_lesions"] = pool_lesions
+        return self.replace(**changes)
+
     # ---------------------------------------------------------------------------------------------- steps
     def offsets(self, table: pd.DataFrame | None) -> np.ndarray | None:
         """The metadata prior's offsets for rows of age / sex / localization (None: no prior or no table)."""

@@ -70,6 +70,10 @@ class Classifier:
         """The same network with some chain settings changed (a step switched off, other TTA views)."""
         return replace(self, chain=self.chain.replace(**changes))
 
+    def switched(self, *switches: Any) -> Classifier:
+        """The same network with the command line's switches applied to its chain (DecisionChain.switched)."""
+        return replace(self, chain=self.chain.switched(*switches))
+
     def n_views(self, tta: bool) -> int:
         return self.chain.tta_views if tta else 1
 

@@ -24,6 +24,37 @@ from skinlesion.model import checkpoint
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 TOLERANCE = 1e-4  # max abs difference allowed between PyTorch and ONNX Runtime probabilities
+# torch's dynamo exporter implements opset 18 and later; below 18 it silently writes 18, and past the installed
+# onnx package's newest opset it silently writes 18 as well. Verified 18-28 with torch 2.14 / onnx 1.23.
+MIN_OPSET = 18
+
+
+def max_opset() -> int:
+    """The newest opset the installed onnx package defines (the exporter cannot write a later one)."""
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> None:
+    """Refuse, before any work, an opset the exporter cannot write."""
+    top = max_opset()
+    if not MIN_OPSET <= opset <= top:
+        raise SkinLesionError(
+            f"--opset {opset} cannot be written by torch's ONNX exporter (it writes {MIN_OPSET}-{top} with the "
+            f"installed onnx); pass --opset {MIN_OPSET} (the default) or up to {top}"
+        )
+
+
+def written_opset(model: bytes | str | Path) -> int:
+    """The default-domain opset an ONNX model (bytes or a file) declares."""
+    import onnx
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise SkinLesionError("the ONNX model declares no default-domain opset; export is broken")
+    return int(versions[0])
 
 
 def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
@@ -74,8 +105,14 @@ def to_onnx_bytes(model: torch.nn.Module, img_size: int, opset: int) -> bytes:
     except Exception as e:  # noqa: BLE001 - any exporter failure is reported in one line
         raise SkinLesionError(
             f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "try another --opset (17-21)"
+            f"try another --opset ({MIN_OPSET}-{max_opset()})"
         ) from e
+    written = [o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")]
+    if written != [opset]:
+        raise SkinLesionError(
+            f"the exporter wrote opset {written[0] if written else '?'} instead of the requested {opset}; nothing "
+            f"written — pass --opset {written[0] if written else MIN_OPSET}"
+        )
     return program.model_proto.SerializeToString()
 
 
@@ -135,6 +172,7 @@ def export_onnx(
 
     Returns the path, max |dp|, max |dlogit| and the largest |logit| seen in the check.
     """
+    check_opset(opset)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "best.pt" if run_dir.is_dir() else run_dir
     loaded = checkpoint.load(ckpt_path)

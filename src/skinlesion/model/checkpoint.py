@@ -3,6 +3,10 @@
 Keys: model (state dict), backbone, num_classes, classes, img_size, resize_size, mean, std,
 temperature (1.0 until calibrated), epoch, metrics, config, splits_sha256, versions;
 last.pt adds optimizer, scheduler, scaler, rng (see train.py).
+
+Safe to open: files hold tensors and plain data only (``fileio.torch_save``) and are read with
+``weights_only=True`` (``fileio.torch_load``), so a checkpoint cannot run code. An older file that holds NumPy
+values is converted once, on the user's explicit word, by ``convert`` (``skinlesion convert-checkpoint``).
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from skinlesion.errors import SkinLesionError
 def versions() -> dict[str, str]:
     import torchvision
 
-    return {
-        "skinlesion": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
+    return {  # str(): torch's version string is a str subclass, not plain data
+        "skinlesion": str(__version__),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "timm": str(timm.__version__),
         "python": platform.python_version(),
     }
 
@@ -61,16 +65,70 @@ def save(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     return fileio.torch_save(path, payload)
 
 
-def read(path: str | Path) -> dict[str, Any]:
+# Keys every skinlesion checkpoint (best.pt and last.pt) has; `load` needs them all.
+REQUIRED = ("backbone", "model", "num_classes", "classes", "img_size", "resize_size", "mean", "std")
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` itself, or a run folder's best.pt."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
+    return path / "best.pt" if path.is_dir() else path
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's dict, loaded as tensors and plain data only (never unpickling code), with its keys checked."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise SkinLesionError(f"no checkpoint at {path}; train first (skinlesion train) or pass the right --run-dir")
+    ckpt = fileio.torch_load(path, "checkpoint")
+    check(ckpt, path)
+    return ckpt
+
+
+def check(ckpt: Any, path: str | Path) -> None:
+    """One line for a file that is not a skinlesion checkpoint (a plain state dict, a tensor, a partial dict)."""
+    hint = "pass a run folder made by `skinlesion train` or its best.pt"
+    if not isinstance(ckpt, dict):
+        raise SkinLesionError(f"{path} is not a skinlesion checkpoint (it holds a {type(ckpt).__name__}); {hint}")
+    for key in REQUIRED:
+        if key not in ckpt:
+            raise SkinLesionError(f"{path} is not a skinlesion checkpoint (no {key!r} key); {hint}")
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise SkinLesionError(f"{path} is not a skinlesion checkpoint ('model' is not a state dict); {hint}")
+
+
+def convert(path: str | Path, trust: bool = False) -> tuple[Path, str]:
+    """Rewrite an old checkpoint (NumPy values in its meta or RNG state) as tensors and plain data, atomically.
+
+    Reading it means unpickling with ``weights_only=False``, which runs whatever code the file carries: only
+    with ``trust`` (the CLI's ``--i-trust-this-file``). Returns the file and what was done."""
+    path = checkpoint_file(path)
+    if not path.is_file():
+        raise SkinLesionError(f"no checkpoint at {path}; pass a best.pt / last.pt or a run folder")
+    if not trust:
+        raise SkinLesionError(
+            f"converting {path} unpickles it, which runs any code hidden in the file; pass --i-trust-this-file "
+            "only for a checkpoint you made yourself or got from someone you trust"
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        fileio.torch_load(path, "checkpoint")
+    except SkinLesionError:
+        pass
+    else:
+        return path, "already plain data (loads with weights_only=True); nothing to do"
+    names = fileio.unsafe_globals(path) or []
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
     except Exception as e:  # noqa: BLE001
-        raise SkinLesionError(f"could not read checkpoint {path}: {e}") from e
+        raise SkinLesionError(f"could not read {path} even with pickle ({type(e).__name__}); it is damaged") from e
+    try:
+        data = fileio.plain(ckpt)
+    except TypeError as e:
+        raise SkinLesionError(f"cannot convert {path}: {e}; it is not a skinlesion checkpoint") from e
+    fileio.torch_save(path, data)
+    fileio.torch_load(path, "checkpoint")  # proves the rewrite
+    held = f" (was: {', '.join(names)})" if names else ""
+    return path, f"rewritten as tensors and plain data{held}; it now loads with weights_only=True"
 
 
 @dataclass
@@ -90,10 +148,22 @@ class Loaded:
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """Rebuild the model from a checkpoint file or a run folder (its best.pt), in eval mode."""
     ckpt = read(path)
-    model = timm.create_model(
-        ckpt["backbone"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {})
-    )
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = timm.create_model(
+            ckpt["backbone"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {})
+        )
+    except Exception as e:  # noqa: BLE001 - unknown backbone name, bad kwargs: the file's problem
+        raise SkinLesionError(
+            f"{checkpoint_file(path)}: cannot build backbone {ckpt['backbone']!r} ({fileio.first_line(e)}); "
+            "the checkpoint was made with another timm version or is damaged"
+        ) from e
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise SkinLesionError(
+            f"{checkpoint_file(path)}: its weights do not fit {ckpt['backbone']} ({fileio.first_line(e)}); "
+            "the checkpoint is damaged or was edited"
+        ) from e
     model.to(device).eval()
     training_state = ("model", "optimizer", "scheduler", "scaler", "rng", "ema", "train_state")
     meta = {k: v for k, v in ckpt.items() if k not in training_state}
@@ -103,7 +173,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
 def set_entry(path: str | Path, key: str, value: Any) -> None:
     """Store ``value`` under ``key`` in an existing checkpoint (atomic rewrite); None removes the key.
     A value with a ``classes`` list must list the checkpoint's classes in its order."""
-    file = Path(path) / "best.pt" if Path(path).is_dir() else Path(path)
+    file = checkpoint_file(path)
     ckpt = read(file)
     if value is None:
         ckpt.pop(key, None)
@@ -120,4 +190,4 @@ def set_temperature(path: str | Path, temperature: float, calibration: dict[str,
     ckpt["temperature"] = float(temperature)
     if calibration is not None:
         ckpt["calibration"] = calibration
-    fileio.torch_save(Path(path) / "best.pt" if Path(path).is_dir() else path, ckpt)
+    fileio.torch_save(checkpoint_file(path), ckpt)

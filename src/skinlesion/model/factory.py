@@ -13,6 +13,7 @@ import timm
 import torch
 from torch import nn
 
+from skinlesion import fileio
 from skinlesion.classes import NUM_CLASSES
 from skinlesion.errors import SkinLesionError
 
@@ -63,20 +64,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise SkinLesionError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":  # tensors only by design
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decode failure is the user's file
-        raise SkinLesionError(f"could not read weights from {path}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - any decode failure is the user's file
+            raise SkinLesionError(f"could not read weights from {path}: {fileio.first_line(e)}") from e
+    else:  # weights_only=True: a .pth that needs pickle for more than tensors is refused, never run
+        state = fileio.torch_load(path, "weights file")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not state:
         raise SkinLesionError(f"{path} holds no state dict")
+    odd = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise SkinLesionError(f"{path}: entry {odd!r} is not a tensor; pass a state dict of ImageNet weights")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 

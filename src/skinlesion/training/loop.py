@@ -122,15 +122,32 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy and torch RNG states as tensors and plain data (last.pt loads with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": (int(version), tuple(int(v) for v in internal), None if gauss is None else float(gauss)),
+        "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore ``rng_state()``; also takes a converted older last.pt (NumPy's state as a tuple)."""
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["bit_generator"], numpy_state["keys"], numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])  # fmt: skip
+    name, keys, pos, has_gauss, cached = numpy_state
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), int(pos), int(has_gauss),
+                         float(cached)))  # fmt: skip
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -342,6 +359,8 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
     )
     cfg["run_name"] = run_name
     run_dir = Path(cfg["out"]) / run_name
+    if d.is_main:  # temp files of a process that died mid-write (e.g. .last.pt.*.tmp)
+        fileio.remove_stale_temps(run_dir)
     last = None
     if resume:
         if not (run_dir / "last.pt").is_file():
