@@ -15,6 +15,7 @@ from PIL import Image
 from skinlesion import fileio
 from skinlesion.classes import CLASSES, FULL_NAMES
 from skinlesion.cli import build_parser
+from skinlesion.commands import serve as serve_command
 from skinlesion.data.images import open_rgb
 from skinlesion.inference.classifier import Classifier
 from skinlesion.model import checkpoint
@@ -207,6 +208,6 @@ def test_serve_binds_loopback_by_default(run, monkeypatch):
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
     args = build_parser().parse_args(["serve", "--run-dir", str(run)])
-    serve_app.main(args)
+    serve_command.main(args)
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
     assert seen["app"].state.service.model_id.startswith("tiny@")

@@ -156,13 +156,13 @@ def test_imbalance_and_regularisation_flags(synth_dir, tmp_path):
 
 
 def test_improved_recipe_and_patience(synth_dir, tmp_path):
-    """--recipe improved supplies its defaults. With lr 0 a model without BatchNorm never changes, so it never
-    improves after epoch 1 and --patience 1 stops after epoch 2."""
-    flags = [*FAST, "--backbone", "test_vit", "--recipe", "improved", "--epochs", "5", "--lr", "0",
+    """--recipe improved supplies its defaults. With lr 1e-12 (0 is refused) a model without BatchNorm does not
+    change, so it never improves after epoch 1 and --patience 1 stops after epoch 2."""
+    flags = [*FAST, "--backbone", "test_vit", "--recipe", "improved", "--epochs", "5", "--lr", "1e-12",
              "--patience", "1", "--max-train-batches", "1"]  # fmt: skip
     assert train(synth_dir, tmp_path, "stop", *flags) == 0
     cfg = json.loads((tmp_path / "stop/config.json").read_text())
-    assert (cfg["recipe"], cfg["logit_adjust_tau"], cfg["lr"]) == ("improved", 1.0, 0)
+    assert (cfg["recipe"], cfg["logit_adjust_tau"], cfg["lr"]) == ("improved", 1.0, 1e-12)
     best = checkpoint.read(tmp_path / "stop")
     assert best["logit_adjustment"]["tau"] == 1.0  # prior correction in best.pt
     assert best["metadata_prior"]["n_fit"] == cfg["n_train"]  # and the age / sex / site prior

@@ -8,11 +8,51 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from skinlesion import __version__
 from skinlesion.errors import SkinLesionError
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse ``type=``: parse an int or a finite float in [low, high] (``low_open`` / ``high_open``: the
+    end excluded). A bad value is argparse's usage line plus one error line (exit code 2), before any work."""
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high:g}")
+    wanted = " and ".join([f"{'an integer' if kind is int else 'a finite number'} {bounds[0]}" if bounds else
+                           ("an integer" if kind is int else "a finite number"), *bounds[1:]])  # fmt: skip
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if (kind is float and not math.isfinite(value)) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE = number(float, 0, low_open=True)  # > 0, finite
+NON_NEGATIVE = number(float, 0)  # >= 0, finite
+FINITE = number(float)
+FRACTION = number(float, 0, 1, low_open=True, high_open=True)  # (0, 1)
+PART = number(float, 0, 1, high_open=True)  # [0, 1)
+AT_LEAST_0 = number(int, 0)
+AT_LEAST_1 = number(int, 1)
+IMG_SIZE = number(int, 32)  # the backbones downsample 32x
+PORT = number(int, 1, 65535)
 
 DATA_HELP = "HAM10000 folder (Kaggle layout, one image folder, or ISIC 2018 Task 3); default: bundled sample"
 
@@ -33,8 +73,8 @@ def _add_prepare(sub) -> None:
     _data_args(p)
     _cache_args(p)
     p.add_argument("--allow-missing", action="store_true", help="drop (and record) missing or corrupt images")
-    p.add_argument("--img-size", type=int, default=224, help="training size the cache is made for (default 224)")
-    p.add_argument("--cache-size", type=int, help="short side of cached images (default: derived from --img-size)")
+    p.add_argument("--img-size", type=IMG_SIZE, default=224, help="training size the cache is made for (default 224)")
+    p.add_argument("--cache-size", type=IMG_SIZE, help="short side of cached images (default: derived from --img-size)")
     p.set_defaults(module="skinlesion.commands.prepare")
 
 
@@ -42,10 +82,10 @@ def _add_split(sub) -> None:
     p = sub.add_parser("split", help="lesion-grouped stratified train/val(/test) split to a CSV")
     _data_args(p)
     p.add_argument("--out", default="splits.csv", help="output CSV (default splits.csv)")
-    p.add_argument("--val-frac", type=float, default=0.2, help="validation fraction (default 0.2)")
-    p.add_argument("--test-frac", type=float, default=0.0, help="test fraction for three parts (default 0)")
+    p.add_argument("--val-frac", type=FRACTION, default=0.2, help="validation fraction (default 0.2)")
+    p.add_argument("--test-frac", type=PART, default=0.0, help="test fraction for three parts (default 0)")
     p.add_argument("--folds", type=int, help="K-fold mode: number of folds (val = fold --fold)")
-    p.add_argument("--fold", type=int, default=0, help="which fold is val in K-fold mode (default 0)")
+    p.add_argument("--fold", type=AT_LEAST_0, default=0, help="which fold is val in K-fold mode (default 0)")
     p.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
     p.add_argument("--allow-missing", action="store_true", help="drop missing or corrupt images")
     p.set_defaults(module="skinlesion.commands.split")
@@ -54,7 +94,7 @@ def _add_split(sub) -> None:
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic HAM10000-layout folder that a small net learns fast")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n-per-class", type=int, default=40, help="images per class (default 40)")
+    p.add_argument("--n-per-class", type=AT_LEAST_1, default=40, help="images per class (default 40)")
     p.add_argument("--size", default="96x72", help="image size WxH (default 96x72)")
     p.add_argument("--imbalance", action="store_true", help="HAM10000-like class proportions")
     p.add_argument("--seed", type=int, default=0)
@@ -77,30 +117,30 @@ def _add_train(sub) -> None:
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
                    help="train from scratch")
     p.add_argument("--splits", help="reuse this splits.csv instead of splitting again")
-    p.add_argument("--val-frac", type=float, help="validation fraction of a new split (reference 0.2)")
-    p.add_argument("--img-size", type=int, help="input size (reference 224; resize = round(size*257/224))")
+    p.add_argument("--val-frac", type=FRACTION, help="validation fraction of a new split (reference 0.2)")
+    p.add_argument("--img-size", type=IMG_SIZE, help="input size (reference 224; resize = round(size*257/224))")
     p.add_argument("--augment", choices=["reference", "dermoscopy"], help="train augmentation (reference: reference)")
-    p.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default: the backbone's)")
-    p.add_argument("--std", type=float, nargs=3, help="normalisation std (default: the backbone's)")
-    p.add_argument("--epochs", type=int, help="reference 20")
-    p.add_argument("--batch-size", type=int, help="per process (reference 32)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (reference 3e-4)")
-    p.add_argument("--weight-decay", type=float, help="reference 1e-4")
-    p.add_argument("--head-lr-mult", type=float, help="classifier lr = lr * this (reference 1)")
-    p.add_argument("--head-warmup-epochs", type=int, help="train only the new classifier for the first N epochs "
+    p.add_argument("--mean", type=FINITE, nargs=3, help="normalisation mean (default: the backbone's)")
+    p.add_argument("--std", type=POSITIVE, nargs=3, help="normalisation std (default: the backbone's)")
+    p.add_argument("--epochs", type=AT_LEAST_1, help="reference 20")
+    p.add_argument("--batch-size", type=AT_LEAST_1, help="per process (reference 32)")
+    p.add_argument("--lr", type=POSITIVE, help="AdamW learning rate (reference 3e-4)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, help="reference 1e-4")
+    p.add_argument("--head-lr-mult", type=NON_NEGATIVE, help="classifier lr = lr * this (reference 1)")
+    p.add_argument("--head-warmup-epochs", type=AT_LEAST_0, help="train only the new classifier for the first N epochs "
                    "(backbone lr x 0; reference 0)")
-    p.add_argument("--drop-rate", type=float, help="dropout before the classifier (reference 0.2)")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine (reference 0)")
-    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (reference: off)")
-    p.add_argument("--grad-accum", type=int, help="accumulate gradients over N batches (reference 1)")
+    p.add_argument("--drop-rate", type=PART, help="dropout before the classifier (reference 0.2)")
+    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, help="linear warm-up before the cosine (reference 0)")
+    p.add_argument("--clip-grad", type=POSITIVE, help="clip the gradient norm to this (reference: off)")
+    p.add_argument("--grad-accum", type=AT_LEAST_1, help="accumulate gradients over N batches (reference 1)")
     p.add_argument("--loss", choices=["ce", "focal"], help="reference ce")
-    p.add_argument("--gamma", type=float, help="focal-loss gamma (default 2)")
+    p.add_argument("--gamma", type=NON_NEGATIVE, help="focal-loss gamma (default 2)")
     p.add_argument("--class-weights", choices=["none", "inverse", "sqrt", "effective"],
                    help="per-class loss weights from train counts (reference none)")
     p.add_argument("--sampler", choices=["none", "balanced"], help="class-balanced sampling (reference none)")
-    p.add_argument("--logit-adjust-tau", type=float, help="after training, add -tau*log(train class prior) to "
+    p.add_argument("--logit-adjust-tau", type=FINITE, help="after training, add -tau*log(train class prior) to "
                    "best.pt's classifier bias (prior correction for balanced accuracy; reference 0 = off)")
-    p.add_argument("--label-smoothing", type=float, help="reference 0")
+    p.add_argument("--label-smoothing", type=PART, help="reference 0")
     p.add_argument("--tta-views", type=int, choices=[4, 8], help="views `--tta` averages for this run in "
                    "evaluate / predict / export: 4 flips or the 8 dihedral symmetries (reference 4)")
     p.add_argument("--metadata-prior", action=argparse.BooleanOptionalAction, help="after training, fit p(class | "
@@ -111,25 +151,25 @@ def _add_train(sub) -> None:
                    "improved mel=0.75; 'none' turns it off)")
     p.add_argument("--pool-lesions", action=argparse.BooleanOptionalAction, help="evaluate / predict score the "
                    "images of one lesion together where lesion ids are given (reference off, improved on)")
-    p.add_argument("--mixup", type=float, help="timm Mixup alpha (reference 0 = off)")
-    p.add_argument("--cutmix", type=float, help="timm CutMix alpha (reference 0 = off)")
+    p.add_argument("--mixup", type=NON_NEGATIVE, help="timm Mixup alpha (reference 0 = off)")
+    p.add_argument("--cutmix", type=NON_NEGATIVE, help="timm CutMix alpha (reference 0 = off)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, help="EMA of the weights, validated and kept "
                    "in best.pt (reference off)")
-    p.add_argument("--ema-decay", type=float, help="EMA decay (default 0.999, warmed up)")
+    p.add_argument("--ema-decay", type=PART, help="EMA decay (default 0.999, warmed up)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (fp16 + GradScaler on GPUs without bf16) where supported (default on)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory format (default on)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
     p.add_argument("--select", choices=["macro_f1", "val_loss", "balanced_acc", "auc"],
                    help="validation metric that picks best.pt (default macro_f1)")
-    p.add_argument("--patience", type=int, help="stop after N epochs without improvement (default: off)")
+    p.add_argument("--patience", type=AT_LEAST_1, help="stop after N epochs without improvement (default: off)")
     p.add_argument("--seed", type=int, help="seeds the split, init, sampling and augmentation (default 42)")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], help="default auto: cuda, mps, cpu")
-    p.add_argument("--workers", type=int, help="data loader workers per process (default 2)")
+    p.add_argument("--workers", type=AT_LEAST_0, help="data loader workers per process (default 2)")
     p.add_argument("--resume", action="store_true", help="continue the run folder from last.pt")
-    p.add_argument("--max-train-batches", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--max-train-batches", type=AT_LEAST_1, help=argparse.SUPPRESS)
     # Stop as if interrupted after N epochs of this invocation (tests of --resume; time-boxed runs).
-    p.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after-epochs", type=AT_LEAST_1, help=argparse.SUPPRESS)
     p.set_defaults(module="skinlesion.commands.train")
 
 
@@ -149,9 +189,10 @@ def _add_evaluate(sub) -> None:
                    help="score the image model alone even if best.pt holds a metadata prior")
     p.add_argument("--no-operating-point", dest="operating_point", action="store_false",
                    help="score the plain argmax even if best.pt holds an operating point")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="lesion-bootstrap resamples for the CIs (default 1000)")
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=64)
+    p.add_argument("--workers", type=AT_LEAST_0, default=0, help="data loader workers (default 0)")
+    p.add_argument("--bootstrap", type=AT_LEAST_0, default=1000,
+                   help="lesion-bootstrap resamples for the CIs (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--device", default="auto")
     _cache_args(p)
@@ -165,11 +206,12 @@ def _add_calibrate(sub) -> None:
                    help="crossfit: fit and score on disjoint halves of val lesions, store T fitted on all val "
                         "(default); train-slice: fit on a lesion slice of train, score on val")
     p.add_argument("--split", default="val", help="held-out part to fit/score on (default val)")
-    p.add_argument("--folds", type=int, default=2, help="crossfit folds over lesions (default 2)")
-    p.add_argument("--slice-frac", type=float, default=0.1, help="train-slice: fraction of train lesions (default 0.1)")
+    p.add_argument("--folds", type=number(int, 2), default=2, help="crossfit folds over lesions (default 2)")
+    p.add_argument("--slice-frac", type=FRACTION, default=0.1,
+                   help="train-slice: fraction of train lesions (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=64)
+    p.add_argument("--workers", type=AT_LEAST_0, default=0)
     p.add_argument("--device", default="auto")
     _cache_args(p)
     p.set_defaults(module="skinlesion.commands.calibrate")
@@ -194,8 +236,8 @@ def _add_operating_point(sub) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_false",
                    help="fit on single-view logits instead of the run's TTA views (default: TTA, as evaluate --tta)")
     p.add_argument("--remove", action="store_true", help="take the operating point out of best.pt instead")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=64)
+    p.add_argument("--workers", type=AT_LEAST_0, default=0)
     p.add_argument("--device", default="auto")
     _cache_args(p)
     p.set_defaults(module="skinlesion.commands.operating_point")
@@ -208,8 +250,8 @@ def _add_report(sub) -> None:
     p.add_argument("--cam-method", default="gradcam", choices=["gradcam", "gradcam++", "eigencam"],
                    help="Grad-CAM gallery method (default gradcam)")
     p.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip the Grad-CAM gallery")
-    p.add_argument("--grid-per-class", type=int, default=2, help="lesion-grid images per class (default 2)")
-    p.add_argument("--grid-size", type=int, default=160, help="lesion-grid tile size in pixels (default 160)")
+    p.add_argument("--grid-per-class", type=AT_LEAST_0, default=2, help="lesion-grid images per class (default 2)")
+    p.add_argument("--grid-size", type=IMG_SIZE, default=160, help="lesion-grid tile size in pixels (default 160)")
     p.set_defaults(module="skinlesion.commands.report")
 
 
@@ -227,8 +269,8 @@ def _add_gradcam(sub) -> None:
 def _add_grid(sub) -> None:
     p = sub.add_parser("grid", help="labelled grid of example lesions per class")
     _data_args(p)
-    p.add_argument("--n-per-class", type=int, default=1)
-    p.add_argument("--size", type=int, default=256, help="tile size in pixels")
+    p.add_argument("--n-per-class", type=AT_LEAST_1, default=1)
+    p.add_argument("--size", type=IMG_SIZE, default=256, help="tile size in pixels")
     p.add_argument("--out", default="lesion_grid.png")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(module="skinlesion.commands.grid")
@@ -241,7 +283,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--tta", action="store_true", help="average over flipped/rotated views (the run's recipe)")
     p.add_argument("--tta-views", type=int, choices=[4, 8],
                    help="TTA views: 4 flips or the 8 dihedral symmetries (default: the run's recipe)")
-    p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
+    p.add_argument("--top-k", type=AT_LEAST_1, default=3, help="classes listed per image (default 3)")
     p.add_argument("--metadata", help="CSV with image_id (= file name stem) and any of age, sex, localization, "
                    "lesion_id, e.g. HAM10000_metadata.csv: per-image input for the run's metadata prior and "
                    "lesion pooling")
@@ -258,7 +300,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--format", default="table", choices=["table", "json", "csv"], help="stdout format (default table)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="torch: best.pt; onnx: model.onnx from `skinlesion export` (default torch)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=32, help="images per forward pass (default 32)")
     p.set_defaults(module="skinlesion.commands.predict")
 
 
@@ -266,7 +308,8 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export best.pt to ONNX (checked against PyTorch)")
     p.add_argument("--run-dir", required=True, help="run folder with best.pt")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=AT_LEAST_1, default=18, help="ONNX opset: 18 (default) up to the newest the "
+                   "installed onnx defines (28 for onnx 1.23); others are refused before exporting")
     p.add_argument("--out", help="output file (default <run>/model.onnx)")
     p.set_defaults(module="skinlesion.commands.export")
 
@@ -275,14 +318,23 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="web page + JSON API for a trained run")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="request size limit (default 20)")
-    p.add_argument("--max-megapixels", type=float, default=50.0,
+    p.add_argument("--port", type=PORT, default=8000, help="port 1-65535 (default 8000)")
+    p.add_argument("--max-upload-mb", type=POSITIVE, default=20.0, help="request size limit (default 20)")
+    p.add_argument("--max-megapixels", type=POSITIVE, default=50.0,
                    help="decoded pixel limit, refuses decompression bombs (default 50)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
                    help="scoring backend; auto = ONNX Runtime when an up-to-date model.onnx exists (default auto)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(module="skinlesion.commands.serve")
+
+
+def _add_convert_checkpoint(sub) -> None:
+    p = sub.add_parser("convert-checkpoint", help="rewrite an old best.pt / last.pt (NumPy values pickled inside) as "
+                       "tensors and plain data, so it loads safely")  # fmt: skip
+    p.add_argument("path", help="checkpoint file, or a run folder (its best.pt and last.pt)")
+    p.add_argument("--i-trust-this-file", dest="trust", action="store_true",
+                   help="required: reading the old file unpickles it, which runs any code hidden in it")
+    p.set_defaults(module="skinlesion.commands.convert_checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prepare, _add_split, _add_synth, _add_train, _add_evaluate, _add_calibrate,
                 _add_fit_metadata_prior, _add_operating_point, _add_report, _add_gradcam, _add_grid, _add_predict,
-                _add_export, _add_serve):
+                _add_export, _add_serve, _add_convert_checkpoint):
         add(sub)
     return parser
 
@@ -320,6 +372,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`skinlesion predict ... | head`): stop quietly, as shell tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
     return 0
 
 

@@ -156,6 +156,11 @@ _OLD_CHECKPOINT_GLOBALS = re.compile(
 )
 
 
+def is_old_checkpoint_global(name: str) -> bool:
+    """Whether ``name`` (``module.qualname``) is one an old skinlesion checkpoint's pickle may import."""
+    return bool(_OLD_CHECKPOINT_GLOBALS.match(name))
+
+
 def unsafe_globals(path: str | Path) -> list[str] | None:
     """The Python objects ``path``'s pickle would import beyond what ``weights_only`` allows, read without
     unpickling; None if they cannot be listed."""
@@ -183,9 +188,14 @@ def torch_load(path: str | Path, what: str = "checkpoint") -> Any:
         if "weights only" not in str(e).lower() and "weights_only" not in str(e).lower():
             raise SkinLesionError(f"could not read {what} {path} ({first_line(e)}); the file is damaged") from e
         names = unsafe_globals(path)
+        if names is None:  # not a zip-format torch file: skinlesion (torch >= 2) never wrote one
+            raise SkinLesionError(
+                f"could not read {what} {path} (not a zip-format PyTorch file); the file is damaged or not a "
+                f"PyTorch {what}"
+            ) from None
         refused = f"{path} is not a plain-data {what} and cannot be loaded safely"
-        if names is not None and not all(_OLD_CHECKPOINT_GLOBALS.match(n) for n in names):
-            hostile = [n for n in names if not _OLD_CHECKPOINT_GLOBALS.match(n)]
+        hostile = [n for n in names if not is_old_checkpoint_global(n)]
+        if hostile:
             raise SkinLesionError(
                 f"{refused}: its pickle would import {', '.join(hostile[:3])}, which no skinlesion file does; "
                 "do not load it, use a file you made yourself"

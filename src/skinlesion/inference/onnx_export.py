@@ -50,7 +50,10 @@ def written_opset(model: bytes | str | Path) -> int:
     """The default-domain opset an ONNX model (bytes or a file) declares."""
     import onnx
 
-    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+    if isinstance(model, bytes):
+        proto = onnx.load_from_string(model)
+    else:
+        proto = onnx.load(str(model), load_external_data=False)
     versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     if not versions:
         raise SkinLesionError("the ONNX model declares no default-domain opset; export is broken")

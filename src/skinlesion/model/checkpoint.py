@@ -116,7 +116,15 @@ def convert(path: str | Path, trust: bool = False) -> tuple[Path, str]:
         pass
     else:
         return path, "already plain data (loads with weights_only=True); nothing to do"
-    names = fileio.unsafe_globals(path) or []
+    names = fileio.unsafe_globals(path)  # read without unpickling
+    if names is None:
+        raise SkinLesionError(f"{path} is not a zip-format PyTorch file; skinlesion never wrote it, not converting")
+    foreign = [n for n in names if not fileio.is_old_checkpoint_global(n)]
+    if foreign:  # trust or not: an old skinlesion file holds NumPy values, never these
+        raise SkinLesionError(
+            f"{path} would import {', '.join(foreign[:3])} when unpickled, which no skinlesion checkpoint does; "
+            "not converting it"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
     except Exception as e:  # noqa: BLE001
