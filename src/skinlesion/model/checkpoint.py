@@ -23,6 +23,7 @@ from torch import nn
 from skinlesion import __version__, fileio
 from skinlesion.classes import CLASSES
 from skinlesion.errors import SkinLesionError
+from skinlesion.model import factory
 
 
 def versions() -> dict[str, str]:
@@ -157,9 +158,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """Rebuild the model from a checkpoint file or a run folder (its best.pt), in eval mode."""
     ckpt = read(path)
     try:
-        model = timm.create_model(
-            ckpt["backbone"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {})
-        )
+        model = factory.architecture(ckpt)
     except Exception as e:  # noqa: BLE001 - unknown backbone name, bad kwargs: the file's problem
         raise SkinLesionError(
             f"{checkpoint_file(path)}: cannot build backbone {ckpt['backbone']!r} ({fileio.first_line(e)}); "

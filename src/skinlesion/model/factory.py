@@ -7,7 +7,9 @@ every shape checked.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -58,6 +60,13 @@ def create_model(
             f"could not load ImageNet weights for {backbone} from the Hugging Face hub or its cache "
             f"({type(e).__name__}); {OFFLINE_HELP}"
         ) from e
+
+
+def architecture(ckpt: Mapping[str, Any]) -> nn.Module:
+    """The network a checkpoint describes (backbone, classes, extra timm arguments), without its weights."""
+    return timm.create_model(
+        ckpt["backbone"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {})
+    )
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 
 from skinlesion import fileio
 from skinlesion.errors import SkinLesionError
-from skinlesion.model import checkpoint
+from skinlesion.model import checkpoint, factory
 
 
 def offset(class_counts: Sequence[float], tau: float = 1.0) -> np.ndarray:
@@ -46,9 +45,7 @@ def train_counts(ckpt: Mapping[str, Any]) -> list[float]:
 
 def classifier_bias_key(ckpt: Mapping[str, Any]) -> str:
     """State-dict key of the classifier's bias (found through timm's get_classifier, not by name)."""
-    model = timm.create_model(
-        ckpt["backbone"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {})
-    )
+    model = factory.architecture(ckpt)
     head = model.get_classifier()
     names = {id(p): n for n, p in model.named_parameters()}
     bias = getattr(head, "bias", None)
