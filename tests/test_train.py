@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -238,3 +239,40 @@ def test_offline_default_weights_is_one_clear_error(synth_dir, tmp_path):
     assert message.startswith("error: ") and "efficientnet_b0" in message
     assert "--weights" in message and "--no-pretrained" in message
     assert not (tmp_path / "offline/history.csv").exists()
+
+
+@pytest.mark.parametrize("point", [("best.pt", 1), ("history.csv", 1), ("last.pt", 1), ("history.csv", 2),
+                                   ("last.pt", 2)])  # fmt: skip
+def test_a_kill_at_any_write_resumes_to_the_same_history(synth_dir, tmp_path, monkeypatch, point):
+    """last.pt is each epoch's commit point: a run killed while writing any file of epoch N continues (with
+    --resume, or afresh when no epoch was committed) to the history an uninterrupted run writes."""
+    from skinlesion.training import loop
+
+    flags = [*FAST, "--epochs", "2", "--max-train-batches", "2"]
+    assert train(synth_dir, tmp_path, "straight", *flags) == 0
+    name, epoch = point
+    save, write_csv = loop.checkpoint.save, loop.fileio.write_csv
+
+    def killing_save(path, model, meta):
+        if Path(path).name == name and meta["epoch"] == epoch:
+            raise RuntimeError("killed")
+        return save(path, model, meta)
+
+    def killing_write_csv(path, frame):
+        if Path(path).name == name and len(frame) == epoch:
+            raise RuntimeError("killed")
+        return write_csv(path, frame)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.checkpoint, "save", killing_save)
+        m.setattr(loop.fileio, "write_csv", killing_write_csv)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(synth_dir, tmp_path, "killed", *flags)
+    committed = (tmp_path / "killed" / "last.pt").is_file()
+    assert committed == (epoch == 2)
+    assert train(synth_dir, tmp_path, "killed", *(["--resume", "--workers", "0"] if committed else flags)) == 0
+    a, b = history(tmp_path / "straight"), history(tmp_path / "killed")
+    assert b["epoch"].tolist() == [1, 2]
+    cols = ["lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1"]
+    np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-4, atol=1e-5)
+    assert checkpoint.read(tmp_path / "killed" / "last.pt")["history"][-1]["epoch"] == 2

@@ -172,7 +172,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
             "the checkpoint is damaged or was edited"
         ) from e
     model.to(device).eval()
-    training_state = ("model", "optimizer", "scheduler", "scaler", "rng", "ema", "train_state")
+    training_state = ("model", "optimizer", "scheduler", "scaler", "rng", "ema", "train_state", "history")
     meta = {k: v for k, v in ckpt.items() if k not in training_state}
     return Loaded(model, meta)
 

@@ -367,7 +367,7 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
             raise SkinLesionError(f"--resume: no last.pt in {run_dir}; check --out/--run-name or drop --resume")
         last = checkpoint.read(run_dir / "last.pt")
         cfg = resume_config(args, run_dir, last["config"])
-    elif (run_dir / "history.csv").exists() or (run_dir / "last.pt").exists():
+    elif (run_dir / "last.pt").exists():  # the commit point: without it no epoch finished, so start again
         raise SkinLesionError(f"{run_dir} already holds a run; pass --resume to continue it or another --run-name")
     stop_after = getattr(args, "stop_after_epochs", None)
     max_batches = cfg.get("max_train_batches")
@@ -440,7 +440,10 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
             ema.load_state_dict(last["ema"])
         state = dict(last["train_state"])
         start_epoch = last["epoch"] + 1
-        history = pd.read_csv(run_dir / "history.csv").to_dict("records")[: last["epoch"]]
+        if "history" in last:  # the committed epochs (older last.pt files: history.csv)
+            history = [dict(r) for r in last["history"]]
+        else:
+            history = pd.read_csv(run_dir / "history.csv").to_dict("records")[: last["epoch"]]
         scheduler.step_update(state["global_step"])
         set_rng_state(last["rng"][d.rank] if d.rank < len(last["rng"]) else last["rng"][0])
 
@@ -497,14 +500,16 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
         rngs = distributed.gather_object(d, rng_state())
         if d.is_main:
             meta = {**meta_base, "epoch": epoch, "metrics": epoch_metrics}
+            # last.pt is the epoch's commit point: it is written last and carries the history, so a kill at any
+            # earlier write resumes from the previous epoch and rewrites what that epoch had written.
             if improved:
                 checkpoint.save(run_dir / "best.pt", eval_model, meta)
+            fileio.write_csv(run_dir / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
             checkpoint.save(run_dir / "last.pt", model, {
                 **meta, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rngs, "train_state": state,
-                "ema": ema.state_dict() if ema is not None else None,
+                "ema": ema.state_dict() if ema is not None else None, "history": history,
             })  # fmt: skip
-            fileio.write_csv(run_dir / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
             tqdm.write(
                 f"epoch {epoch}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} bal_acc {row['val_balanced_acc']:.3f} "
