@@ -131,6 +131,34 @@ def test_decompression_bomb_is_refused(client):
     assert "8000x7000" in r.json()["detail"]
 
 
+def test_a_thin_strip_is_refused_from_its_header_before_any_resize(client, monkeypatch):
+    """1x100000 px is 375 bytes of PNG, but resizing its short side to the model's would make it 14.7 G pixels: 413
+    from the header alone, and nothing is decoded."""
+    strip = encode(Image.new("L", (100_000, 1)))
+    assert len(strip) < 2_000
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))
+    r = post(client, strip, "strip.png")
+    assert r.status_code == 413 and "100000x1" in r.json()["detail"] and "crop" in r.json()["detail"]
+    assert decoded == []
+
+
+def test_decoding_happens_inside_the_one_request_at_a_time_lock(client, monkeypatch):
+    from skinlesion.serve import app as module
+
+    service = client.app.state.service
+    held = []
+    real = module.open_rgb
+
+    def watched(*args, **kwargs):
+        held.append(service.lock.locked())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "open_rgb", watched)
+    assert post(client, encode(lesion())).status_code == 200
+    assert held == [True]
+
+
 @pytest.mark.parametrize(
     "mode_image",
     [

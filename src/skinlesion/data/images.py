@@ -16,11 +16,15 @@ class ImageTooLargeError(SkinLesionError):
     """Over the pixel limit (decompression-bomb guard); the web app answers 413 instead of 415."""
 
 
-def open_rgb(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
+def open_rgb(
+    source: str | Path | bytes, max_pixels: int | None = None, max_aspect: float | None = None
+) -> Image.Image:
     """Decode ``source`` (a path or raw bytes) to an RGB PIL image with EXIF rotation applied.
 
-    Raises SkinLesionError for anything that is not a readable image, and for images above
-    ``max_pixels`` (decompression-bomb guard; PIL's own limit applies when None).
+    Raises SkinLesionError for anything that is not a readable image, and ImageTooLargeError, from the header
+    alone and before decoding, for images above ``max_pixels`` (decompression-bomb guard; PIL's own limit applies
+    when None) or longer than ``max_aspect`` times their short side (a thin strip that resizing to the model's
+    short side would blow up: 1x100000 px becomes 147x14,700,000).
     """
     name = "uploaded bytes" if isinstance(source, bytes) else str(source)
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
@@ -30,6 +34,11 @@ def open_rgb(source: str | Path | bytes, max_pixels: int | None = None) -> Image
                 raise ImageTooLargeError(
                     f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,}; "
                     "downsize the image first"
+                )
+            if max_aspect is not None and max(im.size) > max_aspect * max(1, min(im.size)):
+                raise ImageTooLargeError(
+                    f"{name}: {im.width}x{im.height} pixels is longer than {max_aspect:g} times its short side; "
+                    "crop the image to the lesion"
                 )
             im.load()
             im = ImageOps.exif_transpose(im)

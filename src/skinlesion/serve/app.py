@@ -35,6 +35,7 @@ from skinlesion.reporting.explain import explain
 
 STATIC = Path(__file__).with_name("static")
 MULTIPART_OVERHEAD = 64 * 1024  # boundary + part headers on top of the file itself
+MAX_ASPECT = 10.0  # long side / short side: dermoscopic photos are about 4:3; a thin strip is not a lesion
 HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -128,12 +129,23 @@ class ModelService:
             "version": __version__,
         }
 
-    def predict(self, image: Image.Image, cam: bool, clinical: dict[str, Any] | None = None) -> dict[str, Any]:
-        """``clinical``: checked age / sex / localization (data.clinical.clinical_values), for the metadata prior."""
+    def predict(
+        self,
+        upload: bytes | Image.Image,
+        cam: bool,
+        clinical: dict[str, Any] | None = None,
+        max_pixels: int | None = None,
+    ) -> dict[str, Any]:
+        """``upload``: the image's bytes (decoded here, inside the lock, with the ``max_pixels`` and MAX_ASPECT checks
+        made from the header first) or a decoded image; ``clinical``: checked age / sex / localization
+        (data.clinical.clinical_values), for the metadata prior."""
         chain = self.classifier.chain
         classes = chain.classes
         table = pd.DataFrame([clinical]) if chain.metadata_prior is not None and clinical else None
-        with self.lock:  # one inference at a time: each already uses every core
+        # One request at a time, decoding included: inference already uses every core, and concurrent uploads
+        # must not hold several decoded images at once.
+        with self.lock:
+            image = upload if isinstance(upload, Image.Image) else open_rgb(upload, max_pixels, MAX_ASPECT)
             decisions = self.classifier.predict([image], clinical=table)
             probs, best = decisions.probabilities[0], int(decisions.labels[0])
             overlay = gradcam_overlay(self.explainer, image, classes[best]) if cam else None
@@ -225,12 +237,11 @@ def create_app(
         if not data:
             raise HTTPException(415, "empty upload; send a JPEG or PNG image")
         try:
-            image = open_rgb(data, max_pixels=max_pixels)
+            return service.predict(data, cam, clinical or None, max_pixels)
         except ImageTooLargeError as e:
-            raise HTTPException(413, str(e)) from e
+            raise HTTPException(413, str(e).replace("uploaded bytes: ", "")) from e
         except SkinLesionError as e:
             raise HTTPException(415, "the upload is not a readable image; send a JPEG or PNG file") from e
-        return service.predict(image, cam, clinical or None)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
