@@ -78,7 +78,8 @@ def main(args: argparse.Namespace) -> None:
     labels = list(range(len(chain.classes)))
     report = classification_report(y, decisions.labels, labels=labels, target_names=list(chain.classes), digits=3,
                                    zero_division=0)  # fmt: skip
-    fileio.write_csv(out_dir / "predictions.csv", predictions_frame(table, decisions))
+    frame = predictions_frame(table, decisions)
+    fileio.write_csv(out_dir / "predictions.csv", frame)
     if args.tta:
         with_tta = chain(views, offsets, pool_ids)
         fileio.write_csv(out_dir / "predictions_tta.csv", predictions_frame(table, with_tta))
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> None:
             y, with_tta.labels, labels=labels, target_names=list(chain.classes), digits=3, zero_division=0
         )
     if args.lesion_level:
-        ly, lp, lid = lesion_level(predictions_frame(table, decisions), list(chain.classes))
+        ly, lp, lid = lesion_level(frame, list(chain.classes))
         per_lesion = Decisions(lp, chain.decide(lp), chain.classes)
         result["lesion_level"] = columns["lesions"] = score(ly, per_lesion, lid, args.bootstrap, args.seed)
     fileio.write_json(out_dir / "metrics.json", result)

@@ -28,6 +28,7 @@ from skinlesion.classes import FULL_NAMES
 from skinlesion.data.clinical import clinical_values
 from skinlesion.data.images import ImageTooLargeError, open_rgb
 from skinlesion.decision import operating_point
+from skinlesion.decision.chain import DecisionChain
 from skinlesion.errors import SkinLesionError
 from skinlesion.inference.classifier import Classifier
 from skinlesion.inference.onnx_backend import OnnxBackend
@@ -80,14 +81,16 @@ def headline_metrics(run_dir: Path) -> dict[str, float] | None:
     return out
 
 
-def choose_backend(run_dir: Path, backend: str) -> str:
-    """``auto``: ONNX Runtime when model.onnx exists and was exported from the current best.pt."""
-    if backend != "auto":
-        return backend
+def load_classifier(run_dir: Path, backend: str) -> tuple[str, Classifier]:
+    """The backend's name and the classifier; ``auto``: ONNX Runtime when model.onnx exists and was exported from
+    the current best.pt (the session opened for that check is the one used)."""
     onnx_file = run_dir / "model.onnx"
-    if not onnx_file.is_file():
-        return "torch"
-    return "torch" if OnnxBackend(onnx_file).is_stale(run_dir / "best.pt") else "onnx"
+    if backend == "auto" and onnx_file.is_file():
+        onnx = OnnxBackend(onnx_file)
+        if not onnx.is_stale(run_dir / "best.pt"):
+            return "onnx", Classifier(onnx, DecisionChain.from_meta(onnx.meta))
+    chosen = "torch" if backend == "auto" else backend
+    return chosen, Classifier.load(run_dir, chosen)
 
 
 class ModelService:
@@ -98,8 +101,7 @@ class ModelService:
         ckpt = self.run_dir / "best.pt"
         if not ckpt.is_file():
             raise SkinLesionError(f"no best.pt in {self.run_dir}; pass the --run-dir of a trained run")
-        self.backend = choose_backend(self.run_dir, backend)
-        self.classifier = Classifier.load(self.run_dir, self.backend)
+        self.backend, self.classifier = load_classifier(self.run_dir, backend)
         # Grad-CAM needs gradients, so the torch model is kept even when ONNX Runtime scores.
         self.explainer = self.classifier if self.backend == "torch" else Classifier.load(self.run_dir, "torch")
         self.model_id = f"{self.run_dir.name}@{fileio.sha256_file(ckpt)[:12]}"
