@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skinlesion.data.cache import LOCAL_DIRNAME, ImageCache, cache_short_side, decode_resized
+from skinlesion.data.cache import ImageCache, cache_short_side, decode_resized
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.ham10000 import load_table
 from skinlesion.data.synth import write_synthetic
@@ -81,25 +80,32 @@ def test_rebuilt_when_a_source_file_changes(data, tmp_path):
     np.testing.assert_array_equal(cache.get(table["image_id"][0]), rebuilt.get(table["image_id"][0]))
 
 
-def test_location_next_to_data_or_user_cache_for_read_only_data(data, tmp_path, monkeypatch):
+def test_default_location_is_the_user_cache_never_the_data_folder(data, tmp_path, monkeypatch):
     monkeypatch.delenv("SKINLESION_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    table = load_table(data)
-    writable = ImageCache.open_or_build(table, SHORT, progress=False)
-    assert writable.folder.parent == data.resolve() / LOCAL_DIRNAME
-    shutil.rmtree(data / LOCAL_DIRNAME)
-
     before = sorted(str(p.relative_to(data)) for p in data.rglob("*"))
-    for p in [data, *data.rglob("*")]:
-        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    table = load_table(data)
+    cache = ImageCache.open_or_build(table, SHORT, progress=False)
+    assert cache.folder.is_relative_to(tmp_path / "xdg" / "skinlesion" / "images")
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before  # nothing written next to the data
+    assert cache.get(table["image_id"][0]).shape[0] == SHORT
+
+    monkeypatch.setenv("SKINLESION_CACHE_DIR", str(tmp_path / "env"))
+    assert ImageCache.open_or_build(table, SHORT, progress=False).folder.is_relative_to(tmp_path / "env")
+    chosen = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "flag", progress=False)
+    assert chosen.folder.is_relative_to(tmp_path / "flag")  # --cache-dir wins over the environment
+
+
+def test_data_path_that_is_not_utf8(source, tmp_path):
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))  # Latin-1 name: surrogate-escaped by Python
     try:
-        cache = ImageCache.open_or_build(load_table(data), SHORT, progress=False)
-        assert cache.folder.is_relative_to(tmp_path / "xdg" / "skinlesion")
-        assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before
-        assert cache.get(table["image_id"][0]).shape[0] == SHORT
-    finally:
-        for p in [data, *data.rglob("*")]:
-            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+        data = Path(shutil.copytree(source, folder / "ham"))
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("this filesystem refuses non-UTF-8 names")
+    table = load_table(data)
+    cache = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    np.testing.assert_array_equal(cache.get(table["image_id"][0]), decode_resized(table["path"][0], SHORT))
+    assert ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False).folder == cache.folder
 
 
 def test_unwritable_cache_dir_is_a_clear_error(data, tmp_path):

@@ -10,7 +10,14 @@ from PIL import Image
 
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import SkinLesionError
-from skinlesion.model.factory import create_model, lite0_weights_path, normalisation, read_state_dict
+from skinlesion.model.factory import (
+    create_model,
+    lite0_weights_path,
+    normalisation,
+    packaged_backbone,
+    packaged_weights_path,
+    read_state_dict,
+)
 
 # Grace Hopper in uniform (the photo bundled with matplotlib). ImageNet classes seen in the top 5 of genuine
 # Lite0 weights: 400 academic gown, 457 bow tie, 652 military uniform, 667 mortarboard, 834 suit, 906 Windsor tie.
@@ -22,10 +29,14 @@ def lite0_state():
     return read_state_dict(lite0_weights_path())
 
 
-def test_packaged_lite0_weights_are_imagenet(lite0_state):
-    """The EfficientNet-PyTorch file maps onto timm tf_efficientnet_lite0 and recognises a photo."""
-    model = create_model("tf_efficientnet_lite0", num_classes=1000, weights=lite0_weights_path()).eval()
-    model.classifier.load_state_dict({"weight": lite0_state["_fc.weight"], "bias": lite0_state["_fc.bias"]})
+@pytest.mark.parametrize("name", ["lite0", "lite1", "lite2"])
+def test_packaged_lite_weights_are_imagenet(name):
+    """Each EfficientNet-PyTorch file maps onto timm tf_efficientnet_liteN and recognises a photo."""
+    path = packaged_weights_path(name)
+    state = read_state_dict(path)
+    assert len(state) == {"lite0": 296, "lite1": 386, "lite2": 386}[name]  # backbone + the ImageNet classifier
+    model = create_model(packaged_backbone(name), num_classes=1000, weights=path).eval()
+    model.classifier.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
     mean, std = normalisation(model)
     assert mean == std == (0.5, 0.5, 0.5)  # the TF-ported Lite models' normalisation
     with cbook.get_sample_data("grace_hopper.jpg") as f:
@@ -56,3 +67,15 @@ def test_timm_format_weights_load_without_their_head_and_mismatches_fail(tmp_pat
         create_model("efficientnet_b0", weights=tmp_path / "w.pth")
     with pytest.raises(SkinLesionError, match="not found"):
         create_model("test_efficientnet", weights=tmp_path / "missing.pth")
+
+
+def test_weights_lite_alone_picks_its_backbone():
+    from skinlesion.cli import build_parser
+    from skinlesion.training.loop import resolve_config, weights_path
+
+    for name in ("lite1", "lite2"):
+        cfg = resolve_config(build_parser().parse_args(["train", "--weights", name]))
+        assert cfg["backbone"] == f"tf_efficientnet_{name}"
+        assert weights_path(name) == str(packaged_weights_path(name))
+    cfg = resolve_config(build_parser().parse_args(["train", "--weights", "lite1", "--backbone", "efficientnet_b0"]))
+    assert cfg["backbone"] == "efficientnet_b0"  # an explicit --backbone wins (and fails loudly if it does not fit)

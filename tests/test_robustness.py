@@ -38,6 +38,16 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
+def error_after_progress(capsys) -> str:
+    """The one error line of a command that may have drawn progress bars first: on a line of its own."""
+    err = capsys.readouterr().err
+    segments = [s for s in err.replace("\r", "\n").splitlines() if s.strip()]
+    errors = [s for s in segments if "error:" in s]
+    assert len(errors) == 1 and errors[0].startswith("error: "), errors  # not glued to a tqdm bar
+    assert "Traceback" not in err
+    return errors[0]
+
+
 def image(synth_dir: Path) -> str:
     return str(sorted((synth_dir / "images").glob("*.jpg"))[0])
 
@@ -281,3 +291,78 @@ def test_commands_sweep_the_run_folder_first(tmp_path, command, capsys):
     assert main(argv) == 2  # the run folder is empty: each stops with one line, after sweeping
     one_error_line(capsys)
     assert not old.exists()
+
+
+# ------------------------------------------------------------------------------- 7. one way past bad files
+@pytest.fixture(scope="module")
+def flawed_data(synth_dir, tmp_path_factory) -> tuple[Path, str, str]:
+    """A copy of the synthetic set with one truncated JPEG and one image over the decompression limit."""
+    from PIL import Image
+
+    from skinlesion.data.images import MAX_IMAGE_PIXELS
+
+    data = Path(shutil.copytree(synth_dir, tmp_path_factory.mktemp("flawed") / "ham"))
+    images = sorted((data / "images").glob("*.jpg"))
+    truncated, huge = images[3], images[40]
+    truncated.write_bytes(truncated.read_bytes()[:300])  # starts like a JPEG: passes the quick check
+    side = int(MAX_IMAGE_PIXELS**0.5) + 10  # a 1-bit image: a few MB to write, over the limit when decoded
+    Image.new("1", (side, side)).save(huge.with_suffix(".png"))
+    huge.unlink()
+    return data, truncated.stem, huge.stem
+
+
+def test_every_data_command_drops_what_prepare_drops(flawed_data, tmp_path, capsys):
+    data, truncated, huge = flawed_data
+    assert main(["prepare", "--data-dir", str(data), "--no-cache", "--allow-missing"]) == 0
+    out = capsys.readouterr().out
+    assert f"{truncated}: corrupt" in out and f"{huge}: too large" in out
+    splits = tmp_path / "splits.csv"
+    assert main(["split", "--data-dir", str(data), "--out", str(splits), "--allow-missing"]) == 0
+    ids = set(splits.read_text().split())
+    assert not any(truncated in line or huge in line for line in ids)
+    capsys.readouterr()
+
+    base = ["train", "--data-dir", str(data), "--out", str(tmp_path), "--backbone", "efficientnet_b0",
+            "--no-pretrained", "--img-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0",
+            "--max-train-batches", "1", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main([*base, "--run-name", "strict"]) == 2  # the truncated file breaks the cache build
+    line = error_after_progress(capsys)
+    assert truncated in line and "--allow-missing" in line
+    assert not (tmp_path / "strict").exists()  # a failed start leaves no half run folder
+    assert main([*base, "--run-name", "lenient", "--allow-missing"]) == 0
+    assert "dropped 2 unusable image(s)" in capsys.readouterr().err
+    trained = (tmp_path / "lenient" / "splits.csv").read_text()
+    assert truncated not in trained and huge not in trained
+    # --splits naming the dropped files: with --allow-missing they are left out of it too.
+    assert main([*base, "--run-name", "given", "--allow-missing", "--splits", str(tmp_path / "lenient" / "splits.csv"),
+                 "--stop-after-epochs", "1"]) == 0  # fmt: skip
+
+
+def test_a_bad_image_during_training_is_one_line_not_on_the_progress_bar(flawed_data, tmp_path, capsys):
+    data, truncated, _ = flawed_data
+    argv = ["train", "--data-dir", str(data), "--out", str(tmp_path), "--run-name", "r", "--no-cache",
+            "--backbone", "efficientnet_b0", "--no-pretrained", "--img-size", "32", "--epochs", "1",
+            "--batch-size", "64", "--workers", "1"]  # fmt: skip
+    assert main(argv) == 2
+    line = error_after_progress(capsys)
+    assert truncated in line and "--allow-missing" in line
+
+
+# ------------------------------------------------------------------------------- 8. the Host header
+def test_serve_answers_only_to_its_own_host_names(tiny_run):
+    from fastapi.testclient import TestClient
+
+    from skinlesion.commands.serve import allowed_hosts
+    from skinlesion.serve.app import create_app
+
+    loopback = allowed_hosts("127.0.0.1", None)
+    assert set(loopback) == {"127.0.0.1", "localhost"}
+    client = TestClient(create_app(tiny_run, backend="torch", allowed_hosts=loopback))
+    assert client.get("/api/health", headers={"host": "localhost:8000"}).status_code == 200
+    # DNS rebinding: a page on evil.example re-points its name at 127.0.0.1; the browser sends its Host.
+    assert client.get("/api/health", headers={"host": "evil.example:8000"}).status_code == 400
+    wide = allowed_hosts("0.0.0.0", ["lesions.example.org"])
+    assert {"lesions.example.org", socket.gethostname(), "localhost"} <= set(wide) and "0.0.0.0" not in wide
+    client = TestClient(create_app(tiny_run, backend="torch", allowed_hosts=wide))
+    assert client.get("/api/health", headers={"host": "lesions.example.org"}).status_code == 200
+    assert client.get("/api/health", headers={"host": "other.example.org"}).status_code == 400

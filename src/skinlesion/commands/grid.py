@@ -12,7 +12,9 @@ from skinlesion.reporting.grid import make_grid
 
 
 def main(args: argparse.Namespace) -> None:
-    table = load_table(data_dir=args.data_dir, metadata=args.metadata, images=args.images)
+    table = load_table(
+            data_dir=args.data_dir, metadata=args.metadata, images=args.images, allow_missing=args.allow_missing
+        )
     image, tiles = make_grid(table, args.n_per_class, args.size, args.seed)
     out = Path(args.out)
     fileio.atomic_write(out, lambda p: image.save(p, format="PNG"))

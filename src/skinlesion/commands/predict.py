@@ -24,6 +24,7 @@ from skinlesion.data.clinical import FIELDS, clinical_table, lesion_ids, read_me
 from skinlesion.data.images import IMAGE_SUFFIXES, open_rgb
 from skinlesion.decision import lesion_pooling
 from skinlesion.errors import SkinLesionError
+from skinlesion.evaluation import isic
 from skinlesion.inference.classifier import Classifier
 from skinlesion.model import checkpoint
 
@@ -197,6 +198,11 @@ def main(args: argparse.Namespace) -> None:
     pooled = lesion_pooling.shared([r["lesion_id"] for r in rows]) if lesions is not None else 0
     if not rows:
         raise SkinLesionError(f"none of the {len(files)} input file(s) could be read as an image")
+    if args.isic_csv:
+        probs = np.array([[r["probabilities"][c] for c in chain.classes] for r in rows])
+        path = isic.write_submission(args.isic_csv, [Path(r["image"]).stem for r in rows],
+                                     chain.decision_probabilities(probs, bool(args.tta)), chain.classes)  # fmt: skip
+        print(f"wrote {path} (ISIC 2018 Task 3 submission, {len(rows)} images)", file=sys.stderr)
     if args.format == "json":
         doc = {
             "run_dir": str(args.run_dir),

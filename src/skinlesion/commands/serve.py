@@ -7,6 +7,7 @@ import errno
 import socket
 import sys
 
+from skinlesion.data.images import MAX_IMAGE_PIXELS
 from skinlesion.errors import SkinLesionError
 from skinlesion.serve.app import create_app
 
@@ -32,13 +33,34 @@ def check_port(host: str, port: int) -> None:
             ) from e
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::", "")
+
+
+def allowed_hosts(host: str, extra: list[str] | None) -> list[str]:
+    """Host headers the server answers to: the loopback names, the bound address, and when bound beyond
+    loopback this machine's name and addresses; plus ``--allowed-hosts`` (a DNS name, ``*.example.org``, or ``*``)."""
+    names = ["127.0.0.1", "localhost", *extra] if extra else ["127.0.0.1", "localhost"]
+    if host not in WILDCARD:
+        names.append(host)
+    if host not in LOOPBACK:
+        hostname = socket.gethostname()
+        names += [hostname, socket.getfqdn()]
+        try:
+            names += socket.gethostbyname_ex(hostname)[2]
+        except OSError:
+            pass
+    return list(dict.fromkeys(n for n in names if n))
+
+
 def main(args: argparse.Namespace) -> None:
     import uvicorn
 
-    if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
-        raise SkinLesionError("--max-upload-mb and --max-megapixels must be positive")
     check_port(args.host, args.port)
-    app = create_app(args.run_dir, args.max_upload_mb, args.backend, args.max_megapixels)
+    hosts = allowed_hosts(args.host, args.allowed_hosts)
+    app = create_app(args.run_dir, args.max_upload_mb, args.backend, args.max_megapixels, hosts)
+    if args.max_megapixels * 1e6 > MAX_IMAGE_PIXELS:
+        print(f"note: --max-megapixels is capped at the project's limit of {MAX_IMAGE_PIXELS / 1e6:g}", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: listening on {args.host}, reachable from other machines; this app has no authentication",
@@ -46,4 +68,6 @@ def main(args: argparse.Namespace) -> None:
         )
     service = app.state.service
     print(f"serving {service.model_id} ({service.backend}) on http://{args.host}:{args.port}/", file=sys.stderr)
+    if "*" not in hosts and args.host not in LOOPBACK:
+        print(f"answering to Host: {', '.join(hosts)} (add names with --allowed-hosts)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -1,6 +1,8 @@
 """``skinlesion train``: train (training/loop.py), then the post-hoc steps the recipe asks for, each the same
 library call its own command makes: the logit adjustment, the metadata prior, then the operating point (it
-sits on top of both). Under torchrun every rank trains and rank 0 alone runs the post-hoc steps."""
+sits on top of both). Under torchrun every rank trains and rank 0 alone runs the post-hoc steps. With ``--folds
+K`` (and no ``--fold``): every fold, then their ensemble with its steps fitted out of fold
+(evaluation/cross_validation.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numpy as np
 from skinlesion.classes import CLASSES
 from skinlesion.decision import metadata_prior, operating_point
 from skinlesion.errors import SkinLesionError
-from skinlesion.evaluation import fitting
+from skinlesion.evaluation import cross_validation, fitting
 from skinlesion.model import logit_adjustment
 from skinlesion.training import distributed, loop
 
@@ -21,6 +23,9 @@ from skinlesion.training import distributed, loop
 def main(args: argparse.Namespace) -> None:
     d = distributed.setup(getattr(args, "device", None) or "auto")
     try:
+        if getattr(args, "folds", None) and getattr(args, "fold", None) is None:
+            cross_validation.run(args, d)  # K folds + their ensemble, post-hoc steps fitted out of fold
+            return
         run_dir, cfg = loop.run(args, d)
         if d.is_main and (run_dir / "best.pt").is_file():
             post_hoc(run_dir, cfg, str(d.device))

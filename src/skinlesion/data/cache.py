@@ -12,9 +12,9 @@ Images are resized so the short side is ``short_side`` (aspect kept, long side a
 side is already smaller are stored as decoded: upscaling is left to the transform, which does the
 same thing on the originals, and the cache stays small.
 
-Where: ``cache_dir`` argument, else ``$SKINLESION_CACHE_DIR``, else ``.skinlesion-cache/`` next to the
-data when that folder is writable, else the user cache dir (platformdirs). The bundled sample
-always uses the user cache dir (the package folder is not a place to write).
+Where: ``cache_dir`` argument, else ``$SKINLESION_CACHE_DIR``, else the user cache folder (platformdirs:
+``~/.cache/skinlesion/images`` on Linux), as Hugging Face datasets and torch hub do: never inside the
+user's data folder unless asked. One sub-folder per data folder (its name + a hash of its path).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,12 +31,11 @@ import platformdirs
 from PIL import Image
 from tqdm.auto import tqdm
 
-from skinlesion.data.images import open_rgb
+from skinlesion.data.images import DROP_HINT, open_rgb
 from skinlesion.errors import SkinLesionError
 from skinlesion.fileio import atomic_write
 
 ENV_VAR = "SKINLESION_CACHE_DIR"
-LOCAL_DIRNAME = ".skinlesion-cache"
 _CHUNK = 256  # images decoded per batch while building: bounds memory
 
 
@@ -61,16 +59,11 @@ def resize_short(image: Image.Image, short_side: int) -> Image.Image:
 
 def decode_resized(path: str | Path, short_side: int) -> np.ndarray:
     """What the cache stores for one file: EXIF-aware RGB decode, then ``resize_short``."""
-    return np.asarray(resize_short(open_rgb(path), short_side), dtype=np.uint8)
-
-
-def _writable(folder: Path) -> bool:
-    """Writable for us *and* not marked read-only: root ignores mode bits, but a 555 folder means 'do not write'."""
     try:
-        mode = folder.stat().st_mode
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        image = open_rgb(path)
+    except SkinLesionError as e:
+        raise SkinLesionError(f"{e}; {DROP_HINT}") from e
+    return np.asarray(resize_short(image, short_side), dtype=np.uint8)
 
 
 _IMAGE_FOLDER = re.compile(r"images?|HAM10000_images_part_\d+|ISIC2018_Task3_\w+_Input", re.IGNORECASE)
@@ -86,18 +79,10 @@ def _data_location(table: pd.DataFrame) -> Path:
 def cache_location(table: pd.DataFrame, short_side: int, cache_dir: str | Path | None = None) -> Path:
     """The folder holding the cache of ``table``'s images at ``short_side`` (see module doc for the order)."""
     data = _data_location(table).resolve()
-    key = f"{data.name or 'data'}-{hashlib.sha1(str(data).encode()).hexdigest()[:10]}"
-    root = cache_dir or os.environ.get(ENV_VAR)
-    if root:
-        base = Path(root).expanduser() / key
-    else:
-        from skinlesion.data.ham10000 import sample_dir
-
-        if data != sample_dir().resolve() and _writable(data):
-            base = data / LOCAL_DIRNAME
-        else:
-            base = Path(platformdirs.user_cache_dir("skinlesion")) / "images" / key
-    return base / f"s{short_side}"
+    # fsencode: a path that is not valid UTF-8 (surrogate-escaped by Python) still hashes.
+    key = f"{data.name or 'data'}-{hashlib.sha1(os.fsencode(data)).hexdigest()[:10]}"
+    root = cache_dir or os.environ.get(ENV_VAR) or Path(platformdirs.user_cache_dir("skinlesion")) / "images"
+    return Path(root).expanduser() / key / f"s{short_side}"
 
 
 def _stat(path: str) -> tuple[int, int]:

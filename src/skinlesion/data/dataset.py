@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from skinlesion.classes import CLASS_INDEX
-from skinlesion.data.images import open_rgb
+from skinlesion.data.images import DROP_HINT, open_rgb
+from skinlesion.errors import SkinLesionError
 
 
 class ArraySource(Protocol):
@@ -41,7 +42,10 @@ class LesionDataset(Dataset):
         if self.cache is not None:
             pixels = self.cache.get(self.image_ids[i])
             return tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
-        return open_rgb(self.paths[i])
+        try:
+            return open_rgb(self.paths[i])
+        except SkinLesionError as e:
+            raise SkinLesionError(f"{e}; {DROP_HINT}") from e
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.load(i)), self.labels[i]

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm.auto import tqdm
 
 from skinlesion.classes import CLASSES
-from skinlesion.data.images import IMAGE_SUFFIXES
+from skinlesion.data.images import IMAGE_SUFFIXES, ImageTooLargeError, open_rgb
 from skinlesion.errors import SkinLesionError
 
 COLUMNS = ("image_id", "lesion_id", "dx", "dx_type", "age", "sex", "localization", "path")
@@ -257,15 +256,17 @@ def quick_check(path: str | Path) -> str | None:
 
 
 def full_check(path: str | Path) -> str | None:
-    """Decode the whole image (catches truncated and corrupt files). Returns a reason or None."""
+    """Decode the whole image (catches truncated and corrupt files, and images over the decompression limit).
+    Returns a reason or None."""
     reason = quick_check(path)
     if reason:
         return reason
     try:
-        with Image.open(path) as im:
-            im.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"corrupt ({e})"
+        open_rgb(path)  # the decode training does, with the one decompression limit
+    except ImageTooLargeError as e:
+        return f"too large ({str(e).removeprefix(f'{path}: ')})"
+    except SkinLesionError as e:
+        return f"corrupt ({str(e).removeprefix(f'{path}: ')})"
     return None
 
 
@@ -300,11 +301,14 @@ def load_table(
     ``data_dir`` None means the bundled sample. ``check``: "quick" (default) = every image exists, is
     non-empty and starts with JPEG/PNG magic bytes; "full" = decode every image (what ``prepare`` does);
     "none" = only resolve paths. Missing / bad files raise SkinLesionError listing them, unless
-    ``allow_missing``: then they are dropped and listed in ``table.attrs["dropped"]`` (dicts with image_id,
+    ``allow_missing``: then the check is "full" (whatever ``check`` says: the files dropped are the ones
+    ``prepare`` drops) and they are dropped and listed in ``table.attrs["dropped"]`` (dicts with image_id,
     path, reason).
     ``table.attrs`` also holds ``layout``, ``data_dir``, ``metadata``, ``image_dirs``, ``duplicate_rows``,
     ``duplicate_files`` (ids found in more than one image file) and ``extra_files`` (images with no row).
     """
+    if allow_missing and check != "none":
+        check = "full"
     layout = find_layout(data_dir, metadata, images)
     frame = read_metadata(layout.metadata, layout.lesion_groupings)
 

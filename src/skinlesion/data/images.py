@@ -11,26 +11,32 @@ from skinlesion.errors import SkinLesionError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
+# The one decompression limit (prepare, train, evaluate, predict and serve): dermatoscopes write at most a few
+# tens of megapixels (ISIC 2018: <= 6,688 x 4,439 = 30 MP); anything larger is refused from the header, before
+# any pixel is decoded. `serve --max-megapixels` may only lower it for uploads.
+MAX_IMAGE_PIXELS = 50_000_000
+DROP_HINT = "pass --allow-missing to drop such files (`skinlesion prepare --allow-missing` lists them)"
+
 
 class ImageTooLargeError(SkinLesionError):
     """Over the pixel limit (decompression-bomb guard); the web app answers 413 instead of 415."""
 
 
 def open_rgb(
-    source: str | Path | bytes, max_pixels: int | None = None, max_aspect: float | None = None
+    source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: float | None = None
 ) -> Image.Image:
     """Decode ``source`` (a path or raw bytes) to an RGB PIL image with EXIF rotation applied.
 
     Raises SkinLesionError for anything that is not a readable image, and ImageTooLargeError, from the header
-    alone and before decoding, for images above ``max_pixels`` (decompression-bomb guard; PIL's own limit applies
-    when None) or longer than ``max_aspect`` times their short side (a thin strip that resizing to the model's
-    short side would blow up: 1x100000 px becomes 147x14,700,000).
+    alone and before decoding, for images above ``max_pixels`` (decompression-bomb guard) or longer than
+    ``max_aspect`` times their short side (a thin strip that resizing to the model's short side would blow up:
+    1x100000 px becomes 147x14,700,000).
     """
     name = "uploaded bytes" if isinstance(source, bytes) else str(source)
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with Image.open(fp) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
+            if im.width * im.height > max_pixels:
                 raise ImageTooLargeError(
                     f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,}; "
                     "downsize the image first"

@@ -44,6 +44,12 @@ def run_table(run_dir: Path) -> pd.DataFrame:
     return merged
 
 
+def default_split(run_dir: Path) -> str:
+    """val, or test for a run folder without one (an ensemble of K folds: every other image trained a member)."""
+    parts = set(read_splits(Path(run_dir) / "splits.csv")["split"])
+    return "val" if "val" in parts or "test" not in parts else "test"
+
+
 def split_part(run_dir: Path, split: str) -> pd.DataFrame:
     table = run_table(run_dir)
     part = table[table["split"] == split].reset_index(drop=True)

@@ -134,6 +134,14 @@ class DecisionChain:
         run's TTA views); the plain argmax without an operating point."""
         return operating_point.decide(probabilities, operating_point.vector(self.operating_point, self.classes, tta))
 
+    def decision_probabilities(self, probabilities: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Probabilities whose argmax is ``decide``'s class (what an ISIC submission must hold): p itself without
+        an operating point, else softmax(log p + bias)."""
+        bias = operating_point.vector(self.operating_point, self.classes, tta)
+        if bias is None:
+            return np.asarray(probabilities, dtype=np.float64)
+        return softmax(np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-300, None)) + bias)
+
     def __call__(
         self,
         view_logits: np.ndarray,

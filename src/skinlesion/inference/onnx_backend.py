@@ -48,6 +48,7 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
         "metadata_prior": json.loads(props.get("metadata_prior", "null")),
         "operating_point": json.loads(props.get("operating_point", "null")),
         "pool_lesions": bool(json.loads(props.get("pool_lesions", "false"))),
+        "members": json.loads(props.get("members", "null")),
     }
 
 

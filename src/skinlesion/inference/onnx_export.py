@@ -81,6 +81,8 @@ def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
         "metadata_prior": json.dumps(chain.metadata_prior),
         # decision.operating_point: decide argmax(log p + "bias") ("classes" order); "null" = plain argmax.
         "operating_point": json.dumps(chain.operating_point),
+        # An ensemble's members (model.ensemble: one graph, logits averaged inside it); "null" for one network.
+        "members": json.dumps((meta.get("config") or {}).get("members")),
     }
 
 

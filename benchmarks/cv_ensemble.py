@@ -1,0 +1,116 @@
+"""A `train --folds K` run on its held-out test part: the fold ensemble against the mean single fold, with paired
+lesion-bootstrap differences.
+
+    .venv/bin/python benchmarks/cv_ensemble.py outputs/cv5 [--tta] [--bootstrap 1000] [--json out.json]
+
+Everything is scored through the product: the ensemble is `Classifier.load(<run>)` (the model `evaluate`
+loads), each fold is its own network behind the same decision chain (the temperature, metadata prior and
+operating point fitted out of fold and stored in the ensemble's best.pt), and the test images' logits come
+from `Classifier.view_logits_of_table` on the image cache training used. The ensemble's logits are checked
+against the mean of the folds' logits (they are the same numbers by construction).
+
+Paired differences: every bootstrap resample draws the test lesions once, and the ensemble and every fold are
+scored on that same draw; the difference is ensemble minus the mean of the folds. Prints one table and the
+issue's targets (balanced accuracy +0.02, macro AUC +0.005, ECE <= 0.03).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from skinlesion import metrics
+from skinlesion.data.run_folder import labels_of, open_cache, read_config, split_part
+from skinlesion.inference.classifier import Classifier, load_backend
+
+ROWS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "log_loss", "ece", "mel_recall")
+
+
+def host() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
+    return f"{platform.node()}: {model}, avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}"
+
+
+def per_resample(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """The ROWS metrics for every bootstrap resample (rows of ``weights``), decisions ``pred``."""
+    m = metrics.weighted_metrics(y, probs, weights, pred)
+    mel = 4  # classes order: akiec, bcc, bkl, df, mel, nv, vasc
+    return {**{k: m[k] for k in ROWS if k in m}, "mel_recall": m["recall"][:, mel]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="the parent folder of `skinlesion train --folds K`")
+    parser.add_argument("--tta", action="store_true", help="score with the run's TTA views (the headline)")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+
+    run = args.run_dir
+    config = read_config(run)
+    folds = [run / m["run"] for m in config["members"]]
+    ensemble = Classifier.load(run)
+    chain = ensemble.chain
+    table = split_part(run, "test")
+    y, lesions = labels_of(table), table["lesion_id"].astype(str).to_numpy()
+    n_views = ensemble.n_views(args.tta)
+    cache = open_cache(table, ensemble.backend.resize_size, config.get("cache", True), config.get("cache_dir"))
+    offsets = chain.offsets(table)
+    pool = lesions if chain.pool_lesions else None
+
+    def decide(views: np.ndarray):
+        d = chain(views, offsets, pool)
+        return d.probabilities, d.labels
+
+    ens_views = ensemble.view_logits_of_table(table, n_views, args.batch_size, cache, desc="ensemble")
+    fold_views = [Classifier(load_backend(f), chain).view_logits_of_table(table, n_views, args.batch_size, cache,
+                                                                           desc=f.name) for f in folds]  # fmt: skip
+    gap = float(np.abs(ens_views - np.mean(fold_views, axis=0)).max())
+    print(f"host {host()}")
+    print(f"{run}: {len(folds)} folds, test part {len(y)} images / {len(set(lesions))} lesions, "
+          f"{'TTA ' + str(n_views) + ' views' if args.tta else 'single view'}; chain: {chain.summary()}")
+    print(f"ensemble logits vs mean of fold logits: max |diff| {gap:.2e}")
+
+    weights = metrics.lesion_weights(lesions, args.bootstrap, 0)
+    full = np.ones((1, len(y)))
+    ens = decide(ens_views)
+    singles = [decide(v) for v in fold_views]
+    ens_point = {k: float(v[0]) for k, v in per_resample(y, *ens, full).items()}
+    fold_points = [{k: float(v[0]) for k, v in per_resample(y, *s, full).items()} for s in singles]
+    ens_boot = per_resample(y, *ens, weights)
+    fold_boot = [per_resample(y, *s, weights) for s in singles]
+
+    result: dict = {"run": str(run), "host": host(), "n_test": int(len(y)), "tta": bool(args.tta),
+                    "n_views": n_views, "logit_gap": gap, "rows": {}}  # fmt: skip
+    print(f"{'metric':<18} {'ensemble':>8} {'mean fold':>9} {'sd fold':>8} {'diff':>7}  paired 95% interval")
+    for k in ROWS:
+        values = [p[k] for p in fold_points]
+        diff = ens_boot[k] - np.nanmean([b[k] for b in fold_boot], axis=0)
+        lo, hi = np.nanpercentile(diff, [2.5, 97.5])
+        mean = float(np.mean(values))
+        row = {"ensemble": ens_point[k], "fold_mean": mean, "fold_sd": float(np.std(values, ddof=1)), "folds": values,
+               "diff": ens_point[k] - mean, "diff_ci95": [float(lo), float(hi)]}  # fmt: skip
+        result["rows"][k] = row
+        print(f"{k:<18} {row['ensemble']:8.3f} {row['fold_mean']:9.3f} {row['fold_sd']:8.3f} {row['diff']:+7.3f}  "
+              f"[{lo:+.3f}, {hi:+.3f}]")  # fmt: skip
+    r = result["rows"]
+    targets = {
+        "balanced accuracy >= mean fold + 0.02": r["balanced_accuracy"]["diff"] >= 0.02,
+        "macro AUC >= mean fold + 0.005": r["macro_auc"]["diff"] >= 0.005,
+        "ECE (out-of-fold calibration) <= 0.03": r["ece"]["ensemble"] <= 0.03,
+    }
+    result["targets"] = targets
+    for name, ok in targets.items():
+        print(f"target {name}: {'MET' if ok else 'not met'}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
