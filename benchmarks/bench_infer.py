@@ -1,13 +1,15 @@
 """Inference speed: PyTorch eager vs ONNX Runtime, and the web server under a bounded local load.
 
     python benchmarks/bench_infer.py [--img-size 224] [--runs 50] [--requests 200] [--duration 30]
+        [--ensembles 1,3,5] [--only-ensembles]
 
 Builds an efficientnet_b0 checkpoint with random weights (speed does not depend on them) in a
 temporary run folder, exports it with ``skinlesion export``, then prints side by side:
 single-image latency p50/p95 and batch-32 images/s for both backends; and requests/s and
 latency of ``POST /api/predict`` for ``skinlesion serve --backend torch|onnx`` on 127.0.0.1,
 loaded by ``--concurrency`` client threads for a fixed request count, stopped early at ``--duration``.
-Loopback only; nothing leaves the machine.
+First, ensembles of 1, 3 and 5 such members (``skinlesion ensemble``'s code): batch-1 latency with both
+backends and the resident memory each adds. Loopback only; nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -52,6 +54,57 @@ def make_run(run_dir: Path, backbone: str, img_size: int) -> None:
         splits_sha256="",
     )
     checkpoint.save(run_dir / "best.pt", model, meta)
+
+
+def rss_mib() -> float:
+    """This process's resident memory (Linux /proc; 0 elsewhere)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return int(line.split()[1]) / 1024
+
+
+def make_member(run_dir: Path, backbone: str, img_size: int, seed: int) -> Path:
+    """A run folder `skinlesion ensemble` accepts: best.pt (random weights), config.json, a one-row splits.csv."""
+    torch.manual_seed(seed)
+    make_run(run_dir, backbone, img_size)
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "splits.csv").write_text("image_id,lesion_id,dx,split\nx,l,nv,val\n")
+    return run_dir
+
+
+def bench_ensembles(tmp: Path, backbone: str, img_size: int, sizes: list[int], runs: int) -> None:
+    """Batch-1 latency of both backends and the memory an ensemble of n members takes, through the product's
+    ensemble (model/ensemble_run.write -> checkpoint.load, export_onnx -> OnnxBackend)."""
+    from skinlesion.model import ensemble_run
+
+    members = [make_member(tmp / f"member{i}", backbone, img_size, i) for i in range(max(sizes))]
+    x1 = torch.randn(1, 3, img_size, img_size)
+    print(f"\n## ensembles of {backbone} (members' logits averaged in one graph), batch 1")
+    print(f"{'members':>8}{'torch p50 ms':>14}{'onnx p50 ms':>13}{'torch RSS +MiB':>16}{'onnx RSS +MiB':>15}"
+          f"{'model.onnx MB':>15}")  # fmt: skip
+    for n in sizes:
+        run = tmp / f"ensemble{n}"
+        ensemble_run.write(members[:n], run)
+        before = rss_mib()
+        model = checkpoint.load(run).model
+        torch_mem = rss_mib() - before
+
+        def torch_run(model=model):
+            with torch.inference_mode():
+                model(x1)
+
+        torch_ms = float(np.percentile(timings(torch_run, runs), 50)) * 1000
+        del model
+        export_onnx(run)
+        before = rss_mib()
+        session = OnnxBackend(run).session
+        onnx_mem = rss_mib() - before
+        onnx_ms = float(np.percentile(timings(lambda s=session: s.run(None, {"input": x1.numpy()}), runs), 50)) * 1000
+        del session
+        size = (run / "model.onnx").stat().st_size / 1e6
+        print(f"{n:8d}{torch_ms:14.1f}{onnx_ms:13.1f}{torch_mem:16.0f}{onnx_mem:15.0f}{size:15.1f}")
 
 
 def timings(fn, runs: int, warmup: int = 5) -> np.ndarray:
@@ -194,6 +247,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0, help="cap on each load test, seconds")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--cam-requests", type=int, default=20, help="requests with ?cam=true (0 to skip)")
+    ap.add_argument("--ensembles", default="1,3,5", help="ensemble sizes to time ('' to skip)")
+    ap.add_argument("--only-ensembles", action="store_true", help="skip the single-model and server parts")
     args = ap.parse_args()
 
     print(
@@ -201,6 +256,11 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
+        sizes = [int(n) for n in args.ensembles.split(",") if n.strip()]
+        if sizes:
+            bench_ensembles(Path(tmp), args.backbone, args.img_size, sizes, max(10, args.runs // 2))
+        if args.only_ensembles:
+            return
         run_dir = Path(tmp) / "bench"
         make_run(run_dir, args.backbone, args.img_size)
         export_onnx(run_dir)

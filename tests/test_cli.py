@@ -10,7 +10,7 @@ import pytest
 from skinlesion.cli import build_parser, main, normalise_argv
 
 SUBCOMMANDS = ["prepare", "split", "synth", "train", "evaluate", "calibrate", "fit-metadata-prior", "operating-point",
-               "report", "gradcam", "grid", "predict", "export", "serve", "convert-checkpoint"]  # fmt: skip
+               "report", "gradcam", "grid", "predict", "export", "serve", "ensemble", "convert-checkpoint"]  # fmt: skip
 
 
 def test_help_lists_every_subcommand_with_one_line(capsys):

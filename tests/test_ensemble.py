@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -235,3 +236,16 @@ def test_a_finished_cv_resumes_only_what_is_missing(cv_run, capsys):
         checkpoint.read(cv_run)["temperature"], rel=1e-6)  # fmt: skip
     assert main(argv[:-1]) == 2  # without --resume a finished CV is not overwritten
     assert "already holds a cross-validation run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--fold", "1"], "--fold needs --folds"),
+    (["--folds", "3", "--fold", "3"], "--fold must be in 0..2"),
+    (["--folds", "3", "--splits", "x.csv"], "drop --splits"),
+    (["--folds", "1"], "expected an integer >= 2"),
+])  # fmt: skip
+def test_fold_flags_are_checked_before_any_work(extra, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) if message.startswith("expected") else contextlib.nullcontext():
+        assert main(["train", "--out", str(tmp_path), "--run-name", "r", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

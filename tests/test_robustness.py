@@ -366,3 +366,55 @@ def test_serve_answers_only_to_its_own_host_names(tiny_run):
     client = TestClient(create_app(tiny_run, backend="torch", allowed_hosts=wide))
     assert client.get("/api/health", headers={"host": "lesions.example.org"}).status_code == 200
     assert client.get("/api/health", headers={"host": "other.example.org"}).status_code == 400
+
+
+# ------------------------------------------------------------------------------- 9. big uploads stay small
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_large_images_are_decoded_small_for_the_model_with_the_same_pixels(fmt):
+    """A 4000x3000 photo decoded for a model resized to 257 px keeps at least twice that (reduced JPEG decode or
+    a box average), never the full 12 MP, and the model input is the same up to resampling noise."""
+    import io
+
+    from PIL import Image
+
+    from skinlesion.data.images import open_rgb
+    from skinlesion.data.transforms import eval_transform
+
+    y, x = np.mgrid[0:3000, 0:4000].astype(np.float32)
+    rgb = np.stack([x / 16 % 256, y / 12 % 256, (x + y) / 28 % 256], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    small = open_rgb(buf.getvalue(), min_short_side=257)
+    assert 2 * 257 <= min(small.size) < 4 * 257
+    full = open_rgb(buf.getvalue())
+    assert full.size == (4000, 3000)
+    transform = eval_transform(224, 257)
+    assert float((transform(small) - transform(full)).abs().mean()) < 0.02  # ~0.5 % of the normalised range
+
+
+def test_byte_flipped_truncated_and_odd_format_uploads_are_never_a_server_error(tiny_run):
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from skinlesion.serve.app import create_app
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8))
+    jpeg, gif, tiff = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    photo.save(jpeg, "JPEG", quality=90)
+    photo.save(gif, "GIF")
+    photo.save(tiff, "TIFF")
+    data = jpeg.getvalue()
+    uploads = [data[: len(data) // k] for k in (2, 3, 10)]
+    uploads += [gif.getvalue(), tiff.getvalue(), b"\xff\xd8\xff", data * 3]
+    for seed in range(12):
+        flipped = bytearray(data)
+        for i in random.Random(seed).sample(range(20, len(data)), 32):
+            flipped[i] ^= 0xFF
+        uploads.append(bytes(flipped))
+    client = TestClient(create_app(tiny_run, backend="torch"), raise_server_exceptions=False)
+    codes = [client.post("/api/predict", files={"file": ("x.jpg", u, "image/jpeg")}).status_code for u in uploads]
+    assert set(codes) <= {200, 413, 415}, codes
+    assert 415 in codes  # the truncated ones at least are refused

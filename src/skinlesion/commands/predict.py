@@ -44,14 +44,15 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
 
 
 def decoded_batches(
-    files: Sequence[Path], batch_size: int, report: list[dict[str, str]]
+    files: Sequence[Path], batch_size: int, report: list[dict[str, str]], resize_size: int | None = None
 ) -> Iterator[tuple[list[Path], list[Image.Image]]]:
-    """Batches of successfully decoded images; failures are appended to ``report`` and printed."""
+    """Batches of successfully decoded images (``resize_size``: the model's, for open_rgb's reduced JPEG decode);
+    failures are appended to ``report`` and printed."""
     paths: list[Path] = []
     images: list[Image.Image] = []
     for path in files:
         try:
-            images.append(open_rgb(path))
+            images.append(open_rgb(path, min_short_side=resize_size))
             paths.append(path)
         except SkinLesionError as e:
             report.append({"image": str(path), "error": str(e)})
@@ -94,7 +95,7 @@ def predict_files(
     chunks: list[np.ndarray] = []
     skipped: list[dict[str, str]] = []
     with tqdm(total=len(files), desc="predict", unit="img", file=sys.stderr, disable=len(files) < 2) as bar:
-        for paths, images in decoded_batches(files, batch_size, skipped):
+        for paths, images in decoded_batches(files, batch_size, skipped, classifier.backend.resize_size):
             chunks.append(classifier.view_logits(images, tta))
             read += paths
             bar.update(len(read) + len(skipped) - bar.n)

@@ -60,7 +60,7 @@ def resize_short(image: Image.Image, short_side: int) -> Image.Image:
 def decode_resized(path: str | Path, short_side: int) -> np.ndarray:
     """What the cache stores for one file: EXIF-aware RGB decode, then ``resize_short``."""
     try:
-        image = open_rgb(path)
+        image = open_rgb(path, min_short_side=short_side)
     except SkinLesionError as e:
         raise SkinLesionError(f"{e}; {DROP_HINT}") from e
     return np.asarray(resize_short(image, short_side), dtype=np.uint8)

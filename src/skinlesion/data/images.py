@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,8 +23,23 @@ class ImageTooLargeError(SkinLesionError):
     """Over the pixel limit (decompression-bomb guard); the web app answers 413 instead of 415."""
 
 
+# Image modes PIL's reduce() averages correctly (not palette indices, not 1-bit, not 16-bit).
+_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "I", "F", "CMYK"}
+
+
+def shrink(im: Image.Image, min_short_side: int | None) -> Image.Image:
+    """Box-average by the largest whole factor that keeps the short side at least twice ``min_short_side``."""
+    if not min_short_side or im.mode not in _REDUCIBLE:
+        return im
+    factor = min(im.size) // (2 * min_short_side)
+    return im.reduce(factor) if factor >= 2 else im
+
+
 def open_rgb(
-    source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: float | None = None
+    source: str | Path | bytes,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_aspect: float | None = None,
+    min_short_side: int | None = None,
 ) -> Image.Image:
     """Decode ``source`` (a path or raw bytes) to an RGB PIL image with EXIF rotation applied.
 
@@ -31,6 +47,13 @@ def open_rgb(
     alone and before decoding, for images above ``max_pixels`` (decompression-bomb guard) or longer than
     ``max_aspect`` times their short side (a thin strip that resizing to the model's short side would blow up:
     1x100000 px becomes 147x14,700,000).
+
+    ``min_short_side`` (the model's resize size): a JPEG whose short side is more than twice it is decoded at the
+    smallest JPEG DCT scale (1/2, 1/4, 1/8) that still keeps twice it (PIL ``draft``), the way browsers show
+    camera photos, and any other image is box-averaged down to that (``shrink``) right after decoding: a
+    48-megapixel upload then needs ~20 MB instead of ~460 MB, and the resize to the model's size that follows
+    averages over at least two source pixels per output pixel either way.
+    Every consumer that decodes for a model passes it (the image cache, predict, serve, the Python API, gradcam).
     """
     name = "uploaded bytes" if isinstance(source, bytes) else str(source)
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
@@ -46,8 +69,12 @@ def open_rgb(
                     f"{name}: {im.width}x{im.height} pixels is longer than {max_aspect:g} times its short side; "
                     "crop the image to the lesion"
                 )
+            if min_short_side and im.format == "JPEG" and min(im.size) > 2 * min_short_side:
+                scale = min(im.size) / (2 * min_short_side)
+                im.draft("RGB", (math.ceil(im.width / scale), math.ceil(im.height / scale)))
             im.load()
-            im = ImageOps.exif_transpose(im)
+            im = shrink(im, min_short_side)  # a PNG / TIFF of tens of megapixels: box-average while still small
+            ImageOps.exif_transpose(im, in_place=True)  # not a copy of the whole image when there is nothing to do
             if im.mode != "RGB":
                 # RGBA / LA: composite on white so transparent borders do not turn black.
                 if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
@@ -60,7 +87,7 @@ def open_rgb(
                     im = im.convert("I").point(lambda v: v * (1 / 256)).convert("RGB")
                 else:
                     im = im.convert("RGB")
-            return im
+            return shrink(im, min_short_side)  # palette / 1-bit / 16-bit images: once in RGB
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: refused as a decompression bomb ({e})") from e
     except FileNotFoundError as e:

@@ -79,7 +79,8 @@ class Classifier:
 
     def view_logits(self, images: Sequence[Image.Image | str | Path], tta: bool = False) -> np.ndarray:
         """Raw logits (V, N, C) of images (PIL images or files): V = 1, or the run's TTA views."""
-        pil = [im if isinstance(im, Image.Image) else open_rgb(im) for im in images]
+        size = self.backend.resize_size
+        pil = [im if isinstance(im, Image.Image) else open_rgb(im, min_short_side=size) for im in images]
         return self.backend.view_logits(self.backend.preprocess(pil), self.n_views(tta))
 
     def predict(

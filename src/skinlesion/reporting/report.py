@@ -179,7 +179,7 @@ def make_gallery(
         if image_id not in rows_of.index:
             continue
         clinical = rows_of.loc[[image_id]]
-        image = open_rgb(rows_of.loc[image_id, "path"])
+        image = open_rgb(rows_of.loc[image_id, "path"], min_short_side=classifier.backend.resize_size)
         exp = explain(classifier, image, str(row["y_pred"]) if pooled else None, method=method, clinical=clinical)
         out = cam_figure(exp, run_dir / "figures" / f"cam_{row['y_true']}_{kind}.png", method)
         how = ", with its lesion" if pooled else ""

@@ -169,7 +169,9 @@ class ModelService:
         # One request at a time, decoding included: inference already uses every core, and concurrent uploads
         # must not hold several decoded images at once.
         with self.lock:
-            image = upload if isinstance(upload, Image.Image) else open_rgb(upload, max_pixels, MAX_ASPECT)
+            image = upload if isinstance(upload, Image.Image) else open_rgb(
+                upload, max_pixels, MAX_ASPECT, self.classifier.backend.resize_size
+            )
             decisions = self.classifier.predict([image], clinical=table)
             probs, best = decisions.probabilities[0], int(decisions.labels[0])
             overlay = gradcam_overlay(self.explainer, image, classes[best]) if cam else None

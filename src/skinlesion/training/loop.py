@@ -74,6 +74,12 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg["max_train_batches"] = getattr(args, "max_train_batches", None)  # a cap for smoke runs, kept for --resume
     cfg["cache"] = getattr(args, "cache", True) is not False
     cfg["allow_missing"] = bool(getattr(args, "allow_missing", False))
+    if cfg.get("fold") is not None and not cfg.get("folds"):
+        raise SkinLesionError("--fold needs --folds K (the number of folds the split is cut into)")
+    if cfg.get("folds") and cfg.get("fold") is not None and cfg["fold"] >= cfg["folds"]:
+        raise SkinLesionError(f"--fold must be in 0..{cfg['folds'] - 1} for --folds {cfg['folds']}")
+    if cfg.get("folds") and cfg["splits"]:
+        raise SkinLesionError("--folds makes its own lesion-grouped folds; drop --splits (or --folds)")
     if cfg["select"] not in SELECT:
         raise SkinLesionError(f"unknown --select {cfg['select']!r}; choose from {', '.join(SELECT)}")
     if cfg["grad_accum"] < 1 or cfg["epochs"] < 1 or cfg["batch_size"] < 1:
