@@ -16,19 +16,21 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 DEMO := outputs/demo
-SAMPLE_IMAGES = $(wordlist 1,3,$(sort $(wildcard src/skinlesion/data/sample/images/*.jpg)))
+SAMPLE_DIR := src/skinlesion/data/sample/images
+# Three images of the demo run's val part (never trained on), read from its splits.csv when predict runs.
+VAL_IMAGES = $$(awk -F, '$$4 == "val" {print "$(SAMPLE_DIR)/" $$1 ".jpg"}' $(DEMO)/splits.csv | head -3)
 
 # Few-minute CPU demo on the bundled real sample: genuine ImageNet EfficientNet-Lite0 weights (offline).
 # The full reference recipe is EfficientNet-B0 with hub weights at 224 px for 20 epochs.
 demo: install
-	$(CLI) prepare
+	$(CLI) prepare --img-size 128
 	rm -rf $(DEMO)
 	$(CLI) train --run-name demo --backbone tf_efficientnet_lite0 --weights lite0 --img-size 128 --epochs 5 --lr 1e-3
 	$(CLI) calibrate --run-dir $(DEMO)
 	$(CLI) evaluate --run-dir $(DEMO) --tta --lesion-level
 	$(CLI) report --run-dir $(DEMO)
 	$(CLI) export --run-dir $(DEMO)
-	$(CLI) predict --run-dir $(DEMO) --backend onnx --top-k 3 $(SAMPLE_IMAGES)
+	$(CLI) predict --run-dir $(DEMO) --backend onnx --top-k 3 $(VAL_IMAGES)
 	@echo "full recipe: EfficientNet-B0, hub ImageNet weights, 224 px, 20 epochs: skinlesion train --data-dir DIR --run-name baseline_effnetb0"
 	@echo "demo finished: $(DEMO)/report.html"
 

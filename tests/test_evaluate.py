@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -89,28 +90,33 @@ def test_metrics_json_equals_sklearn(evaluated):
     )
 
 
-def test_external_folder(evaluated, synth_dir):
-    rc = main(
-        [
-            "evaluate",
-            "--run-dir",
-            str(evaluated),
-            "--data-dir",
-            str(synth_dir),
-            "--name",
-            "synth ext",
-            "--device",
-            "cpu",
-            "--bootstrap",
-            "20",
-        ]
-    )
-    assert rc == 0
+def test_external_folder_is_scored_without_what_the_run_trained_on(evaluated, synth_dir, tmp_path, capsys):
+    """The synthetic folder the run was trained on, as an "external" set, with two training images renamed (new
+    image ids, same lesions): scored without every trained image; --keep-overlap keeps them, with a warning."""
+    data = Path(shutil.copytree(synth_dir, tmp_path / "ext"))
+    meta = pd.read_csv(data / "HAM10000_metadata.csv", dtype=str)
+    splits = pd.read_csv(evaluated / "splits.csv", dtype=str)
+    trained = set(splits.loc[splits["split"] == "train", "image_id"])
+    renamed = sorted(trained)[:2]
+    for old in renamed:
+        (data / "images" / f"{old}.jpg").rename(data / "images" / f"NEW_{old}.jpg")
+    meta["image_id"] = [f"NEW_{i}" if i in renamed else i for i in meta["image_id"]]
+    meta.to_csv(data / "HAM10000_metadata.csv", index=False)
+    argv = ["evaluate", "--run-dir", str(evaluated), "--data-dir", str(data), "--name", "synth ext", "--device", "cpu",
+            "--bootstrap", "20"]  # fmt: skip
+    assert main(argv) == 0
     out = evaluated / "eval_synth_ext"
     m = json.loads((out / "metrics.json").read_text())
-    n = len(pd.read_csv(synth_dir / "HAM10000_metadata.csv"))
-    assert m["n_images"] == n and m["external"] == "synth_ext"
-    assert len(pd.read_csv(out / "predictions.csv")) == n
+    n_trained = len(trained)
+    assert m["overlap_with_training"] == {"images": n_trained, "by_image_id": n_trained - 2, "by_lesion_id": 2,
+                                          "kept": False}  # fmt: skip
+    assert m["n_images"] == len(meta) - n_trained and m["external"] == "synth_ext"
+    scored = set(pd.read_csv(out / "predictions.csv", dtype=str)["image_id"])
+    assert not scored & (trained | {f"NEW_{i}" for i in renamed})
+    assert f"{n_trained} of {len(meta)} images were trained on by this run" in capsys.readouterr().err
+    assert main([*argv, "--keep-overlap"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_images"] == len(meta) and "optimistic" in m["overlap_with_training"]["warning"]
 
 
 def test_missing_split_is_a_one_line_error(evaluated, capsys):

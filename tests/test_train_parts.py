@@ -92,5 +92,7 @@ def test_recipe_defaults_and_explicit_flags_override():
     assert resolve_config(parse("--recipe", "improved", "--logit-adjust-tau", "0"))["logit_adjust_tau"] == 0
     assert (improved["metadata_prior"], cfg["metadata_prior"]) == (True, False)
     assert resolve_config(parse("--recipe", "improved", "--no-metadata-prior"))["metadata_prior"] is False
-    with pytest.raises(SkinLesionError, match="--recipe"):
-        resolve_config(parse("--recipe", "fancy"))
+    with pytest.raises(SystemExit):  # the choices are listed in --help and checked when parsed
+        parse("--recipe", "fancy")
+    with pytest.raises(SkinLesionError, match="--recipe"):  # a namespace built in Python is checked too
+        resolve_config(argparse.Namespace(**{**vars(parse()), "recipe": "fancy"}))

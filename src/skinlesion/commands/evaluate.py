@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,18 @@ from sklearn.metrics import classification_report
 
 from skinlesion import fileio
 from skinlesion.data.ham10000 import load_table
-from skinlesion.data.run_folder import default_split, labels_of, open_cache, read_config, split_part
+from skinlesion.data.run_folder import (
+    default_split,
+    labels_of,
+    open_cache,
+    overlap_with_training,
+    read_config,
+    split_part,
+)
 from skinlesion.decision import lesion_pooling, operating_point
 from skinlesion.decision.chain import Decisions
 from skinlesion.device import resolve_device
+from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation import isic
 from skinlesion.evaluation.scoring import lesion_level, predictions_frame, score, summary_table
 from skinlesion.inference.classifier import Classifier
@@ -38,9 +47,26 @@ def main(args: argparse.Namespace) -> None:
         if "lesion_id" not in table or table["lesion_id"].isna().any():
             # No lesion ids (e.g. ISIC 2018 test): each image is its own lesion for the bootstrap.
             table = table.assign(lesion_id=table.get("lesion_id", table["image_id"]).fillna(table["image_id"]))
+        overlap, by_image, by_lesion = overlap_with_training(run_dir, table)
+        leak = {"images": int(overlap.sum()), "by_image_id": by_image, "by_lesion_id": by_lesion,
+                "kept": bool(args.keep_overlap)}  # fmt: skip
+        if overlap.any():
+            what = (f"{leak['images']} of {len(table)} images were trained on by this run ({by_image} by image id, "
+                    f"{by_lesion} more by lesion id)")  # fmt: skip
+            if args.keep_overlap:
+                leak["warning"] = f"{what}; kept (--keep-overlap): these metrics are optimistic"
+                print(f"warning: {leak['warning']}", file=sys.stderr)
+            elif overlap.all():
+                raise SkinLesionError(f"all {len(table)} images were trained on by this run ({by_image} by image id, "
+                                      f"{by_lesion} by lesion id); nothing unseen is left to score (--keep-overlap "
+                                      "scores them anyway, optimistically)")  # fmt: skip
+            else:
+                table = table[~overlap].reset_index(drop=True)
+                print(f"{what}; scored without them ({len(table)} left; --keep-overlap keeps them)", file=sys.stderr)
         name = _safe_name(args.name or Path(args.data_dir or args.images or args.metadata).name)
         out_dir = run_dir / f"eval_{name}"
-        source = {"external": name, "data_dir": args.data_dir, "metadata": args.metadata, "images": args.images}
+        source = {"external": name, "data_dir": args.data_dir, "metadata": args.metadata, "images": args.images,
+                  "overlap_with_training": leak}  # fmt: skip
     else:
         split = args.split or default_split(run_dir)
         table = split_part(run_dir, split)

@@ -98,8 +98,9 @@ def predict_files(
         for paths, images in decoded_batches(files, batch_size, skipped, classifier.backend.resize_size):
             chunks.append(classifier.view_logits(images, tta))
             read += paths
-            bar.update(len(read) + len(skipped) - bar.n)
-        bar.update(len(files) - bar.n)  # failures after the last full batch
+            if len(read) + len(skipped) < len(files):
+                bar.update(len(read) + len(skipped) - bar.n)
+        bar.n = len(files)  # no redraw here: closing the bar draws its final line, once
     if not read:
         return [], skipped
     index = {str(f): i for i, f in enumerate(files)}

@@ -44,6 +44,16 @@ def run_table(run_dir: Path) -> pd.DataFrame:
     return merged
 
 
+def overlap_with_training(run_dir: Path, table: pd.DataFrame) -> tuple[np.ndarray, int, int]:
+    """Rows of ``table`` (an external set) that the run trained on: same image id, or same lesion id (another
+    shot of a training lesion). The mask and how many match by image id and by lesion id alone."""
+    trained = read_splits(Path(run_dir) / "splits.csv")
+    trained = trained[trained["split"] == "train"]
+    same_image = table["image_id"].astype(str).isin(set(trained["image_id"])).to_numpy()
+    same_lesion = table["lesion_id"].astype(str).isin(set(trained["lesion_id"])).to_numpy() & ~same_image
+    return same_image | same_lesion, int(same_image.sum()), int(same_lesion.sum())
+
+
 def default_split(run_dir: Path) -> str:
     """val, or test for a run folder without one (an ensemble of K folds: every other image trained a member)."""
     parts = set(read_splits(Path(run_dir) / "splits.csv")["split"])

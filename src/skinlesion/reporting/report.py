@@ -223,6 +223,10 @@ def warnings_for(chain: DecisionChain, m: dict[str, Any], preds: pd.DataFrame) -
         warnings.append(
             "predictions.csv was decided with an operating point best.pt no longer holds; re-run skinlesion evaluate."
         )
+    leak = m.get("overlap_with_training") or {}
+    if leak.get("kept") and leak.get("images"):
+        warnings.append(f"{leak['images']} of the scored images were trained on by this run (same image or lesion id) "
+                        "and were kept with --keep-overlap: these metrics are optimistic.")  # fmt: skip
     pooled_here = bool((m.get("lesion_pooling") or {}).get("applied"))
     if chain.pool_lesions and not pooled_here and preds["lesion_id"].duplicated().any():
         warnings.append(

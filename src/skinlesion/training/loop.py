@@ -277,6 +277,47 @@ def param_groups(model: nn.Module, head_lr_mult: float) -> list[dict[str, Any]]:
     return [{"params": body, "lr_scale": 1.0}, {"params": head, "lr_scale": head_lr_mult}]
 
 
+OPTIMIZER_DEFAULT, SCHEDULER_DEFAULT = "adamw", "cosine"
+SCHEDULERS = ("cosine", "tanh", "poly", "step", "multistep")  # timm's that step per update without a metric
+
+
+def build_optimizer(cfg: dict[str, Any], model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (the recipes') as torch builds it; any other ``--opt`` from timm's create_optimizer_v2, on the same
+    two parameter groups."""
+    groups = param_groups(model, cfg["head_lr_mult"])
+    opt = cfg.get("opt") or OPTIMIZER_DEFAULT
+    if opt == OPTIMIZER_DEFAULT:
+        return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    from timm.optim import create_optimizer_v2, list_optimizers
+
+    if opt not in list_optimizers():
+        raise SkinLesionError(f"unknown --opt {opt!r}; timm.optim.list_optimizers() lists the names (e.g. sgd, lamb)")
+    return create_optimizer_v2(groups, opt=opt, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def build_scheduler(cfg: dict[str, Any], optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Per-update schedule with ``--warmup-epochs`` of linear warm-up from lr/100: the cosine (the recipes') as
+    before, or another of timm's create_scheduler_v2."""
+    warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
+    sched = cfg.get("sched") or SCHEDULER_DEFAULT
+    if sched == SCHEDULER_DEFAULT:
+        return CosineLRScheduler(
+            optimizer, t_initial=max(1, cfg["epochs"] * steps_per_epoch - warmup_steps), lr_min=0.0,
+            warmup_t=warmup_steps, warmup_lr_init=cfg["lr"] * 0.01, warmup_prefix=True, t_in_epochs=False,
+        )  # fmt: skip
+    if sched not in SCHEDULERS:
+        raise SkinLesionError(f"unknown --sched {sched!r}; choose from {', '.join(SCHEDULERS)}")
+    from timm.scheduler import create_scheduler_v2
+
+    epochs = cfg["epochs"]
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=epochs, decay_epochs=max(1, epochs // 3),
+        decay_milestones=[max(1, epochs // 3), max(1, 2 * epochs // 3)], min_lr=0.0, warmup_lr=cfg["lr"] * 0.01,
+        warmup_epochs=cfg["warmup_epochs"], warmup_prefix=True, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )  # fmt: skip
+    return scheduler
+
+
 def set_backbone_frozen(
     optimizer: torch.optim.Optimizer, scheduler: CosineLRScheduler, step: int, frozen: bool
 ) -> None:
@@ -449,15 +490,10 @@ def train(
     criterion = build_loss(cfg["loss"], weight, cfg["gamma"], cfg["label_smoothing"], soft_targets=mixup_on)
     criterion.to(device)
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["head_lr_mult"]), lr=cfg["lr"],
-                                  weight_decay=cfg["weight_decay"])  # fmt: skip
+    optimizer = build_optimizer(cfg, model)
     batches = len(train_loader) if max_batches is None else min(len(train_loader), max_batches)
     steps_per_epoch = math.ceil(batches / cfg["grad_accum"])
-    warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=max(1, cfg["epochs"] * steps_per_epoch - warmup_steps), lr_min=0.0,
-        warmup_t=warmup_steps, warmup_lr_init=cfg["lr"] * 0.01, warmup_prefix=True, t_in_epochs=False,
-    )  # fmt: skip
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = ModelEmaV3(model, decay=cfg["ema_decay"], use_warmup=True) if cfg["ema"] else None
 

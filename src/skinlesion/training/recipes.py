@@ -17,6 +17,8 @@ REFERENCE: dict[str, Any] = {
     "batch_size": 32,
     "lr": 3e-4,
     "weight_decay": 1e-4,
+    "opt": "adamw",  # any other name: timm's create_optimizer_v2
+    "sched": "cosine",  # per update; others: timm's create_scheduler_v2
     "head_lr_mult": 1.0,
     "head_warmup_epochs": 0,
     "drop_rate": 0.2,

@@ -1,0 +1,114 @@
+"""train --config (YAML / JSON, the command line overrides it, a run's config.json reproduces it), the recipe files,
+timm-style option aliases, --opt / --sched through timm, and the CLI's help and usage on mistakes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from skinlesion.cli import build_parser, main, parse
+from skinlesion.training import loop
+from skinlesion.training.recipes import RECIPES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resolved(*argv: str) -> dict:
+    return loop.resolve_config(parse(["train", *argv]))
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_files_are_the_recipes(name):
+    path = REPO / "configs" / f"{name}.yaml"
+    values = {k.replace("-", "_"): v for k, v in yaml.safe_load(path.read_text()).items()}
+    assert values.pop("recipe") == name
+    assert values == RECIPES[name]
+    assert resolved("--config", str(path)) == resolved("--recipe", name)
+
+
+def test_command_line_overrides_the_file_and_values_are_checked(tmp_path, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text("recipe: improved\nlr: 5.0e-4\nimg-size: 160\ntta_views: 4\n")
+    cfg = resolved("--config", str(path), "--lr", "2e-4")
+    assert (cfg["lr"], cfg["img_size"], cfg["tta_views"], cfg["metadata_prior"]) == (2e-4, 160, 4, True)
+    json_path = tmp_path / "mine.json"
+    json_path.write_text(json.dumps({"epochs": 3, "batch-size": 8}))
+    from_json = resolved("--config", str(json_path))
+    assert (from_json["epochs"], from_json["batch_size"]) == (3, 8)
+    cases = [("lr: -1\n", "lr: expected a finite number > 0"), ("img_sze: 1\n", "did you mean img_size"),
+             ("tta-views: 5\n", "tta_views: 5 is not one of 4, 8"), ("- a\n", "expected a mapping")]  # fmt: skip
+    for text, message in cases:
+        path.write_text(text)
+        assert main(["train", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --config") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_runs_config_json_reproduces_it(tiny_run):
+    saved = json.loads((tiny_run / "config.json").read_text())
+    again = resolved("--config", str(tiny_run / "config.json"))
+    differs = {k for k in again if k in saved and again[k] != saved[k]}
+    assert differs <= {"mean", "std"} and all(again[k] is None or again[k] == saved[k] for k in differs)
+    assert {k for k in again if k not in saved} == set()  # every resolved option was recorded
+
+
+def test_timm_spellings_mean_the_same():
+    timm_style = resolved("--model", "resnet18", "--experiment", "x", "--output", "o", "--smoothing", "0.1",
+                          "--model-ema", "--drop", "0.3", "--grad-accum-steps", "2", "--torchcompile", "-b", "16",
+                          "-j", "1", "--initial-checkpoint", "w.pth")  # fmt: skip
+    ours = resolved("--backbone", "resnet18", "--run-name", "x", "--out", "o", "--label-smoothing", "0.1", "--ema",
+                    "--drop-rate", "0.3", "--grad-accum", "2", "--compile", "--batch-size", "16", "--workers", "1",
+                    "--weights", "w.pth")  # fmt: skip
+    assert timm_style == ours
+
+
+def test_opt_and_sched_come_from_timm(synth_dir, tmp_path):
+    import timm
+    import torch
+
+    model = timm.create_model("test_efficientnet", num_classes=7)
+    base = resolved()
+    assert type(loop.build_optimizer(base, model)) is torch.optim.AdamW  # the recipes' optimizer, unchanged
+    sgd = loop.build_optimizer({**base, "opt": "sgd"}, model)
+    assert isinstance(sgd, torch.optim.SGD) and [g["lr_scale"] for g in sgd.param_groups] == [1.0, 1.0]
+    step = loop.build_scheduler({**base, "sched": "step", "epochs": 6}, sgd, steps_per_epoch=10)
+    lrs = []
+    for t in range(60):
+        step.step_update(t)
+        lrs.append(sgd.param_groups[0]["lr"])
+    assert lrs[0] == lrs[19] > lrs[20] == lrs[39] > lrs[40]  # decays every epochs // 3
+    argv = ["train", "--data-dir", str(synth_dir), "--out", str(tmp_path), "--run-name", "sgd", "--opt", "sgd",
+            "--sched", "tanh", "--backbone", "efficientnet_b0", "--no-pretrained", "--img-size", "32", "--epochs", "2",
+            "--batch-size", "16", "--workers", "0", "--max-train-batches", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "sgd" / "config.json").read_text())["opt"] == "sgd"
+
+
+def test_every_subcommand_and_option_explains_itself():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    devices = set()
+    for name, p in sub.choices.items():
+        assert p.description and f"docs/usage.md#skinlesion-{name}" in p.description
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            if action.dest == "device":
+                devices.add(tuple(action.choices))
+    assert devices == {("auto", "cuda", "mps", "cpu")}  # the same choices everywhere
+
+
+def test_an_unknown_option_prints_that_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--learning-rate", "1e-3"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: skinlesion train") and "unrecognized arguments: --learning-rate" in err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--run-dir", "x", "--tta-viewz", "8"])
+    assert "did you mean --tta-views?" in capsys.readouterr().err
