@@ -56,13 +56,35 @@ def make_run(run_dir: Path, backbone: str, img_size: int) -> None:
     checkpoint.save(run_dir / "best.pt", model, meta)
 
 
-def rss_mib() -> float:
-    """This process's resident memory (Linux /proc; 0 elsewhere)."""
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0.0
+PEAK_RSS = """
+import sys, torch
+from pathlib import Path
+run, backend, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+def hwm():
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
+base = hwm()
+x = torch.randn(1, 3, size, size)
+if backend == "torch":
+    from skinlesion.model import checkpoint
+    model = checkpoint.load(run).model
+    with torch.inference_mode():
+        model(x)
+else:
+    from skinlesion.inference.onnx_backend import OnnxBackend
+    session = OnnxBackend(run).session
+    session.run(None, {"input": x.numpy()})
+print(hwm() - base)
+"""
+
+
+def peak_rss_mib(run: Path, backend: str, img_size: int) -> float:
+    """Peak resident memory a fresh process adds to load the model and score one image (Linux; nan elsewhere)."""
+    if not Path("/proc/self/status").exists():
+        return float("nan")
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(run), backend, str(img_size)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def make_member(run_dir: Path, backbone: str, img_size: int, seed: int) -> Path:
@@ -75,21 +97,20 @@ def make_member(run_dir: Path, backbone: str, img_size: int, seed: int) -> Path:
 
 
 def bench_ensembles(tmp: Path, backbone: str, img_size: int, sizes: list[int], runs: int) -> None:
-    """Batch-1 latency of both backends and the memory an ensemble of n members takes, through the product's
-    ensemble (model/ensemble_run.write -> checkpoint.load, export_onnx -> OnnxBackend)."""
+    """Batch-1 latency of both backends and the peak memory loading an ensemble of n members and scoring one image
+    adds to a fresh process, through the product's ensemble (model/ensemble_run.write -> checkpoint.load,
+    export_onnx -> OnnxBackend)."""
     from skinlesion.model import ensemble_run
 
     members = [make_member(tmp / f"member{i}", backbone, img_size, i) for i in range(max(sizes))]
     x1 = torch.randn(1, 3, img_size, img_size)
     print(f"\n## ensembles of {backbone} (members' logits averaged in one graph), batch 1")
-    print(f"{'members':>8}{'torch p50 ms':>14}{'onnx p50 ms':>13}{'torch RSS +MiB':>16}{'onnx RSS +MiB':>15}"
+    print(f"{'members':>8}{'torch p50 ms':>14}{'onnx p50 ms':>13}{'torch peak MiB':>16}{'onnx peak MiB':>15}"
           f"{'model.onnx MB':>15}")  # fmt: skip
     for n in sizes:
         run = tmp / f"ensemble{n}"
         ensemble_run.write(members[:n], run)
-        before = rss_mib()
         model = checkpoint.load(run).model
-        torch_mem = rss_mib() - before
 
         def torch_run(model=model):
             with torch.inference_mode():
@@ -98,11 +119,10 @@ def bench_ensembles(tmp: Path, backbone: str, img_size: int, sizes: list[int], r
         torch_ms = float(np.percentile(timings(torch_run, runs), 50)) * 1000
         del model
         export_onnx(run)
-        before = rss_mib()
         session = OnnxBackend(run).session
-        onnx_mem = rss_mib() - before
         onnx_ms = float(np.percentile(timings(lambda s=session: s.run(None, {"input": x1.numpy()}), runs), 50)) * 1000
         del session
+        torch_mem, onnx_mem = (peak_rss_mib(run, b, img_size) for b in ("torch", "onnx"))
         size = (run / "model.onnx").stat().st_size / 1e6
         print(f"{n:8d}{torch_ms:14.1f}{onnx_ms:13.1f}{torch_mem:16.0f}{onnx_mem:15.0f}{size:15.1f}")
 

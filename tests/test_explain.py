@@ -42,12 +42,26 @@ def _name(model, layer) -> str:
 
 
 @pytest.mark.parametrize(
-    ("backbone", "expected"), [("efficientnet_b0", "bn2"), ("resnet18", "layer4"), ("test_convnext", "stages")]
-)
-def test_cnn_target_layer_is_last_feature_map(backbone, expected):
+    ("backbone", "size", "expected"),
+    [("efficientnet_b0", 224, "bn2"), ("resnet18", 224, "layer4"), ("test_convnext", 224, "stages"),
+     # Small inputs: the last map would be 2x2, so the deepest stage with at least 7x7 cells is explained.
+     ("efficientnet_b0", 64, "blocks.2"), ("resnet18", 64, "layer2"), ("test_convnext", 64, "stages.1")],
+)  # fmt: skip
+def test_cnn_target_layer_is_the_last_map_fine_enough_to_show_something(backbone, size, expected):
     model = timm.create_model(backbone, pretrained=False, num_classes=7).eval()
-    layer, reshape = target_layer(model, 64)
+    layer, reshape = target_layer(model, size)
     assert _name(model, layer) == expected and reshape is None
+
+
+def test_maps_of_two_different_images_differ_and_say_their_resolution(tiny_run):
+    """tiny_run works at 64 px: its last feature map is 2x2 (one blob for every image); the explained stage is 8x8."""
+    classifier = Classifier.load(tiny_run)
+    rng = np.random.default_rng(3)
+    images = [draw_lesion(c, (96, 72), rng, center=centre)[0] for c, centre in (("mel", (25, 20)), ("nv", (70, 50)))]
+    first, second = (explain(classifier, im, target_class="mel") for im in images)
+    assert first.grid == second.grid == (8, 8) and not first.coarse
+    assert np.abs(first.cam - second.cam).mean() > 0.05
+    assert "8x8 feature grid" in title(first)
 
 
 @pytest.mark.parametrize("reg_tokens", [0, 4])

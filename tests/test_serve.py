@@ -91,6 +91,31 @@ def test_overlay_is_a_png_data_url(client):
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay"][len(prefix) :])))
     assert overlay.format == "PNG" and overlay.size == (64, 64)
     assert np.asarray(overlay).std() > 0  # a real heat map, not a blank image
+    # The model's view, the same field of view as the overlay (the upload is 96x72: resized, centre-cropped).
+    view = Image.open(io.BytesIO(base64.b64decode(body["model_view"][len(prefix) :])))
+    assert view.size == overlay.size == (64, 64)
+    assert body["overlay_resolution"]["grid"][0] >= 1 and "feature grid" in body["overlay_resolution"]["text"]
+
+
+def test_close_top_two_classes_are_flagged(client, monkeypatch):
+    service = client.app.state.service
+    real = service.classifier
+
+    class CloseCall:  # the real classifier, with probabilities whose top two are 0.02 apart
+        chain, backend = real.chain, real.backend
+
+        def predict(self, images, **kw):
+            d = real.predict(images, **kw)
+            p = np.full((1, 7), 0.06)
+            p[0, :2] = [0.36, 0.34]
+            return type(d)(p, np.array([0]), d.classes)
+
+    monkeypatch.setattr(service, "classifier", CloseCall())
+    assert post(client, encode(lesion())).json()["low_confidence"] is True
+    monkeypatch.undo()
+    body = post(client, encode(lesion())).json()
+    first, second = sorted(body["probabilities"].values(), reverse=True)[:2]
+    assert body["low_confidence"] is (first - second < serve_app.LOW_CONFIDENCE_MARGIN)
 
 
 def test_not_an_image_is_415(client):
@@ -226,7 +251,10 @@ def test_page_docs_and_headers(client):
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert "http" not in page.text.split("<body>")[0]  # no external (CDN) assets
     assert "/api/predict?cam=true" in client.get("/static/app.js").text
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # Swagger UI from local files: works offline
+    assert "/swagger/swagger-ui-bundle.js" in docs.text
+    assert client.get("/swagger/swagger-ui-bundle.js").status_code == 200
     assert "/api/predict" in client.get("/openapi.json").json()["paths"]
 
 

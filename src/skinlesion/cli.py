@@ -202,6 +202,9 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, help="seeds the split, init, sampling and augmentation (default 42)")
     _device_arg(p, default=None)
     p.add_argument("--workers", "-j", type=AT_LEAST_0, help="data loader workers per process (default 2)")
+    p.add_argument("--logger", choices=["tensorboard", "mlflow", "none"], help="experiment tracking: TensorBoard "
+                   "event files in <run>/tensorboard (default; `tensorboard --logdir outputs`), MLflow (./mlruns "
+                   "unless MLFLOW_TRACKING_URI is set; `mlflow ui`), or none")
     p.add_argument("--resume", action="store_true", help="continue the run folder from last.pt")
     p.add_argument("--max-train-batches", type=AT_LEAST_1, help=argparse.SUPPRESS)
     # Stop as if interrupted after N epochs of this invocation (tests of --resume; time-boxed runs).

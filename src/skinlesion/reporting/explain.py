@@ -50,8 +50,13 @@ def vit_reshape(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return reshape
 
 
+# Below this many cells on a side a CNN's last feature map is too coarse to show where in the image it looks.
+MIN_CAM_SIDE = 7
+
+
 def target_layer(model: nn.Module, img_size: int) -> tuple[nn.Module, Callable | None]:
-    """The layer to explain and the reshape transform it needs (None for CNN feature maps)."""
+    """The layer to explain and the reshape transform it needs (None for CNN feature maps): the last feature map,
+    or for a small input the deepest feature stage at least MIN_CAM_SIDE cells on a side."""
     blocks = getattr(model, "blocks", None)
     if (
         hasattr(model, "patch_embed")
@@ -70,6 +75,14 @@ def target_layer(model: nn.Module, img_size: int) -> tuple[nn.Module, Callable |
             h.remove()
     if features.ndim != 4:
         raise SkinLesionError(f"no 2-D feature map in {type(model).__name__}; Grad-CAM supports timm CNNs and ViTs")
+    if min(features.shape[-2:]) < MIN_CAM_SIDE:
+        # A small input (128 px: a 4x4 last map, the same centred blob for every image): explain the deepest of
+        # timm's feature stages whose map is still at least MIN_CAM_SIDE on a side.
+        stages = [model.get_submodule(f["module"]) for f in getattr(model, "feature_info", []) if f.get("module")]
+        finer = [m for m in stages if isinstance(outputs.get(m), torch.Tensor) and outputs[m].ndim == 4
+                 and min(outputs[m].shape[-2:]) >= MIN_CAM_SIDE]  # fmt: skip
+        if finer:
+            return finer[-1], None
     # The outermost module producing exactly that tensor (outer modules' hooks fire after inner ones');
     # pass-through Identity modules (e.g. ConvNeXt's norm_pre) are skipped for a layer name that means something.
     producers = [
@@ -88,6 +101,16 @@ class Explanation:
     predicted: str
     target: str
     classes: list[str]
+    grid: tuple[int, int] = (0, 0)  # cells of the explained feature map (the map's real resolution)
+
+    @property
+    def coarse(self) -> bool:
+        return 0 < min(self.grid) < MIN_CAM_SIDE
+
+    def resolution(self) -> str:
+        """'map from a 8x8 feature grid' (+ ', coarse' below MIN_CAM_SIDE), for titles and the web page."""
+        h, w = self.grid
+        return f"map from a {h}x{w} feature grid" + (" (coarse: blurred over large areas)" if self.coarse else "")
 
 
 def model_view(resize_size: int, img_size: int) -> v2.Compose:
@@ -134,10 +157,17 @@ def explain(
     if model not in _TARGETS:
         _TARGETS[model] = target_layers(model, backend.img_size)
     layers, reshape = _TARGETS[model]
-    with torch.inference_mode(False), torch.enable_grad(), METHODS[method](model, layers, reshape) as cam:
-        grey = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(chain.classes.index(target))])[0]
+    grids = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: grids.append(tuple(out.shape[-2:]))) for layer in layers]
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), METHODS[method](model, layers, reshape) as cam:
+            grey = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(chain.classes.index(target))])[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    grid = min(grids) if grids and reshape is None else (0, 0)
     rgb = np.asarray(model_view(backend.resize_size, backend.img_size)(image), dtype=np.float32) / 255.0
-    return Explanation(rgb, grey, probs, predicted, target, list(chain.classes))
+    return Explanation(rgb, grey, probs, predicted, target, list(chain.classes), grid)
 
 
 def title(exp: Explanation) -> str:
@@ -146,6 +176,8 @@ def title(exp: Explanation) -> str:
     text = f"Predicted: {FULL_NAMES[exp.predicted]} ({exp.predicted})   top-3: {top3}"
     if exp.target != exp.predicted:
         text += f"\nmap for: {FULL_NAMES[exp.target]} ({exp.target})"
+    if min(exp.grid):
+        text += f"\n{exp.resolution()}"
     return text
 
 
@@ -157,12 +189,12 @@ def figure(exp: Explanation, path: str | Path, method: str = "gradcam") -> Path:
     import matplotlib.pyplot as plt
 
     overlay = show_cam_on_image(exp.rgb, exp.cam, use_rgb=True)
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 4.4))
     for ax, img, name in zip(axes, (exp.rgb, exp.cam, overlay), ("image", f"{method} heatmap", "overlay"), strict=True):
         ax.imshow(img, cmap="jet" if img.ndim == 2 else None, vmin=0, vmax=1 if img.ndim == 2 else None)
-        ax.set_title(name)
+        ax.set_title(name, fontsize=12)
         ax.axis("off")
-    fig.suptitle(title(exp), fontsize=9)
+    fig.suptitle(title(exp), fontsize=11)
     fig.tight_layout()
     fileio.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)

@@ -23,10 +23,12 @@ from typing import Annotated, Any
 import pandas as pd
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from swagger_ui_bundle import swagger_ui_path
 
 from skinlesion import __version__, fileio
 from skinlesion.classes import FULL_NAMES
@@ -41,6 +43,7 @@ from skinlesion.reporting.explain import explain
 
 STATIC = Path(__file__).with_name("static")
 MULTIPART_OVERHEAD = 64 * 1024  # boundary + part headers on top of the file itself
+LOW_CONFIDENCE_MARGIN = 0.10  # top-1 minus top-2 probability under which the page says the call is uncertain
 MAX_ASPECT = 10.0  # long side / short side: dermoscopic photos are about 4:3; a thin strip is not a lesion
 HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
 PAGE_CSP = (
@@ -64,15 +67,20 @@ def return_freed_memory() -> None:
     libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
-def gradcam_overlay(explainer: Classifier, image: Image.Image, target_class: str) -> Image.Image:
-    """Grad-CAM of ``target_class`` blended over the model's view of ``image`` (resized, centre-cropped).
+def gradcam_views(explainer: Classifier, image: Image.Image, target_class: str) -> dict[str, Any]:
+    """The model's view of ``image`` (resized, centre-cropped: what the network sees) and the Grad-CAM of
+    ``target_class`` blended over that same view, as PNG data URLs, with the map's real resolution.
 
     The one seam to reporting.explain: its ``explain()`` picks the layer and computes the map.
     """
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     exp = explain(explainer, image, target_class)
-    return Image.fromarray(show_cam_on_image(exp.rgb, exp.cam, use_rgb=True))
+    return {
+        "overlay": png_data_url(Image.fromarray(show_cam_on_image(exp.rgb, exp.cam, use_rgb=True))),
+        "model_view": png_data_url(Image.fromarray((exp.rgb * 255).round().astype("uint8"))),
+        "overlay_resolution": {"grid": list(exp.grid), "coarse": exp.coarse, "text": exp.resolution()},
+    }
 
 
 def png_data_url(image: Image.Image) -> str:
@@ -174,7 +182,7 @@ class ModelService:
             )
             decisions = self.classifier.predict([image], clinical=table)
             probs, best = decisions.probabilities[0], int(decisions.labels[0])
-            overlay = gradcam_overlay(self.explainer, image, classes[best]) if cam else None
+            views = gradcam_views(self.explainer, image, classes[best]) if cam else {}
         out: dict[str, Any] = {
             "prediction": classes[best],
             "prediction_name": FULL_NAMES.get(classes[best], classes[best]),
@@ -185,8 +193,10 @@ class ModelService:
             "image": {"width": image.width, "height": image.height},
             "metadata": clinical if table is not None else None,
         }
-        if overlay is not None:
-            out["overlay"] = png_data_url(overlay)
+        # The top two classes within LOW_CONFIDENCE_MARGIN: the page flags the result as uncertain.
+        first, second = sorted(probs, reverse=True)[:2]
+        out["low_confidence"] = bool(first - second < LOW_CONFIDENCE_MARGIN)
+        out.update(views)
         return out
 
 
@@ -210,6 +220,7 @@ def create_app(
         version=__version__,
         description="Dermatoscopic skin-lesion classifier (HAM10000 classes). A research tool, not a diagnosis.",
         max_body_size=max_upload + MULTIPART_OVERHEAD,
+        docs_url=None,  # served below from local Swagger UI files: /docs works offline
     )
     app.state.service = service
     too_large = f"upload is over the {max_upload_mb:g} MB limit; send a smaller image"
@@ -227,7 +238,7 @@ def create_app(
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
         if request.url.path == "/" or request.url.path.startswith("/static/"):
-            # The Swagger page at /docs loads its own scripts, so the strict policy is for our page only.
+            # The Swagger page at /docs runs an inline script, so the strict policy is for our page only.
             response.headers["Content-Security-Policy"] = PAGE_CSP
         return response
 
@@ -274,7 +285,15 @@ def create_app(
         except SkinLesionError as e:
             raise HTTPException(415, "the upload is not a readable image; send a JPEG or PNG file") from e
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Any:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="skinlesion API", swagger_js_url="/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/swagger/swagger-ui.css", swagger_favicon_url="/swagger/favicon-32x32.png",
+        )
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
     # A Host header we do not answer to is refused (400) before any route: a page on another site that
     # re-points its own name at this address (DNS rebinding) cannot read the API through the browser.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix
 from timm.data import Mixup
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
@@ -39,7 +40,7 @@ from skinlesion.decision import operating_point
 from skinlesion.errors import SkinLesionError
 from skinlesion.model import checkpoint
 from skinlesion.model import factory as models
-from skinlesion.training import distributed, recipes
+from skinlesion.training import distributed, recipes, tracking
 from skinlesion.training.losses import build_loss, class_weights
 from skinlesion.training.sampling import ShardSampler, train_sampler
 
@@ -55,7 +56,7 @@ SELECT = {  # --select name -> (history column, higher is better)
 }
 # Options that describe where data and outputs live rather than the recipe; recorded in config.json too.
 RUN_KEYS = ("data_dir", "metadata", "images", "splits", "cache", "cache_dir", "out", "run_name", "test_frac", "folds",
-            "fold")
+            "fold", "logger")
 # Flags that may change when resuming (they do not change what the saved state means).
 RESUMABLE = {"epochs", "patience", "workers", "device", "max_train_batches", "metadata_prior", "min_sensitivity",
              "pool_lesions"}
@@ -401,8 +402,9 @@ def train_one_epoch(ctx: dict[str, Any], epoch: int) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def validate(ctx: dict[str, Any], model: nn.Module) -> tuple[dict[str, float], int]:
-    """Metrics over the whole val set: every rank predicts its shard, the logits are gathered."""
+def validate(ctx: dict[str, Any], model: nn.Module) -> tuple[dict[str, float], int, np.ndarray]:
+    """Metrics over the whole val set (and its confusion matrix): every rank predicts its shard, the logits are
+    gathered."""
     d, loader = ctx["dist"], ctx["val_loader"]
     memory_format = torch.channels_last if ctx["cfg"]["channels_last"] else torch.contiguous_format
     model.eval()
@@ -414,7 +416,8 @@ def validate(ctx: dict[str, Any], model: nn.Module) -> tuple[dict[str, float], i
     logits = torch.cat(outputs) if outputs else torch.empty(0, NUM_CLASSES)
     _, logits = distributed.gather_rows(d, torch.tensor(loader.sampler.indices), logits)
     labels = np.asarray(loader.dataset.labels)
-    return val_metrics(labels, logits), len(labels)
+    confusion = confusion_matrix(labels, logits.argmax(1).numpy(), labels=list(range(NUM_CLASSES)))
+    return val_metrics(labels, logits), len(labels), confusion
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -558,47 +561,55 @@ def train(
         "recipe": cfg["recipe"], "select": cfg["select"],
     }  # fmt: skip
 
-    for epoch in range(start_epoch, cfg["epochs"] + 1):
-        t0 = time.perf_counter()
-        if cfg.get("head_warmup_epochs"):
-            set_backbone_frozen(optimizer, scheduler, ctx["global_step"], epoch <= cfg["head_warmup_epochs"])
-        row: dict[str, Any] = {"epoch": epoch, **train_one_epoch(ctx, epoch)}
-        eval_model = ema.module if ema is not None else model
-        scores, n_val = validate(ctx, eval_model)
-        row.update(scores, seconds=time.perf_counter() - t0)
-        row = {k: row[k] for k in HISTORY_COLUMNS}
-        history.append(row)
-        improved = is_better(row[column], state["best_value"], higher)
-        if improved:
-            state.update(best_value=row[column], best_epoch=epoch)
-        state["global_step"] = ctx["global_step"]
-        epoch_metrics = {**{k: row[k] for k in HISTORY_COLUMNS if k.startswith("val_")}, "n_val": n_val}
-        rngs = distributed.gather_object(d, rng_state())
-        if d.is_main:
-            meta = {**meta_base, "epoch": epoch, "metrics": epoch_metrics}
-            # last.pt is the epoch's commit point: it is written last and carries the history, so a kill at any
-            # earlier write resumes from the previous epoch and rewrites what that epoch had written.
+    tracker = tracking.create(cfg.get("logger"), run_dir, cfg_out) if d.is_main else tracking.Tracker()
+    try:
+        for epoch in range(start_epoch, cfg["epochs"] + 1):
+            t0 = time.perf_counter()
+            if cfg.get("head_warmup_epochs"):
+                set_backbone_frozen(optimizer, scheduler, ctx["global_step"], epoch <= cfg["head_warmup_epochs"])
+            row: dict[str, Any] = {"epoch": epoch, **train_one_epoch(ctx, epoch)}
+            eval_model = ema.module if ema is not None else model
+            scores, n_val, confusion = validate(ctx, eval_model)
+            row.update(scores, seconds=time.perf_counter() - t0)
+            row = {k: row[k] for k in HISTORY_COLUMNS}
+            history.append(row)
+            tracker.log_epoch(epoch, row)
+            improved = is_better(row[column], state["best_value"], higher)
             if improved:
-                checkpoint.save(run_dir / "best.pt", eval_model, meta)
-            fileio.write_csv(run_dir / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
-            checkpoint.save(run_dir / "last.pt", model, {
-                **meta, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rngs, "train_state": state,
-                "ema": ema.state_dict() if ema is not None else None, "history": history,
-            })  # fmt: skip
-            fold = f"fold {cfg['fold']} " if cfg.get("folds") else ""
-            tqdm.write(
-                f"{fold}epoch {epoch}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
-                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} bal_acc {row['val_balanced_acc']:.3f} "
-                f"f1 {row['val_macro_f1']:.3f} auc {row['val_macro_auc']:.3f} | lr {row['lr']:.2e} | "
-                f"{row['seconds']:.1f} s, {row['images_per_s']:.1f} img/s{'  *best' if improved else ''}"
-            )
-        if cfg["patience"] is not None and epoch - state["best_epoch"] >= cfg["patience"]:
+                tracker.log_confusion(epoch, confusion, CLASSES)
+            if improved:
+                state.update(best_value=row[column], best_epoch=epoch)
+            state["global_step"] = ctx["global_step"]
+            epoch_metrics = {**{k: row[k] for k in HISTORY_COLUMNS if k.startswith("val_")}, "n_val": n_val}
+            rngs = distributed.gather_object(d, rng_state())
             if d.is_main:
-                print(f"early stop: no {cfg['select']} improvement for {cfg['patience']} epochs")
-            break
-        if stop_after is not None and epoch - start_epoch + 1 >= stop_after:
-            break
+                meta = {**meta_base, "epoch": epoch, "metrics": epoch_metrics}
+                # last.pt is the epoch's commit point: it is written last and carries the history, so a kill at any
+                # earlier write resumes from the previous epoch and rewrites what that epoch had written.
+                if improved:
+                    checkpoint.save(run_dir / "best.pt", eval_model, meta)
+                fileio.write_csv(run_dir / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
+                checkpoint.save(run_dir / "last.pt", model, {
+                    **meta, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rngs, "train_state": state,
+                    "ema": ema.state_dict() if ema is not None else None, "history": history,
+                })  # fmt: skip
+                fold = f"fold {cfg['fold']} " if cfg.get("folds") else ""
+                tqdm.write(
+                    f"{fold}epoch {epoch}/{cfg['epochs']}  train loss {row['train_loss']:.4f} "
+                    f"acc {row['train_acc']:.3f} | "
+                    f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} bal_acc {row['val_balanced_acc']:.3f} "
+                    f"f1 {row['val_macro_f1']:.3f} auc {row['val_macro_auc']:.3f} | lr {row['lr']:.2e} | "
+                    f"{row['seconds']:.1f} s, {row['images_per_s']:.1f} img/s{'  *best' if improved else ''}"
+                )
+            if cfg["patience"] is not None and epoch - state["best_epoch"] >= cfg["patience"]:
+                if d.is_main:
+                    print(f"early stop: no {cfg['select']} improvement for {cfg['patience']} epochs")
+                break
+            if stop_after is not None and epoch - start_epoch + 1 >= stop_after:
+                break
+    finally:
+        tracker.close()
     if d.is_main and state["best_value"] is not None:
         print(f"best {cfg['select']} {state['best_value']:.4f} at epoch {state['best_epoch']}: {run_dir / 'best.pt'}")
     if d.is_main and (run_dir / "best.pt").is_file():

@@ -73,6 +73,7 @@ async function predict(file) {
   }
   $("result").hidden = true;
   $("overlay-figure").hidden = true;
+  $("preview-caption").textContent = "Uploaded image";
   setStatus(`analysing ${file.name}…`);
   $("preview").src = URL.createObjectURL(file);
   const form = new FormData();
@@ -103,8 +104,19 @@ async function predict(file) {
   $("prediction").textContent = body.prediction;
   drawBars(body.probabilities, body.prediction);
   if (body.overlay) {
+    // The model's view (resized, centre-cropped) beside the map drawn on that same view: one field of view.
+    $("preview").src = body.model_view;
+    $("preview-caption").textContent = "What the model sees (resized and centre-cropped from your image)";
     $("overlay").src = body.overlay;
+    $("overlay-caption").textContent = "Grad-CAM: regions that drove the predicted class — " +
+      body.overlay_resolution.text;
     $("overlay-figure").hidden = false;
+  }
+  $("low-confidence").hidden = !body.low_confidence;
+  if (body.low_confidence) {
+    const [first, second] = Object.entries(body.probabilities).sort((a, b) => b[1] - a[1]);
+    $("low-confidence").textContent = `Low confidence: ${first[0]} (${(100 * first[1]).toFixed(0)}%) and ` +
+      `${second[0]} (${(100 * second[1]).toFixed(0)}%) are close; treat this result as uncertain.`;
   }
   $("meta").textContent = `model ${body.model_id} · temperature ${body.temperature.toFixed(3)} · ` +
     `image ${body.image.width}×${body.image.height} px` +
