@@ -105,6 +105,11 @@ def test_upload_shows_prediction_bars_and_overlay(browser, server_url, synth_dir
     overlay = wait.until(ec.visibility_of_element_located((By.ID, "overlay")))
     assert overlay.get_attribute("src").startswith("data:image/png;base64,")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay) == 64
+    # The image beside the overlay is the model's view of the upload: the same 64x64 field of view.
+    preview = browser.find_element(By.ID, "preview")
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", preview) == 64
+    assert "What the model sees" in browser.find_element(By.ID, "preview-caption").text
+    assert "feature grid" in browser.find_element(By.ID, "overlay-caption").text
     if shot := os.environ.get("SKINLESION_SCREENSHOT"):  # how docs/screenshot_serve.png is made
         browser.get_screenshot_as_file(shot)
 

@@ -199,7 +199,6 @@ def test_predict_reads_per_image_metadata_from_a_csv(prior_run, images, tmp_path
     ("argv", "message"),
     [
         (["--site", "nowhere"], "not a body site the prior knows; use one of: "),
-        (["--sex", "x"], "use male or female"),
         (["--age", "300"], "not an age in years"),
         (["--metadata", "missing.csv"], "does not exist"),
         (["--metadata", "BAD"], "is not a readable CSV"),
@@ -216,6 +215,14 @@ def test_predict_refuses_bad_metadata_in_one_line(prior_run, images, tmp_path, c
     assert main(["predict", "--run-dir", str(prior_run), str(images[0]), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_predict_sex_is_checked_when_parsed(prior_run, images, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--run-dir", str(prior_run), str(images[0]), "--sex", "x"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.replace("'", "")  # Python 3.12 stopped quoting the choices
+    assert "argument --sex: invalid choice: x (choose from male, female)" in err
 
 
 def test_predict_metadata_needs_a_run_with_a_prior(tiny_run, images, capsys):

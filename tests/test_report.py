@@ -106,3 +106,21 @@ def test_grid_has_one_tile_per_class_and_example(synth_dir, tmp_path):
     assert main(["grid", "--data-dir", str(synth_dir), "--size", "40", "--out", str(out)]) == 0
     with Image.open(out) as im:
         assert im.width == len(CLASSES) * (40 + grid.PAD) + grid.PAD
+
+
+def test_report_reads_well(reported):
+    """Wide figures span the page and are large enough to read, config.json starts collapsed, the research-tool
+    note is there, and numbers on the val split that also fitted T are flagged as optimistic."""
+    html = (reported / "report.html").read_text(encoding="utf-8")
+    figures = re.findall(r'<figure( class="wide")?><img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', html)
+    sizes = {alt: (bool(wide), Image.open(io.BytesIO(base64.b64decode(data))).size) for wide, data, alt in figures}
+    wide = {alt: size for alt, (is_wide, size) in sizes.items() if is_wide}
+    assert any(alt.startswith("Confusion matrix") for alt in wide)
+    assert any(alt.startswith("Learning curves") for alt in wide)
+    assert all(w >= 1000 for w, _ in wide.values())  # drawn large enough to fill the full width
+    metric_figures = {alt: size for alt, (_, size) in sizes.items() if not alt.startswith("Example lesions")}
+    assert all(w >= 600 for w, _ in metric_figures.values()), metric_figures
+    assert "<details><summary>config.json" in html and "<details open><summary>config.json" not in html
+    assert "Research tool, not a diagnosis." in html
+    assert "which picked best.pt&#39;s epoch, and the temperature was fitted on it: they are optimistic" in html
+    assert "Two ECE numbers, two questions" in html

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 from skinlesion import fileio
 from skinlesion.data.run_folder import read_config, run_table
@@ -50,13 +52,17 @@ def main(args: argparse.Namespace) -> None:
     table = run_table(run_dir)
 
     chain = DecisionChain.from_meta(meta)
-    warnings = warnings_for(chain, m, preds)
+    warnings = warnings_for(chain, m, preds, calibration)
 
+    steps = tqdm(total=4, desc="report", unit="step", file=sys.stderr)
+    steps.set_postfix_str("figures")
     figs = make_figures(run_dir, preds, m, classes, calibration)
     counts = table.pivot_table(index="dx", columns="split", values="image_id", aggfunc="count", fill_value=0)
     counts = counts.reindex(classes, fill_value=0)
     figs.append((plots.class_counts(counts, run_dir / "figures" / "class_counts.png"), "Images per class and split"))
 
+    steps.update()
+    steps.set_postfix_str("Grad-CAM gallery" if args.gallery else "lesion grid")
     gallery = []
     if args.gallery:
         used_prior = bool((m.get("metadata_prior") or {}).get("applied"))
@@ -64,6 +70,8 @@ def main(args: argparse.Namespace) -> None:
         used_point = bool(m.get("operating_point"))
         pooled = bool((m.get("lesion_pooling") or {}).get("applied"))
         gallery = make_gallery(run_dir, preds, table, device, args.cam_method, used_prior, used_point, pooled)
+    steps.update()
+    steps.set_postfix_str("lesion grid")
     grid_image, _ = make_grid(table, n_per_class=args.grid_per_class, size=args.grid_size, seed=0)
     grid_path = fileio.atomic_write(run_dir / "figures" / "lesion_grid.png", lambda p: grid_image.save(p, "PNG"))
 
@@ -91,7 +99,11 @@ def main(args: argparse.Namespace) -> None:
         "config_json": json.dumps(config, indent=2, default=str),
     }
     context["headline_columns"], context["headline"] = headline_rows(m)
+    steps.update()
+    steps.set_postfix_str("report.html")
     out = fileio.write_text(run_dir / "report.html", render(context))
+    steps.update()
+    steps.close()
     n_img = len(context["figures"]) + len(context["gallery"]) + 1
     print(f"wrote {out} ({n_img} embedded images, {out.stat().st_size / 1e6:.1f} MB) and {run_dir / 'figures'}/")
     print("  " + "  ".join(f"{k} {fmt(m.get(k))}" for k in SUMMARY_ROWS[:3]))

@@ -15,6 +15,10 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from skinlesion import fileio  # noqa: E402
 
+# Readable at the report's width: figures are shown at 560-1200 px, where matplotlib's 10-pt default is small.
+plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
+                     "xtick.labelsize": 10, "ytick.labelsize": 10})  # fmt: skip
+
 
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
@@ -137,9 +141,9 @@ def per_class_f1(f1: np.ndarray, lo: np.ndarray, hi: np.ndarray, classes: Sequen
     err = np.nan_to_num(np.vstack([f1 - lo, hi - f1]).clip(min=0))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.bar(classes, f1, yerr=err, capsize=4, color="tab:blue")
-    for i, v in enumerate(f1):
-        ax.text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
-    ax.set(ylim=(0, 1.1), ylabel="F1", title="Per-class F1 (95 % lesion-bootstrap interval)")
+    for i, (v, top) in enumerate(zip(f1, np.where(np.isfinite(hi), np.maximum(hi, f1), f1), strict=True)):
+        ax.text(i, top + 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=10)  # above the error bar
+    ax.set(ylim=(0, 1.15), ylabel="F1", title="Per-class F1 (95 % lesion-bootstrap interval)")
     return _save(fig, path)
 
 
@@ -155,19 +159,20 @@ def learning_curves(history: pd.DataFrame, path: str | Path) -> Path:
     axes[0].set(xlabel="epoch", ylabel="loss", title="Loss")
     axes[1].set(xlabel="epoch", ylabel="score", title="Validation metrics")
     for ax in axes:
-        ax.legend(fontsize=8)
+        ax.legend()
     return _save(fig, path)
 
 
 def class_counts(counts: pd.DataFrame, path: str | Path) -> Path:
     """Grouped bars: images per class (rows) for each split (columns)."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))  # shown across the report's full width
     width = 0.8 / max(1, counts.shape[1])
     x = np.arange(len(counts.index))
     for k, split in enumerate(counts.columns):
         bars = ax.bar(x + k * width, counts[split].to_numpy(), width, label=split)
-        ax.bar_label(bars, fontsize=7)
+        ax.bar_label(bars, fontsize=9)
     ax.set_xticks(x + width * (counts.shape[1] - 1) / 2, counts.index)
     ax.set(ylabel="images", title="Images per class and split")
-    ax.legend()
+    ax.margins(y=0.12)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the axes, off the bars
     return _save(fig, path)

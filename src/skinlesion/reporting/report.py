@@ -190,8 +190,13 @@ def make_gallery(
     return figs
 
 
-def embed(path: Path, caption: str) -> dict[str, str]:
-    return {"data": base64.b64encode(path.read_bytes()).decode("ascii"), "caption": caption}
+# Figures with many columns or panels, shown across the report's full width.
+WIDE_FIGURES = ("confusion_matrix.png", "learning_curves.png", "class_counts.png")
+
+
+def embed(path: Path, caption: str) -> dict[str, Any]:
+    return {"data": base64.b64encode(path.read_bytes()).decode("ascii"), "caption": caption,
+            "wide": path.name in WIDE_FIGURES}  # fmt: skip
 
 
 def render(context: dict[str, Any]) -> str:
@@ -200,9 +205,19 @@ def render(context: dict[str, Any]) -> str:
     return env.get_template("report.html.j2").render(**context)
 
 
-def warnings_for(chain: DecisionChain, m: dict[str, Any], preds: pd.DataFrame) -> list[str]:
-    """Where predictions.csv / metrics.json were not made with the chain best.pt holds now."""
+def warnings_for(
+    chain: DecisionChain, m: dict[str, Any], preds: pd.DataFrame, calibration: dict[str, Any] | None = None
+) -> list[str]:
+    """Where predictions.csv / metrics.json were not made with the chain best.pt holds now, or are optimistic."""
     warnings = []
+    fits = (("the temperature", (calibration or {}).get("fit_on", "")),
+            ("the operating point", (chain.operating_point or {}).get("fitted_on", "")))
+    on_val = [what for what, on in fits if "val" in str(on)]
+    if m.get("split") == "val":
+        also = f", and {' and '.join(on_val)} {'were' if len(on_val) > 1 else 'was'} fitted on it" if on_val else ""
+        warnings.append(f"These numbers are on the val split, which picked best.pt's epoch{also}: they are "
+                        "optimistic. Score a held-out test part (train --test-frac) or an external set for unbiased "
+                        "numbers.")  # fmt: skip
     if abs(float(m.get("temperature", 1.0)) - chain.temperature) > 1e-9:
         warnings.append(
             f"predictions.csv was made with temperature {m.get('temperature', 1.0):.3f} but best.pt now "
