@@ -116,27 +116,12 @@ def host_info() -> dict[str, Any]:
 
 
 def make_run(run_dir: Path, img_size: int, backbone: str = "efficientnet_b0") -> None:
-    """A checkpoint with random weights (as bench_infer.make_run): speed and memory do not depend on them."""
-    import timm
-    import torch
+    """A checkpoint with random weights, as bench_infer.py builds it: speed and memory do not depend on them."""
+    if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling script, also when loaded by path
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_infer import make_run as build
 
-    from skinlesion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
-    from skinlesion.model import checkpoint
-
-    torch.manual_seed(0)
-    model = timm.create_model(backbone, pretrained=False, num_classes=7).eval()
-    meta = dict(
-        backbone=backbone,
-        img_size=img_size,
-        resize_size=resize_for(img_size),
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
-        epoch=0,
-        metrics={},
-        config={},
-        splits_sha256="",
-    )
-    checkpoint.save(run_dir / "best.pt", model, meta)
+    build(run_dir, backbone, img_size)
 
 
 def ensure_onnx(run_dir: Path) -> None:
