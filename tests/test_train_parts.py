@@ -96,3 +96,11 @@ def test_recipe_defaults_and_explicit_flags_override():
         parse("--recipe", "fancy")
     with pytest.raises(SkinLesionError, match="--recipe"):  # a namespace built in Python is checked too
         resolve_config(argparse.Namespace(**{**vars(parse()), "recipe": "fancy"}))
+
+
+def test_each_rank_draws_its_own_augmentation_stream():
+    from skinlesion.training.loop import loader_seed
+
+    seeds = {loader_seed(42, epoch, rank) for epoch in range(1, 21) for rank in range(8)}
+    assert len(seeds) == 20 * 8  # no two (epoch, rank) pairs share a stream
+    assert loader_seed(42, 3, 0) == 42 * 1000 + 3  # one process: the value earlier runs (and their resume) used

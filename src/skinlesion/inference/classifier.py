@@ -106,6 +106,7 @@ class Classifier:
         """Raw logits (n_views, N, C) of every row of a data table (``path`` column; ``cache``: the data
         layer's image cache), in one pass: view 0 is the single-view logit, the mean over all the TTA one."""
         dataset = LesionDataset(table, self.backend.transform, cache)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+        pin = getattr(self.backend, "device", torch.device("cpu")).type == "cuda"  # page-locked: faster copies
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
         chunks = [self.backend.view_logits(x, n_views) for x, _ in tqdm(loader, desc=desc, unit="batch", leave=False)]
         return np.concatenate(chunks, axis=1)

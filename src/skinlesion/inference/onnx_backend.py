@@ -52,6 +52,14 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
     }
 
 
+def providers() -> list[str]:
+    """ONNX Runtime's accelerators where this build has them (CUDA, then CPU as the fallback ORT requires)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or available
+
+
 class OnnxBackend:
     name = "onnx"
 
@@ -66,7 +74,7 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers())
         except Exception as e:  # noqa: BLE001 - a corrupt file is the user's to fix
             raise SkinLesionError(f"could not load {self.path} ({e}); re-run `skinlesion export`") from e
         self.meta = read_metadata(self.session, self.path)

@@ -116,10 +116,18 @@ def weights_path(weights: str | None) -> str | None:
     return weights
 
 
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    """The DataLoader generator's seed for one epoch on one rank: its workers' crops and flips differ between
+    ranks (each sees other images, but must not replay the same augmentation stream) and survive --resume.
+    Rank 0 keeps the single-process value."""
+    return seed * 1000 + epoch + 1_000_003 * rank
+
+
 def amp_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 where the hardware does it natively (fp16 + GradScaler on older GPUs); None = stay fp32."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bf16 only (Ampere and later): V100 / T4 "support" it by emulation, slower than fp16 + GradScaler.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return None
@@ -357,7 +365,7 @@ def train_one_epoch(ctx: dict[str, Any], epoch: int) -> dict[str, float]:
     memory_format = torch.channels_last if ctx["cfg"]["channels_last"] else torch.contiguous_format
     model.train()
     loader.sampler.set_epoch(epoch)
-    ctx["generator"].manual_seed(ctx["cfg"]["seed"] * 1000 + epoch)
+    ctx["generator"].manual_seed(loader_seed(ctx["cfg"]["seed"], epoch, d.rank))
     lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
     loss_sum, correct, seen = 0.0, 0.0, 0.0
     start = time.perf_counter()
