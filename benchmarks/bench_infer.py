@@ -199,19 +199,14 @@ def load_test(
         "--log-level",
         "warning",
     ]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from bench_serve_soak import wait_healthy  # the sibling script's wait for /api/health
+
+    log = run_dir / f"serve-{backend}.log"
+    with open(log, "wb") as sink:
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sink)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
+        wait_healthy(url, server, log, timeout=120)
         with httpx.Client() as c:  # warm-up
             for _ in range(3):
                 c.post(f"{url}/api/predict", params={"cam": cam}, files={"file": ("x.jpg", payload, "image/jpeg")})
