@@ -358,6 +358,9 @@ def is_better(value: float, best: float | None, higher: bool) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- epochs
+POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each one is a host-device sync)
+
+
 def train_one_epoch(ctx: dict[str, Any], epoch: int) -> dict[str, float]:
     model, loader, d = ctx["model"], ctx["train_loader"], ctx["dist"]
     optimizer, scheduler, scaler, criterion = ctx["optimizer"], ctx["scheduler"], ctx["scaler"], ctx["criterion"]
@@ -367,7 +370,10 @@ def train_one_epoch(ctx: dict[str, Any], epoch: int) -> dict[str, float]:
     loader.sampler.set_epoch(epoch)
     ctx["generator"].manual_seed(loader_seed(ctx["cfg"]["seed"], epoch, d.rank))
     lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
-    loss_sum, correct, seen = 0.0, 0.0, 0.0
+    # Loss and correct counts are summed on the device: reading them (.item()) would make every step wait for the
+    # accelerator. The progress bar reads them every POSTFIX_EVERY steps only.
+    totals = torch.zeros(2, dtype=torch.float64, device=d.device)
+    seen = 0
     start = time.perf_counter()
     batches = itertools.islice(loader, n_batches)  # --max-train-batches caps smoke runs
     fold = ctx["cfg"].get("fold")
@@ -395,12 +401,12 @@ def train_one_epoch(ctx: dict[str, Any], epoch: int) -> dict[str, float]:
             scheduler.step_update(ctx["global_step"])
             if ctx["ema"] is not None:
                 ctx["ema"].update(checkpoint.unwrap(model), step=ctx["global_step"])
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()])
         seen += len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        if (i + 1) % POSTFIX_EVERY == 0 or i + 1 == n_batches:
+            bar.set_postfix(loss=f"{totals[0].item() / seen:.4f}")
     seconds = time.perf_counter() - start
-    loss_sum, correct, seen = distributed.all_reduce_sum(d, [loss_sum, correct, seen])
+    loss_sum, correct, seen = distributed.all_reduce_sum(d, [*totals.tolist(), float(seen)])
     return {
         "lr": lr,
         "train_loss": loss_sum / seen,
