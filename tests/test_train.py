@@ -276,3 +276,17 @@ def test_a_kill_at_any_write_resumes_to_the_same_history(synth_dir, tmp_path, mo
     cols = ["lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1"]
     np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-4, atol=1e-5)
     assert checkpoint.read(tmp_path / "killed" / "last.pt")["history"][-1]["epoch"] == 2
+
+
+def test_resume_on_a_machine_that_needs_fp16_and_a_grad_scaler(synth_dir, tmp_path, monkeypatch, capsys):
+    """A run started in bf16 / fp32 (empty scaler state) resumed where AMP means fp16 + GradScaler (an older GPU)."""
+    import skinlesion.training.loop as loop
+
+    flags = [*FAST, "--epochs", "2", "--max-train-batches", "2"]
+    assert train(synth_dir, tmp_path, "moved", *flags, "--stop-after-epochs", "1") == 0
+    assert checkpoint.read(tmp_path / "moved" / "last.pt")["scaler"] in ({}, None)
+    monkeypatch.setattr(loop, "amp_dtype", lambda device: torch.float16)  # what a V100 / T4 gets
+    assert train(synth_dir, tmp_path, "moved", "--resume") == 0
+    assert "the scaler starts fresh" in capsys.readouterr().err
+    assert history(tmp_path / "moved")["epoch"].tolist() == [1, 2]
+    assert checkpoint.read(tmp_path / "moved" / "last.pt")["scaler"]  # the fp16 epoch saved its scaler state

@@ -528,7 +528,11 @@ def train(
         optimizer.load_state_dict(last["optimizer"])
         if last["config"]["epochs"] == cfg["epochs"]:  # else the cosine is re-planned over the new length
             scheduler.load_state_dict(last["scheduler"])
-        scaler.load_state_dict(last["scaler"])
+        if last["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(last["scaler"])
+        elif scaler.is_enabled():  # started in fp32 / bf16 (no scaler state), resumed where fp16 needs one
+            print(f"note: resuming with fp16 + GradScaler ({device}); the run was started without it, so the scaler "
+                  "starts fresh", file=sys.stderr)  # fmt: skip
         if ema is not None:
             ema.load_state_dict(last["ema"])
         state = dict(last["train_state"])
