@@ -102,7 +102,7 @@ def test_close_top_two_classes_are_flagged(client, monkeypatch):
     real = service.classifier
 
     class CloseCall:  # the real classifier, with probabilities whose top two are 0.02 apart
-        chain, backend = real.chain, real.backend
+        chain, backend, decode = real.chain, real.backend, real.decode
 
         def predict(self, images, **kw):
             d = real.predict(images, **kw)
@@ -169,7 +169,7 @@ def test_a_thin_strip_is_refused_from_its_header_before_any_resize(client, monke
 
 
 def test_decoding_happens_inside_the_one_request_at_a_time_lock(client, monkeypatch):
-    from skinlesion.serve import app as module
+    from skinlesion.inference import classifier as module  # uploads are decoded by Classifier.decode
 
     service = client.app.state.service
     held = []

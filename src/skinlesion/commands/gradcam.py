@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from skinlesion.data.images import open_rgb
 from skinlesion.device import resolve_device
 from skinlesion.inference.classifier import Classifier
 from skinlesion.reporting.explain import explain, figure, title
@@ -14,8 +13,7 @@ from skinlesion.reporting.explain import explain, figure, title
 def main(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     classifier = Classifier.load(run_dir, "torch", str(resolve_device(args.device)))
-    image = open_rgb(args.image, min_short_side=classifier.backend.resize_size)
-    exp = explain(classifier, image, args.target_class, args.method)
+    exp = explain(classifier, classifier.decode(args.image), args.target_class, args.method)
     out = Path(args.out) if args.out else run_dir / "figures" / f"gradcam_{Path(args.image).stem}.png"
     figure(exp, out, args.method)
     print(title(exp).replace("\n", "; "))

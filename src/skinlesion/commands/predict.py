@@ -10,7 +10,7 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from skinlesion.classes import FULL_NAMES
 from skinlesion.data.clinical import FIELDS, clinical_table, lesion_ids, read_metadata_csv
-from skinlesion.data.images import IMAGE_SUFFIXES, open_rgb
+from skinlesion.data.images import IMAGE_SUFFIXES
 from skinlesion.decision import lesion_pooling
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation import isic
@@ -44,15 +44,14 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
 
 
 def decoded_batches(
-    files: Sequence[Path], batch_size: int, report: list[dict[str, str]], resize_size: int | None = None
+    files: Sequence[Path], batch_size: int, report: list[dict[str, str]], decode: Callable[[Path], Image.Image]
 ) -> Iterator[tuple[list[Path], list[Image.Image]]]:
-    """Batches of successfully decoded images (``resize_size``: the model's, for open_rgb's reduced JPEG decode);
-    failures are appended to ``report`` and printed."""
+    """Batches of images ``decode`` (the classifier's) read; failures are appended to ``report`` and printed."""
     paths: list[Path] = []
     images: list[Image.Image] = []
     for path in files:
         try:
-            images.append(open_rgb(path, min_short_side=resize_size))
+            images.append(decode(path))
             paths.append(path)
         except SkinLesionError as e:
             report.append({"image": str(path), "error": str(e)})
@@ -95,7 +94,7 @@ def predict_files(
     chunks: list[np.ndarray] = []
     skipped: list[dict[str, str]] = []
     with tqdm(total=len(files), desc="predict", unit="img", file=sys.stderr, disable=len(files) < 2) as bar:
-        for paths, images in decoded_batches(files, batch_size, skipped, classifier.backend.resize_size):
+        for paths, images in decoded_batches(files, batch_size, skipped, classifier.decode):
             chunks.append(classifier.view_logits(images, tta))
             read += paths
             if len(read) + len(skipped) < len(files):

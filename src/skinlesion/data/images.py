@@ -53,7 +53,8 @@ def open_rgb(
     camera photos, and any other image is box-averaged down to that (``shrink``) right after decoding: a
     48-megapixel upload then needs ~20 MB instead of ~460 MB, and the resize to the model's size that follows
     averages over at least two source pixels per output pixel either way.
-    Every consumer that decodes for a model passes it (the image cache, predict, serve, the Python API, gradcam).
+    The image cache passes it, and ``Classifier.decode`` for predict, serve, the Python API, gradcam and the report
+    gallery; the ``--no-cache`` data loader decodes at full size.
     """
     name = "uploaded bytes" if isinstance(source, bytes) else str(source)
     fp = io.BytesIO(source) if isinstance(source, bytes) else source

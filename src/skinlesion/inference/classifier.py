@@ -77,10 +77,14 @@ class Classifier:
     def n_views(self, tta: bool) -> int:
         return self.chain.tta_views if tta else 1
 
+    def decode(self, source: str | Path | bytes, **limits: Any) -> Image.Image:
+        """An image file or upload decoded for this model: open_rgb with the model's resize size, so a large photo
+        is decoded small (``limits``: open_rgb's max_pixels / max_aspect)."""
+        return open_rgb(source, min_short_side=self.backend.resize_size, **limits)
+
     def view_logits(self, images: Sequence[Image.Image | str | Path], tta: bool = False) -> np.ndarray:
         """Raw logits (V, N, C) of images (PIL images or files): V = 1, or the run's TTA views."""
-        size = self.backend.resize_size
-        pil = [im if isinstance(im, Image.Image) else open_rgb(im, min_short_side=size) for im in images]
+        pil = [im if isinstance(im, Image.Image) else self.decode(im) for im in images]
         return self.backend.view_logits(self.backend.preprocess(pil), self.n_views(tta))
 
     def predict(

@@ -14,7 +14,6 @@ from sklearn.metrics import confusion_matrix
 
 from skinlesion import metrics
 from skinlesion.classes import CLASS_INDEX, FULL_NAMES
-from skinlesion.data.images import open_rgb
 from skinlesion.decision.chain import DecisionChain
 from skinlesion.inference.classifier import Classifier
 from skinlesion.reporting import plots
@@ -179,7 +178,7 @@ def make_gallery(
         if image_id not in rows_of.index:
             continue
         clinical = rows_of.loc[[image_id]]
-        image = open_rgb(rows_of.loc[image_id, "path"], min_short_side=classifier.backend.resize_size)
+        image = classifier.decode(rows_of.loc[image_id, "path"])
         exp = explain(classifier, image, str(row["y_pred"]) if pooled else None, method=method, clinical=clinical)
         out = cam_figure(exp, run_dir / "figures" / f"cam_{row['y_true']}_{kind}.png", method)
         how = ", with its lesion" if pooled else ""

@@ -33,7 +33,7 @@ from swagger_ui_bundle import swagger_ui_path
 from skinlesion import __version__, fileio
 from skinlesion.classes import FULL_NAMES
 from skinlesion.data.clinical import clinical_values
-from skinlesion.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError, open_rgb
+from skinlesion.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError
 from skinlesion.decision import operating_point
 from skinlesion.decision.chain import DecisionChain
 from skinlesion.errors import SkinLesionError
@@ -177,8 +177,8 @@ class ModelService:
         # One request at a time, decoding included: inference already uses every core, and concurrent uploads
         # must not hold several decoded images at once.
         with self.lock:
-            image = upload if isinstance(upload, Image.Image) else open_rgb(
-                upload, max_pixels, MAX_ASPECT, self.classifier.backend.resize_size
+            image = upload if isinstance(upload, Image.Image) else self.classifier.decode(
+                upload, max_pixels=max_pixels, max_aspect=MAX_ASPECT
             )
             decisions = self.classifier.predict([image], clinical=table)
             probs, best = decisions.probabilities[0], int(decisions.labels[0])
