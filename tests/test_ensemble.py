@@ -249,3 +249,12 @@ def test_fold_flags_are_checked_before_any_work(extra, message, tmp_path, capsys
         assert main(["train", "--out", str(tmp_path), "--run-name", "r", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_isic_file_that_cannot_be_written_is_one_line(ensemble_dir, synth_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    argv = ["predict", "--run-dir", str(ensemble_dir), images(synth_dir, 1)[0], "--isic-csv", str(blocker / "s.csv")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot write") and "--isic-csv" in err[-1] and "Traceback" not in "".join(err)

@@ -50,9 +50,10 @@ def open_rgb(
 
     ``min_short_side`` (the model's resize size): a JPEG whose short side is more than twice it is decoded at the
     smallest JPEG DCT scale (1/2, 1/4, 1/8) that still keeps twice it (PIL ``draft``), the way browsers show
-    camera photos, and any other image is box-averaged down to that (``shrink``) right after decoding: a
-    48-megapixel upload then needs ~20 MB instead of ~460 MB, and the resize to the model's size that follows
-    averages over at least two source pixels per output pixel either way.
+    camera photos, and any other image is box-averaged down to that (``shrink``) right after decoding: the server's
+    memory rise for a 48-megapixel upload falls from ~630 MiB to ~20 MiB (JPEG) / ~185 MiB (PNG)
+    (benchmarks/bench_serve_soak.py), and the resize to the model's size that follows averages over at least two
+    source pixels per output pixel either way.
     The image cache passes it, and ``Classifier.decode`` for predict, serve, the Python API, gradcam and the report
     gallery; the ``--no-cache`` data loader decodes at full size.
     """

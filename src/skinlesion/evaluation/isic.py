@@ -38,4 +38,8 @@ def write_submission(
     path: str | Path, image_ids: Sequence[str], probabilities: np.ndarray, classes: Sequence[str]
 ) -> Path:
     frame = submission(image_ids, probabilities, classes)
-    return fileio.write_csv(path, frame)  # full precision: rounding could tie the top two
+    try:
+        return fileio.write_csv(path, frame)  # full precision: rounding could tie the top two
+    except OSError as e:
+        raise SkinLesionError(f"cannot write {path} ({e.strerror or e}); pass an --isic-csv path in a writable folder "
+                              "(the other outputs were written)") from e  # fmt: skip
