@@ -131,3 +131,21 @@ def test_usable_from_dataloader_workers(data, tmp_path):
     expected = torch.stack([plain[i][0] for i in range(len(table))])
     # Cached pixels are PIL-resized, the originals torch-resized: close, not bit-identical.
     assert (batches - expected).abs().mean() < 0.05
+
+
+def _open_in_child(args) -> str:
+    data_dir, cache_dir = args
+    cache = ImageCache.open_or_build(load_table(data_dir), SHORT, cache_dir=cache_dir, progress=False)
+    return str(cache.index["pixels"])
+
+
+def test_concurrent_openers_build_once(data, tmp_path):
+    """DDP ranks on one node (or two jobs) opening a missing cache at once: one builds under the file lock, the
+    others wait and open that build; nobody deletes the pixels file another is reading."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        names = pool.map(_open_in_child, [(str(data), str(tmp_path / "c"))] * 3)
+    assert len(set(names)) == 1
+    folder = ImageCache.open_or_build(load_table(data), SHORT, cache_dir=tmp_path / "c", progress=False).folder
+    assert _pixels_files(folder) == names[:1]

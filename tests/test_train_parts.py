@@ -103,4 +103,125 @@ def test_each_rank_draws_its_own_augmentation_stream():
 
     seeds = {loader_seed(42, epoch, rank) for epoch in range(1, 21) for rank in range(8)}
     assert len(seeds) == 20 * 8  # no two (epoch, rank) pairs share a stream
-    assert loader_seed(42, 3, 0) == 42 * 1000 + 3  # one process: the value earlier runs (and their resume) used
+    assert loader_seed(42, 3, 0) == 42 * 1000 + 3  # rank 0: the single-process value
+
+
+@pytest.mark.parametrize("augment", ["reference", "dermoscopy"])
+def test_uint8_batches_normalised_on_the_device_equal_the_float_path(augment):
+    """The loader's uint8 output + BatchNormalizer == the per-image float preset (to 1e-6), train and eval."""
+    from PIL import Image
+
+    from skinlesion.data.transforms import BatchNormalizer, eval_transform, train_transform
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)) for _ in range(4)]
+    normalize = BatchNormalizer(mean, std)
+    for preset in (lambda n: train_transform(64, 73, mean, std, augment, normalize=n),
+                   lambda n: eval_transform(64, 73, mean, std, normalize=n)):  # fmt: skip
+        as_float, as_uint8 = [], []
+        for i, image in enumerate(images):
+            torch.manual_seed(i)
+            as_float.append(preset(True)(image))
+            torch.manual_seed(i)
+            as_uint8.append(preset(False)(image))
+        batch = torch.stack(as_uint8)
+        assert batch.dtype == torch.uint8
+        out = normalize(batch)
+        assert out.dtype == torch.float32
+        assert (out - torch.stack(as_float)).abs().max().item() <= 1e-6
+    assert normalize(out) is not None and torch.equal(normalize(out), out)  # float batches pass through
+
+
+def test_seeded_samples_augment_the_same_with_any_worker_count_and_epoch_by_epoch():
+    """Each sample's augmentation comes from its (seed, epoch, rank, position) seed: 0 workers, 2 persistent
+    workers, or a loader rebuilt at epoch 2 (--resume) give the same batches; epochs and ranks differ."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from skinlesion.data.dataset import LesionDataset
+    from skinlesion.training.loop import loader_seed
+    from skinlesion.training.sampling import SeededSampler
+
+    class Noise(Dataset):  # what LesionDataset does with an (index, seed) key, on a tiny random "image"
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, key):
+            return LesionDataset.__getitem__(self, key)
+
+        def load(self, i):
+            return torch.full((3, 8, 8), i, dtype=torch.uint8)
+
+        labels = list(range(12))
+        transform = staticmethod(lambda x: x.float() + torch.rand(3, 8, 8))
+
+    def epochs(workers, rank=0, first=1, last=2):
+        inner = torch.utils.data.DistributedSampler(range(12), num_replicas=2, rank=rank, seed=0)
+        sampler = SeededSampler(inner, lambda epoch: loader_seed(7, epoch, rank))
+        loader = DataLoader(Noise(), batch_size=3, sampler=sampler, num_workers=workers,
+                            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))  # fmt: skip
+        out = {}
+        for epoch in range(first, last + 1):
+            sampler.set_epoch(epoch)
+            out[epoch] = torch.cat([x for x, _ in loader])
+        return out
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    straight = epochs(0)
+    assert torch.equal(torch.get_rng_state(), before)  # the transforms leave the process's RNG alone
+    persistent = epochs(2)
+    resumed = epochs(2, first=2)
+    for epoch in (1, 2):
+        assert torch.equal(straight[epoch], persistent[epoch])
+    assert torch.equal(straight[2], resumed[2])
+    noise = [straight[e] - straight[e].floor() for e in (1, 2)]
+    assert not torch.allclose(noise[0], noise[1])  # a new epoch, new crops and flips
+    other_rank = epochs(0, rank=1)[1]
+    assert not torch.allclose(other_rank - other_rank.floor(), noise[0])
+
+
+def test_ranks_come_from_torchrun_or_slurm_and_the_slurm_node_list_is_read():
+    from skinlesion.training.distributed import first_slurm_host, ranks_from_env
+
+    assert ranks_from_env({}) is None
+    assert ranks_from_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    assert ranks_from_env({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1"}) == (5, 8, 1)
+    slurm = {"SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}
+    assert ranks_from_env(slurm) == (9, 16, 1)
+    assert ranks_from_env({**slurm, "WORLD_SIZE": "2", "RANK": "1"}) == (1, 2, 0)  # srun torchrun: torchrun's
+    assert ranks_from_env({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None  # a plain sbatch job: one process
+    assert first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert first_slurm_host("node7") == "node7"
+
+
+def test_an_existing_process_group_is_adopted(monkeypatch):
+    import torch.distributed as dist
+
+    from skinlesion.training import distributed
+
+    for key in ("WORLD_SIZE", "RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        d = distributed.setup("cpu")  # no torchrun variables: the caller's group (Ray Train, Fabric) decides
+        assert dist.is_initialized() and (d.rank, d.world_size, d.writes) == (0, 1, True)
+        assert distributed.from_main(d, lambda: 41) == 41
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_size_sets_the_per_process_batch(synth_dir, tmp_path, capsys):
+    import json
+
+    from skinlesion.cli import main
+
+    flags = ["train", "--data-dir", str(synth_dir), "--out", str(tmp_path), "--backbone", "test_efficientnet",
+             "--no-pretrained", "--img-size", "32", "--epochs", "1", "--max-train-batches", "1", "--workers", "0",
+             "--logger", "none"]  # fmt: skip
+    assert main([*flags, "--run-name", "odd", "--global-batch-size", "30", "--grad-accum", "4"]) == 2
+    assert "--global-batch-size 30" in capsys.readouterr().err
+    assert not (tmp_path / "odd").exists()  # a failed start leaves no run folder
+    assert main([*flags, "--run-name", "g", "--global-batch-size", "24", "--grad-accum", "2"]) == 0
+    cfg = json.loads((tmp_path / "g/config.json").read_text())
+    assert (cfg["batch_size"], cfg["global_batch_size"], cfg["grad_accum"]) == (12, 24, 2)

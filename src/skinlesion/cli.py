@@ -154,6 +154,8 @@ def _add_train(sub) -> None:
     p.add_argument("--std", type=POSITIVE, nargs=3, help="normalisation std (default: the backbone's)")
     p.add_argument("--epochs", type=AT_LEAST_1, help="reference 20")
     p.add_argument("--batch-size", "-b", type=AT_LEAST_1, help="per process (reference 32)")
+    p.add_argument("--global-batch-size", type=AT_LEAST_1, help="images per optimizer step over all processes: sets "
+                   "--batch-size to this / (processes x --grad-accum), so a recipe means the same on 1 or 64 GPUs")
     p.add_argument("--lr", type=POSITIVE, help="learning rate (reference 3e-4)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, help="reference 1e-4")
     p.add_argument("--opt", help="optimizer: adamw (reference; torch's AdamW) or any other name timm's "
@@ -457,7 +459,7 @@ def one_line(error: SkinLesionError) -> str:
 
 
 # config.json keys that describe a finished run rather than set an option: ignored when it is read as --config.
-RUN_OUTPUT_KEYS = {"resize_size", "model_kwargs", "device_used", "amp_dtype", "world_size", "global_batch_size",
+RUN_OUTPUT_KEYS = {"resize_size", "model_kwargs", "device_used", "amp_dtype", "world_size",
                    "n_train", "n_val", "train_class_counts", "class_weight_values", "classes", "splits_sha256",
                    "versions", "weights_path", "kind", "members", "split_seed"}  # fmt: skip
 

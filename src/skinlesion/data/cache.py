@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import platformdirs
+from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -126,7 +127,14 @@ class ImageCache:
         if old is not None and old._fresh(ids, paths, stats):
             return old
         try:
-            return cls._build(folder, ids, paths, stats, short_side, old, progress)
+            # One builder at a time (DDP ranks on a node, two jobs on one machine): the others wait, then find the
+            # fresh cache; a second build would delete the pixels file the first one's readers are opening.
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(folder.parent / f".{folder.name}.lock"):
+                old = cls._load(folder)
+                if old is not None and old._fresh(ids, paths, stats):
+                    return old
+                return cls._build(folder, ids, paths, stats, short_side, old, progress)
         except OSError as e:
             raise SkinLesionError(
                 f"cannot write the image cache to {folder} ({e.strerror or e}); "

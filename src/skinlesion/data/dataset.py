@@ -47,5 +47,13 @@ class LesionDataset(Dataset):
         except SkinLesionError as e:
             raise SkinLesionError(f"{e}; {DROP_HINT}") from e
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.load(i)), self.labels[i]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """``key`` is an index, or ``(index, seed)`` from a seeded sampler: the random transform then draws
+        from that seed alone (and leaves the process's torch RNG as it was)."""
+        if isinstance(key, tuple):
+            i, seed = key
+            image = self.load(i)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(image), self.labels[i]
+        return self.transform(self.load(key)), self.labels[key]

@@ -1,4 +1,10 @@
-"""Train / eval presets (torchvision transforms v2). Inputs: PIL images or uint8 CHW tensors."""
+"""Train / eval presets (torchvision transforms v2). Inputs: PIL images or uint8 CHW tensors.
+
+With ``normalize=False`` a preset stops at uint8 (every geometric and colour step already runs on uint8
+pixels), and ``BatchNormalizer`` does the float conversion and Normalize on the device, one batch at a
+time: a quarter of the bytes through worker IPC, pinning and the host-to-device copy, and no per-image
+float work in the loader workers. Both ways give the same tensor (to float rounding).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ def train_transform(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     augment: str = "reference",
+    normalize: bool = True,
 ) -> v2.Compose:
     """``reference``: resize, random crop, h+v flips. ``dermoscopy``: adds 360-degree rotation,
     a wider random-resized-crop and mild colour jitter (lesions have no canonical orientation)."""
@@ -43,8 +50,7 @@ def train_transform(
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             *photometric,
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
+            *to_float(mean, std, normalize),
         ]
     )
 
@@ -54,13 +60,44 @@ def eval_transform(
     resize_size: int,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    normalize: bool = True,
 ) -> v2.Compose:
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize(resize_size, antialias=True),
             v2.CenterCrop(img_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
+            *to_float(mean, std, normalize),
         ]
     )
+
+
+def to_float(mean: tuple[float, ...], std: tuple[float, ...], normalize: bool) -> list:
+    """The presets' last steps: uint8 -> float in [0, 1] -> Normalize; none where the device does them."""
+    if not normalize:
+        return [v2.ToPureTensor()]
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+class BatchNormalizer:
+    """What ``to_float`` does per image, for a whole uint8 batch on its device (N, C, H, W): float in [0, 1],
+    then (x - mean) / std; float batches are only moved. ``memory_format`` is applied on the way."""
+
+    def __init__(
+        self,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device | str = "cpu",
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ):
+        # Normalize computes (x - mean) / std; folding 1/255 in here keeps it to one multiply-add per pixel.
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) / std_t
+        self.memory_format = memory_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scale.device, non_blocking=True, memory_format=self.memory_format)
+        if x.dtype != torch.uint8:
+            return x
+        return torch.addcmul(self.shift, x.float(), self.scale)

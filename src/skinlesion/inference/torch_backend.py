@@ -1,6 +1,8 @@
 """PyTorch backend: best.pt's network and its eval transform -> raw logits per TTA view.
 
-It returns logits before any post-hoc step; the decision chain (decision/chain.py) does the rest.
+It returns logits before any post-hoc step; the decision chain (decision/chain.py) does the rest. On a GPU
+the network runs channels_last under autocast (bf16 where native, else fp16), as it trained; on the CPU in
+fp32, so CPU results match the ONNX export's parity check.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 
 from skinlesion.data.transforms import eval_transform
+from skinlesion.device import amp_dtype, autocast
 from skinlesion.inference.views import views
 from skinlesion.model import checkpoint
 
@@ -23,7 +26,10 @@ class TorchBackend:
     def __init__(self, source: str | Path | checkpoint.Loaded, device: str = "cpu"):
         self.loaded = source if isinstance(source, checkpoint.Loaded) else checkpoint.load(source, device)
         self.device = torch.device(device)
-        self.model = self.loaded.model.to(self.device).eval()
+        accelerated = self.device.type == "cuda"
+        self.memory_format = torch.channels_last if accelerated else torch.contiguous_format
+        self.model = self.loaded.model.to(self.device, memory_format=self.memory_format).eval()
+        self.dtype = amp_dtype(self.device) if accelerated else None
         self.meta = self.loaded.meta
         self.classes: list[str] = list(self.meta["classes"])
         self.img_size = int(self.meta["img_size"])
@@ -37,5 +43,9 @@ class TorchBackend:
     @torch.inference_mode()
     def view_logits(self, batch: torch.Tensor, n_views: int = 1) -> np.ndarray:
         """Raw logits (n_views, N, C), float32, of a preprocessed batch under each TTA view."""
-        batch = batch.to(self.device)
-        return np.stack([self.model(v).float().cpu().numpy() for v in views(batch, n_views)])
+        batch = batch.to(self.device, non_blocking=True)
+        outputs = []
+        for view in views(batch, n_views):
+            with autocast(self.device, self.dtype):
+                outputs.append(self.model(view.contiguous(memory_format=self.memory_format)).float().cpu().numpy())
+        return np.stack(outputs)

@@ -2,14 +2,21 @@
 
 Read top to bottom: resolve the config (recipe + flags, or the saved run on --resume) -> data (table,
 split, cache, loaders) -> model, optimiser, scheduler, loss, EMA -> epochs of train + validate, writing
-history.csv, best.pt and last.pt after each. Under torchrun, rank 0 alone writes files and validation
-metrics cover the whole val set (outputs of every rank are gathered).
+history.csv, best.pt and last.pt after each. Under torchrun (or SLURM, or a process group set up by the
+caller), rank 0 decides (the split, a resumed state) and broadcasts; rank 0 writes the run folder, and so does
+one rank per node without a shared file system; validation metrics cover the whole val set (outputs of every
+rank are gathered).
+
+Batches leave the loader as uint8 and are normalised on the device (data/transforms.BatchNormalizer): a
+quarter of the bytes through worker IPC and the host-to-device copy. Each sample's augmentation draws from its
+own seed (training/sampling.SeededSampler), so loader workers persist across epochs and --resume stays exact.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import math
 import random
@@ -35,14 +42,15 @@ from tqdm import tqdm
 from skinlesion import fileio, metrics
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.data.dataset import LesionDataset
-from skinlesion.data.transforms import eval_transform, resize_for, train_transform
+from skinlesion.data.transforms import BatchNormalizer, eval_transform, resize_for, train_transform
 from skinlesion.decision import operating_point
+from skinlesion.device import amp_dtype, autocast
 from skinlesion.errors import SkinLesionError
 from skinlesion.model import checkpoint
 from skinlesion.model import factory as models
 from skinlesion.training import distributed, recipes, tracking
 from skinlesion.training.losses import build_loss, class_weights
-from skinlesion.training.sampling import ShardSampler, train_sampler
+from skinlesion.training.sampling import SeededSampler, ShardSampler, train_sampler
 
 HISTORY_COLUMNS = [
     "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc",
@@ -117,24 +125,9 @@ def weights_path(weights: str | None) -> str | None:
 
 
 def loader_seed(seed: int, epoch: int, rank: int) -> int:
-    """The DataLoader generator's seed for one epoch on one rank: its workers' crops and flips differ between
-    ranks (each sees other images, but must not replay the same augmentation stream) and survive --resume.
-    Rank 0 keeps the single-process value."""
+    """The seed of one epoch's augmentation seeds on one rank (``SeededSampler``): crops and flips differ between
+    ranks (each sees other images, but must not replay the same augmentation stream) and survive --resume."""
     return seed * 1000 + epoch + 1_000_003 * rank
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware does it natively (fp16 + GradScaler on older GPUs); None = stay fp32."""
-    if device.type == "cuda":
-        # Native bf16 only (Ampere and later): V100 / T4 "support" it by emulation, slower than fp16 + GradScaler.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def seed_everything(seed: int) -> None:
@@ -177,26 +170,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------- data
 def load_splits(
-    cfg: dict[str, Any], run_dir: Path, resume: bool, d_is_main: bool = True
+    cfg: dict[str, Any], run_dir: Path, resume: bool, d: distributed.Dist | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The image table restricted to the split, with a ``split`` column; and the split itself. With
-    --allow-missing the files ``prepare`` would drop are left out (of a given split too)."""
+    --allow-missing the files ``prepare`` would drop are left out (of a given split too). Every rank reads its
+    own node's data folder; the split is rank 0's (made, or read from its run folder), broadcast."""
     from skinlesion.data.ham10000 import load_table
     from skinlesion.data.split import make_split, read_splits
 
+    d = d or distributed.Dist()
     table = load_table(cfg["data_dir"], cfg["metadata"], cfg["images"], allow_missing=cfg.get("allow_missing", False))
-    if table.attrs["dropped"] and d_is_main:
+    if table.attrs["dropped"] and d.is_main:
         print(f"dropped {len(table.attrs['dropped'])} unusable image(s) (--allow-missing); "
               "`skinlesion prepare --allow-missing` lists them", file=sys.stderr)
-    if resume:
-        splits = read_splits(run_dir / "splits.csv")
-    elif cfg["splits"]:
-        splits = read_splits(cfg["splits"])
-    elif cfg.get("folds"):  # fold `fold` of K is val; the test part (--test-frac) is the same for every fold
-        splits = make_split(table, test_frac=cfg.get("test_frac") or 0.0, folds=cfg["folds"], fold=cfg.get("fold") or 0,
-                            seed=cfg["seed"])  # fmt: skip
-    else:
-        splits = make_split(table, val_frac=cfg["val_frac"], test_frac=cfg.get("test_frac") or 0.0, seed=cfg["seed"])
+
+    def split() -> pd.DataFrame:
+        if resume:
+            return read_splits(run_dir / "splits.csv")
+        if cfg["splits"]:
+            return read_splits(cfg["splits"])
+        if cfg.get("folds"):  # fold `fold` of K is val; the test part (--test-frac) is the same for every fold
+            return make_split(table, test_frac=cfg.get("test_frac") or 0.0, folds=cfg["folds"],
+                              fold=cfg.get("fold") or 0, seed=cfg["seed"])  # fmt: skip
+        return make_split(table, val_frac=cfg["val_frac"], test_frac=cfg.get("test_frac") or 0.0, seed=cfg["seed"])
+
+    splits = distributed.from_main(d, split)
     missing = set(splits["image_id"]) - set(table["image_id"])
     if missing and cfg.get("allow_missing") and missing <= {r["image_id"] for r in table.attrs["dropped"]}:
         splits = splits[~splits["image_id"].isin(missing)].reset_index(drop=True)
@@ -214,38 +212,38 @@ def load_splits(
 
 
 def image_cache(cfg: dict[str, Any], table: pd.DataFrame, resize_size: int, d: distributed.Dist):
-    """Pre-resized pixels (built once by rank 0, then opened by the others); None with --no-cache."""
+    """Pre-resized pixels; None with --no-cache. Every rank opens its node's cache: the first to take the cache's
+    file lock builds it (once per node on local disks, once in all on a shared one), the others then open it."""
     if not cfg["cache"]:
         return None
     from skinlesion.data.cache import ImageCache
 
-    if not d.is_main:
-        distributed.barrier(d)
-    cache = ImageCache.open_or_build(table, resize_size, cache_dir=cfg["cache_dir"])
-    if d.is_main:
-        distributed.barrier(d)
-    return cache
+    return ImageCache.open_or_build(table, resize_size, cache_dir=cfg["cache_dir"], progress=d.local_rank == 0)
 
 
 def build_loaders(cfg, data, resize_size, mean, std, cache, d: distributed.Dist, mixup: bool):
     train_rows, val_rows = data[data["split"] == "train"], data[data["split"] == "val"]
+    # uint8 out of the loader; BatchNormalizer finishes on the device.
     train_ds = LesionDataset(
-        train_rows, train_transform(cfg["img_size"], resize_size, mean, std, cfg["augment"]), cache
+        train_rows, train_transform(cfg["img_size"], resize_size, mean, std, cfg["augment"], normalize=False), cache
     )
-    val_ds = LesionDataset(val_rows, eval_transform(cfg["img_size"], resize_size, mean, std), cache)
-    sampler = train_sampler(train_ds.labels, cfg["sampler"], d.world_size, d.rank, cfg["seed"])
-    generator = torch.Generator()  # reseeded every epoch: worker augmentation seeds survive --resume
+    val_ds = LesionDataset(val_rows, eval_transform(cfg["img_size"], resize_size, mean, std, normalize=False), cache)
+    sampler = SeededSampler(train_sampler(train_ds.labels, cfg["sampler"], d.world_size, d.rank, cfg["seed"]),
+                            functools.partial(loader_seed, cfg["seed"], rank=d.rank))  # fmt: skip
+    # Persistent workers: re-forking them every epoch costs seconds inside the timed epoch. Each loader draws its
+    # workers' base seed from its own generator: from torch's global RNG, that draw would happen once in a straight
+    # run but again after --resume, and shift the dropout stream.
     common = dict(num_workers=cfg["workers"], pin_memory=d.device.type == "cuda",
-                  persistent_workers=False)  # fmt: skip
+                  persistent_workers=cfg["workers"] > 0)  # fmt: skip
     # A last batch of one breaks BatchNorm in train mode; timm's Mixup needs even batches.
     tail = len(sampler) % cfg["batch_size"]
     drop_last = tail == 1 or (mixup and tail % 2 == 1)
-    train_loader = DataLoader(
-        train_ds, cfg["batch_size"], sampler=sampler, generator=generator, drop_last=drop_last, **common
-    )
+    train_loader = DataLoader(train_ds, cfg["batch_size"], sampler=sampler, drop_last=drop_last,
+                              generator=torch.Generator().manual_seed(cfg["seed"]), **common)  # fmt: skip
     val_sampler = ShardSampler(len(val_ds), d.world_size, d.rank)
-    val_loader = DataLoader(val_ds, cfg["batch_size"] * 2, sampler=val_sampler, **common)
-    return train_loader, val_loader, generator
+    val_loader = DataLoader(val_ds, cfg["batch_size"] * 2, sampler=val_sampler,
+                            generator=torch.Generator().manual_seed(cfg["seed"]), **common)  # fmt: skip
+    return train_loader, val_loader
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -365,10 +363,8 @@ def train_one_epoch(ctx: dict[str, Any], epoch: int) -> dict[str, float]:
     model, loader, d = ctx["model"], ctx["train_loader"], ctx["dist"]
     optimizer, scheduler, scaler, criterion = ctx["optimizer"], ctx["scheduler"], ctx["scaler"], ctx["criterion"]
     accum, n_batches = ctx["cfg"]["grad_accum"], ctx["batches_per_epoch"]
-    memory_format = torch.channels_last if ctx["cfg"]["channels_last"] else torch.contiguous_format
     model.train()
     loader.sampler.set_epoch(epoch)
-    ctx["generator"].manual_seed(loader_seed(ctx["cfg"]["seed"], epoch, d.rank))
     lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
     # Loss and correct counts are summed on the device: reading them (.item()) would make every step wait for the
     # accelerator. The progress bar reads them every POSTFIX_EVERY steps only.
@@ -380,7 +376,7 @@ def train_one_epoch(ctx: dict[str, Any], epoch: int) -> dict[str, float]:
     desc = f"epoch {epoch}" if fold is None or not ctx["cfg"].get("folds") else f"fold {fold} epoch {epoch}"
     bar = tqdm(batches, total=n_batches, desc=desc, leave=False, disable=not d.is_main, unit="batch")
     for i, (x, y) in enumerate(bar):
-        x = x.to(d.device, non_blocking=True, memory_format=memory_format)
+        x = ctx["normalize"](x)
         y = y.to(d.device, non_blocking=True)
         x, target = ctx["mixup"](x, y) if ctx["mixup"] else (x, y)
         step_now = (i + 1) % accum == 0 or i + 1 == n_batches
@@ -418,13 +414,13 @@ def train_one_epoch(ctx: dict[str, Any], epoch: int) -> dict[str, float]:
 @torch.inference_mode()
 def validate(ctx: dict[str, Any], model: nn.Module) -> tuple[dict[str, float], int, np.ndarray]:
     """Metrics over the whole val set (and its confusion matrix): every rank predicts its shard, the logits are
-    gathered."""
+    gathered. ``model`` is the plain module (not the DDP / compiled wrapper): eval mode and a smaller last batch
+    would make torch.compile build a second and a third graph for a few seconds of work."""
     d, loader = ctx["dist"], ctx["val_loader"]
-    memory_format = torch.channels_last if ctx["cfg"]["channels_last"] else torch.contiguous_format
     model.eval()
     outputs = []
     for x, _ in loader:
-        x = x.to(d.device, non_blocking=True, memory_format=memory_format)
+        x = ctx["normalize"](x)
         with autocast(d.device, ctx["amp_dtype"]):
             outputs.append(model(x).float().cpu())
     logits = torch.cat(outputs) if outputs else torch.empty(0, NUM_CLASSES)
@@ -444,16 +440,20 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
     )
     cfg["run_name"] = run_name
     run_dir = Path(cfg["out"]) / run_name
-    if d.is_main:  # temp files of a process that died mid-write (e.g. .last.pt.*.tmp)
-        fileio.remove_stale_temps(run_dir)
-    last = None
-    if resume:
+
+    def read_last() -> dict[str, Any] | None:  # rank 0's run folder is the one resumed (other nodes may have none)
+        if not resume:
+            if (run_dir / "last.pt").exists():  # the commit point: without it no epoch finished, so start again
+                raise SkinLesionError(f"{run_dir} already holds a run; pass --resume to continue it or another "
+                                      "--run-name")  # fmt: skip
+            return None
         if not (run_dir / "last.pt").is_file():
             raise SkinLesionError(f"--resume: no last.pt in {run_dir}; check --out/--run-name or drop --resume")
-        last = checkpoint.read(run_dir / "last.pt")
+        return checkpoint.read(run_dir / "last.pt")
+
+    last = distributed.from_main(d, read_last)
+    if last is not None:
         cfg = resume_config(args, run_dir, last["config"])
-    elif (run_dir / "last.pt").exists():  # the commit point: without it no epoch finished, so start again
-        raise SkinLesionError(f"{run_dir} already holds a run; pass --resume to continue it or another --run-name")
     fresh = d.is_main and not resume and not run_dir.exists()
     try:
         return train(cfg, run_dir, last, getattr(args, "stop_after_epochs", None), d)
@@ -469,6 +469,17 @@ def train(
     """The training itself: from ``last`` (last.pt's contents) when resuming, else from the start."""
     resume = last is not None
     max_batches = cfg.get("max_train_batches")
+    if cfg.get("global_batch_size"):  # the same global batch whatever the number of processes
+        per_rank, rest = divmod(cfg["global_batch_size"], d.world_size * cfg["grad_accum"])
+        if rest or per_rank < 1:
+            raise SkinLesionError(
+                f"--global-batch-size {cfg['global_batch_size']} does not split into {d.world_size} process(es) x "
+                f"--grad-accum {cfg['grad_accum']}; choose a multiple of {d.world_size * cfg['grad_accum']}"
+            )
+        cfg["batch_size"] = per_rank
+    d = distributed.with_writers(d, run_dir)
+    if d.writes:  # temp files of a process that died mid-write (e.g. .last.pt.*.tmp)
+        fileio.remove_stale_temps(run_dir)
 
     device = d.device
     dtype = amp_dtype(device) if cfg["amp"] else None
@@ -479,11 +490,11 @@ def train(
     # ---- data
     from skinlesion.data.split import write_splits
 
-    data, splits = load_splits(cfg, run_dir, resume)
-    if d.is_main and not resume:
+    data, splits = load_splits(cfg, run_dir, resume, d)
+    if d.writes and not (resume and (run_dir / "splits.csv").is_file()):
         write_splits(run_dir / "splits.csv", splits)
     distributed.barrier(d)
-    splits_sha = fileio.sha256_file(run_dir / "splits.csv")
+    splits_sha = distributed.from_main(d, lambda: fileio.sha256_file(run_dir / "splits.csv"))
 
     # ---- model
     model, model_kwargs = build_model(cfg, load_weights=last is None)
@@ -493,9 +504,10 @@ def train(
     resize_size = resize_for(cfg["img_size"])
     cache = image_cache(cfg, data, resize_size, d)
     mixup_on = cfg["mixup"] > 0 or cfg["cutmix"] > 0
-    train_loader, val_loader, generator = build_loaders(cfg, data, resize_size, mean, std, cache, d, mixup_on)
+    train_loader, val_loader = build_loaders(cfg, data, resize_size, mean, std, cache, d, mixup_on)
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     model.to(device, memory_format=memory_format)
+    normalize = BatchNormalizer(mean, std, device, memory_format)
 
     counts = np.bincount(train_loader.dataset.labels, minlength=NUM_CLASSES)
     weight = class_weights(counts, cfg["class_weights"])
@@ -514,17 +526,21 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = ModelEmaV3(model, decay=cfg["ema_decay"], use_warmup=True) if cfg["ema"] else None
 
-    if cfg["compile"]:
-        model = torch.compile(model)
+    # `model` stays the plain module (validation, EMA, checkpoints); `train_model` is what the steps run.
+    train_model = model
     if d.enabled:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg["compile"]:  # after the DDP wrap, so DDP's graph splitting lets all-reduce overlap the backward pass
+        train_model = torch.compile(train_model)
 
     # ---- state
     history: list[dict[str, Any]] = []
     state = {"best_value": None, "best_epoch": 0, "global_step": 0}
     start_epoch = 1
     if last is not None:
-        checkpoint.unwrap(model).load_state_dict(last["model"])
+        model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
         if last["config"]["epochs"] == cfg["epochs"]:  # else the cosine is re-planned over the new length
             scheduler.load_state_dict(last["scheduler"])
@@ -564,14 +580,15 @@ def train(
         "splits_sha256": splits_sha,
         "versions": checkpoint.versions(),
     }
-    if d.is_main:
+    if d.writes:
         fileio.write_json(run_dir / "config.json", cfg_out)
+    if d.is_main:
         print(f"run folder {run_dir}: {cfg['backbone']} {cfg['img_size']}px, {cfg_out['n_train']} train / "
               f"{cfg_out['n_val']} val images, {device} amp={cfg_out['amp_dtype']} world={d.world_size}")  # fmt: skip
 
-    ctx = dict(cfg=cfg, dist=d, model=model, train_loader=train_loader, val_loader=val_loader, generator=generator,
-               optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion, mixup=mixup, ema=ema,
-               amp_dtype=dtype, batches_per_epoch=batches, global_step=state["global_step"])  # fmt: skip
+    ctx = dict(cfg=cfg, dist=d, model=train_model, train_loader=train_loader, val_loader=val_loader,  # fmt: skip
+               normalize=normalize, optimizer=optimizer, scheduler=scheduler, scaler=scaler, criterion=criterion,
+               mixup=mixup, ema=ema, amp_dtype=dtype, batches_per_epoch=batches, global_step=state["global_step"])
     column, higher = SELECT[cfg["select"]]
     meta_base = {
         "backbone": cfg["backbone"], "img_size": cfg["img_size"], "resize_size": resize_size, "mean": list(mean),
@@ -587,6 +604,8 @@ def train(
                 set_backbone_frozen(optimizer, scheduler, ctx["global_step"], epoch <= cfg["head_warmup_epochs"])
             row: dict[str, Any] = {"epoch": epoch, **train_one_epoch(ctx, epoch)}
             eval_model = ema.module if ema is not None else model
+            for module in {id(m): m for m in (model, eval_model)}.values():  # rank 0's BN statistics on every rank:
+                distributed.broadcast_buffers(d, module)  # each validates and saves the same model
             scores, n_val, confusion = validate(ctx, eval_model)
             row.update(scores, seconds=time.perf_counter() - t0)
             row = {k: row[k] for k in HISTORY_COLUMNS}
@@ -600,7 +619,7 @@ def train(
             state["global_step"] = ctx["global_step"]
             epoch_metrics = {**{k: row[k] for k in HISTORY_COLUMNS if k.startswith("val_")}, "n_val": n_val}
             rngs = distributed.gather_object(d, rng_state())
-            if d.is_main:
+            if d.writes:
                 meta = {**meta_base, "epoch": epoch, "metrics": epoch_metrics}
                 # last.pt is the epoch's commit point: it is written last and carries the history, so a kill at any
                 # earlier write resumes from the previous epoch and rewrites what that epoch had written.
@@ -612,6 +631,7 @@ def train(
                     "scaler": scaler.state_dict(), "rng": rngs, "train_state": state,
                     "ema": ema.state_dict() if ema is not None else None, "history": history,
                 })  # fmt: skip
+            if d.is_main:
                 fold = f"fold {cfg['fold']} " if cfg.get("folds") else ""
                 tqdm.write(
                     f"{fold}epoch {epoch}/{cfg['epochs']}  train loss {row['train_loss']:.4f} "
@@ -630,7 +650,7 @@ def train(
         tracker.close()
     if d.is_main and state["best_value"] is not None:
         print(f"best {cfg['select']} {state['best_value']:.4f} at epoch {state['best_epoch']}: {run_dir / 'best.pt'}")
-    if d.is_main and (run_dir / "best.pt").is_file():
+    if d.writes and (run_dir / "best.pt").is_file():
         keep_scoring_settings(run_dir / "best.pt", cfg_out)
     return run_dir, cfg
 

@@ -1,6 +1,8 @@
 """Samplers: per-epoch deterministic shuffling that shards across DDP ranks, and class-balanced draws.
 
-Every sampler here is a pure function of (seed, epoch, rank), so a resumed run sees the same order.
+Every sampler here is a pure function of (seed, epoch, rank), so a resumed run sees the same order;
+``SeededSampler`` gives each drawn sample its own augmentation seed the same way, so crops and flips do not
+depend on the number of loader workers, on worker processes that live across epochs, or on --resume.
 """
 
 from __future__ import annotations
@@ -49,6 +51,29 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, seed)``: ``inner``'s indices, each with a seed for its augmentation drawn from
+    ``seed_of(epoch)`` (``LesionDataset`` runs the transform under it). Persistent workers never see the epoch
+    change, but the seeds they receive do."""
+
+    def __init__(self, inner: Sampler[int], seed_of):
+        self.inner, self.seed_of, self.epoch = inner, seed_of, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(self.inner)
+        g = torch.Generator().manual_seed(self.seed_of(self.epoch))
+        seeds = torch.randint(0, 2**62, (len(indices),), generator=g).tolist()
+        return iter(zip(indices, seeds, strict=True))
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 def train_sampler(labels: Sequence[int], kind: str, num_replicas: int, rank: int, seed: int) -> Sampler[int]:
