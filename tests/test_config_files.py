@@ -52,7 +52,10 @@ def test_a_runs_config_json_reproduces_it(tiny_run):
     saved = json.loads((tiny_run / "config.json").read_text())
     again = resolved("--config", str(tiny_run / "config.json"))
     differs = {k for k in again if k in saved and again[k] != saved[k]}
-    assert differs <= {"mean", "std"} and all(again[k] is None or again[k] == saved[k] for k in differs)
+    # None = resolved later: the backbone's mean / std; the global batch the per-process batch gives (config.json
+    # records the global batch the run had, and as --config it is not a request)
+    assert differs <= {"mean", "std", "global_batch_size"} and all(again[k] is None for k in differs)
+    assert again["batch_size"] == saved["batch_size"]
     assert {k for k in again if k not in saved} == set()  # every resolved option was recorded
 
 

@@ -141,7 +141,7 @@ def _open_in_child(args) -> str:
 
 def test_concurrent_openers_build_once(data, tmp_path):
     """DDP ranks on one node (or two jobs) opening a missing cache at once: one builds under the file lock, the
-    others wait and open that build; nobody deletes the pixels file another is reading."""
+    others wait and open that build (without the lock each built its own, deleting the others' pixels files)."""
     import multiprocessing
 
     with multiprocessing.get_context("fork").Pool(3) as pool:

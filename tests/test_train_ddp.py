@@ -62,18 +62,27 @@ def launch_two_nodes(synth_dir, tmp_path, *extra: str) -> list[subprocess.Comple
                "-m", "skinlesion", "train", "--data-dir", str(synth_dir), "--out", str(tmp_path / f"node{node}"),
                "--run-name", "mn", "--backbone", "test_efficientnet", "--no-pretrained", "--img-size", "32",
                "--epochs", "2", "--global-batch-size", "32", "--lr", "3e-3", "--workers", "0", "--ema",
-               "--logger", "none", *extra]  # fmt: skip
+               "--logit-adjust-tau", "1", "--logger", "none", *extra]  # fmt: skip
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     done = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:  # a hang (one node waiting for the other) must not outlive the test
+            p.kill()
     return done
 
 
 def test_two_nodes_without_a_shared_file_system(synth_dir, tmp_path):
     """Each node keeps its own run folder and cache; rank 0 decides the split and, on --resume, the state (a node
-    that lost its copy gets it back); both copies hold the same weights, EMA included (BatchNorm buffers synced)."""
+    that lost its copy gets it back); both copies hold the same weights, EMA included (BatchNorm buffers synced),
+    and the same post-hoc best.pt. A bad start on rank 0 is an error on every node, not a hang."""
+    nothing = launch_two_nodes(synth_dir, tmp_path, "--resume")  # no such run yet
+    assert all(p.returncode != 0 for p in nothing)  # torchrun turns the processes' exit 2 into its own 1
+    assert "no last.pt" in nothing[0].stderr
+    assert "no last.pt" in nothing[1].stderr and "(on rank 0)" in nothing[1].stderr
     first = launch_two_nodes(synth_dir, tmp_path, "--stop-after-epochs", "1")
     assert all(p.returncode == 0 for p in first), first[0].stderr[-2000:] + first[1].stderr[-2000:]
     shutil.rmtree(tmp_path / "node1")  # node 1 was replaced: its disk is empty
@@ -98,5 +107,6 @@ def test_two_nodes_without_a_shared_file_system(synth_dir, tmp_path):
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert (node0 / "best.pt").read_bytes() == (node1 / "best.pt").read_bytes()  # logit adjustment included
     for node in (0, 1):  # each node built its own cache, under its own lock
         assert list((tmp_path / f"cache{node}").rglob("index.npz"))

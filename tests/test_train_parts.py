@@ -187,10 +187,11 @@ def test_ranks_come_from_torchrun_or_slurm_and_the_slurm_node_list_is_read():
     assert ranks_from_env({}) is None
     assert ranks_from_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
     assert ranks_from_env({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1"}) == (5, 8, 1)
-    slurm = {"SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}
-    assert ranks_from_env(slurm) == (9, 16, 1)
+    slurm = {"SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}
+    assert ranks_from_env(slurm) == (9, 16, 1)  # `srun python -m skinlesion train`: one task per GPU
     assert ranks_from_env({**slurm, "WORLD_SIZE": "2", "RANK": "1"}) == (1, 2, 0)  # srun torchrun: torchrun's
-    assert ranks_from_env({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None  # a plain sbatch job: one process
+    # the batch script itself (asked for 16 tasks, but it is one process outside any srun step)
+    assert ranks_from_env({"SLURM_NTASKS": "16", "SLURM_PROCID": "0"}) is None
     assert first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
     assert first_slurm_host("node7") == "node7"
 
@@ -207,6 +208,8 @@ def test_an_existing_process_group_is_adopted(monkeypatch):
         d = distributed.setup("cpu")  # no torchrun variables: the caller's group (Ray Train, Fabric) decides
         assert dist.is_initialized() and (d.rank, d.world_size, d.writes) == (0, 1, True)
         assert distributed.from_main(d, lambda: 41) == 41
+        distributed.teardown(d)
+        assert dist.is_initialized()  # the caller's group stays theirs
     finally:
         dist.destroy_process_group()
 

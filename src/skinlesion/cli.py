@@ -459,7 +459,7 @@ def one_line(error: SkinLesionError) -> str:
 
 
 # config.json keys that describe a finished run rather than set an option: ignored when it is read as --config.
-RUN_OUTPUT_KEYS = {"resize_size", "model_kwargs", "device_used", "amp_dtype", "world_size",
+RUN_OUTPUT_KEYS = {"resize_size", "model_kwargs", "device_used", "amp_dtype", "world_size", "global_batch_size",
                    "n_train", "n_val", "train_class_counts", "class_weight_values", "classes", "splits_sha256",
                    "versions", "weights_path", "kind", "members", "split_seed"}  # fmt: skip
 

@@ -2,7 +2,8 @@
 library call its own command makes: the logit adjustment, the metadata prior, then the operating point (it
 sits on top of both). Under torchrun every rank trains and rank 0 alone runs the post-hoc steps. With ``--folds
 K`` (and no ``--fold``): every fold, then their ensemble with its steps fitted out of fold
-(evaluation/cross_validation.py)."""
+(evaluation/cross_validation.py). On nodes that keep their own run-folder copy, the finished best.pt is sent
+from rank 0."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from skinlesion import fileio
 from skinlesion.classes import CLASSES
 from skinlesion.decision import metadata_prior, operating_point
 from skinlesion.errors import SkinLesionError
@@ -27,10 +29,19 @@ def main(args: argparse.Namespace) -> None:
             cross_validation.run(args, d)  # K folds + their ensemble, post-hoc steps fitted out of fold
             return
         run_dir, cfg = loop.run(args, d)
-        if d.is_main and (run_dir / "best.pt").is_file():
+
+        def finish() -> bytes | None:
+            if not (run_dir / "best.pt").is_file():
+                return None
             post_hoc(run_dir, cfg, str(d.device))
+            return (run_dir / "best.pt").read_bytes() if d.enabled else None
+
+        best = distributed.from_main(d, finish)
+        copy = run_dir / "best.pt"
+        if best and not d.is_main and d.local_rank == 0 and copy.is_file() and copy.read_bytes() != best:
+            fileio.write_bytes(copy, best)  # this node's own copy (a shared folder already has rank 0's bytes)
     finally:
-        distributed.teardown()
+        distributed.teardown(d)
 
 
 def post_hoc(run_dir: Path, cfg: dict[str, Any], device: str) -> None:

@@ -20,6 +20,7 @@ re-running with ``--resume`` trains only what is missing.
 from __future__ import annotations
 
 import argparse
+import functools
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,25 +62,38 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
     )
     parent = Path(cfg["out"]) / name
     resume = bool(getattr(args, "resume", False))
-    started = fold_dir(parent, 0) / "last.pt"
-    if resume and started.is_file():  # the recipe the folds were started with, not today's defaults
-        cfg = loop.resume_config(args, started.parent, checkpoint.read(started)["config"])
-    if (parent / "cv.json").exists() and not resume:
-        raise SkinLesionError(f"{parent} already holds a cross-validation run; pass another --run-name")
+
+    def state() -> tuple[dict[str, Any] | None, list[str]]:
+        """Rank 0's view (other nodes may keep no copy): the saved config to resume, and each fold's state."""
+        if (parent / "cv.json").exists() and not resume:
+            raise SkinLesionError(f"{parent} already holds a cross-validation run; pass another --run-name")
+        started = fold_dir(parent, 0) / "last.pt"
+        saved = checkpoint.read(started)["config"] if resume and started.is_file() else None
+        folds_state = []
+        for fold in range(folds):
+            where = fold_dir(parent, fold)
+            done, begun = (where / OOF_LOGITS).is_file(), (where / "last.pt").exists()
+            if begun and not done and not resume:
+                raise SkinLesionError(f"{where} holds a started fold; pass --resume to continue the cross-validation")
+            folds_state.append("done" if done else "started" if begun else "new")
+        return saved, folds_state
+
+    saved, folds_state = distributed.from_main(d, state)
+    if saved is not None:  # the recipe the folds were started with, not today's defaults
+        cfg = loop.resume_config(args, fold_dir(parent, 0), saved)
     for fold in range(folds):
         where = fold_dir(parent, fold)
-        if (where / OOF_LOGITS).is_file():
+        if folds_state[fold] == "done":
             if d.is_main:
                 print(f"fold {fold + 1}/{folds}: done ({where})")
             continue
-        if (where / "last.pt").exists() and not resume:
-            raise SkinLesionError(f"{where} holds a started fold; pass --resume to continue the cross-validation")
         if d.is_main:
             print(f"fold {fold + 1}/{folds}: training {where}")
         fold_args = argparse.Namespace(**{**vars(args), "out": str(parent), "run_name": where.name, "fold": fold,
-                                          "resume": (where / "last.pt").exists()})  # fmt: skip
+                                          "resume": folds_state[fold] == "started"})  # fmt: skip
         run_dir, fold_cfg = loop.run(fold_args, d)
-        if getattr(args, "stop_after_epochs", None) and not finished(run_dir, fold_cfg):
+        fold_over = functools.partial(finished, run_dir, fold_cfg)
+        if getattr(args, "stop_after_epochs", None) and not distributed.from_main(d, fold_over):
             return parent, cfg  # time-boxed: stop here, --resume continues this fold
         if d.is_main:
             out_of_fold_logits(run_dir, fold_cfg, str(d.device))

@@ -1,8 +1,8 @@
 """PyTorch backend: best.pt's network and its eval transform -> raw logits per TTA view.
 
 It returns logits before any post-hoc step; the decision chain (decision/chain.py) does the rest. On a GPU
-the network runs channels_last under autocast (bf16 where native, else fp16), as it trained; on the CPU in
-fp32, so CPU results match the ONNX export's parity check.
+the network runs channels_last, under autocast (bf16 where native, else fp16) if it trained with mixed precision;
+on the CPU in fp32, so CPU results match the ONNX export's parity check.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ class TorchBackend:
         accelerated = self.device.type == "cuda"
         self.memory_format = torch.channels_last if accelerated else torch.contiguous_format
         self.model = self.loaded.model.to(self.device, memory_format=self.memory_format).eval()
-        self.dtype = amp_dtype(self.device) if accelerated else None
+        trained_amp = (self.loaded.meta.get("config") or {}).get("amp", True)
+        self.dtype = amp_dtype(self.device) if accelerated and trained_amp else None
         self.meta = self.loaded.meta
         self.classes: list[str] = list(self.meta["classes"])
         self.img_size = int(self.meta["img_size"])

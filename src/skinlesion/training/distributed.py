@@ -1,9 +1,10 @@
 """Multi-process plumbing: the process group, which ranks write files, broadcasting rank 0's decisions.
 
 Where the ranks come from, in this order: a process group that is already set up (Ray Train, Lightning
-Fabric, a notebook), torchrun's RANK / WORLD_SIZE / LOCAL_RANK (also under ``srun torchrun``), or SLURM's
-SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID when ``srun`` starts one task per GPU itself. Without any of
-them everything here degrades to a single process.
+Fabric, a notebook; left for the caller to tear down), torchrun's RANK / WORLD_SIZE / LOCAL_RANK (also under
+``srun torchrun``), or SLURM's SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID when ``srun`` starts one task
+per GPU itself (a batch script's own step, outside srun, is one process). Without any of them everything here
+degrades to a single process.
 
 Nodes need not share a file system: rank 0 decides (the split, a resumed run's state) and broadcasts, and the
 first rank on each node that cannot see rank 0's run folder writes that node's own copy (``Dist.writes``).
@@ -39,7 +40,8 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    writes: bool = True  # writes the run folder: rank 0, and one rank per node that does not share its folder
+    writes: bool = True  # writes the run folder: rank 0, and (after with_writers) one rank per node without its view
+    owns_group: bool = False  # setup() created the process group, so teardown() destroys it
 
     @property
     def enabled(self) -> bool:
@@ -51,12 +53,14 @@ class Dist:
 
 
 def ranks_from_env(env: Mapping[str, str]) -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) from torchrun's variables, else from SLURM's; None for a single process."""
+    """(rank, world size, local rank) from torchrun's variables, else from those srun sets for each task of a step;
+    None for a single process. SLURM_NTASKS alone is not enough: a batch script that asked for 8 tasks sees it too,
+    and would wait for 7 processes nobody started."""
     if "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
         return (int(env["RANK"]), world, int(env.get("LOCAL_RANK", "0"))) if world > 1 else None
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0"))
     return None
 
 
@@ -97,10 +101,11 @@ def setup(device_name: str | None = "auto") -> Dist:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 timeout=timeout())  # fmt: skip
-    return Dist(rank, world_size, local_rank, device)
+    return Dist(rank, world_size, local_rank, device, writes=rank == 0, owns_group=owns_group)
 
 
 def with_writers(d: Dist, run_dir: Path) -> Dist:
@@ -108,12 +113,13 @@ def with_writers(d: Dist, run_dir: Path) -> Dist:
     (node-local disks), that node's first local rank too, so each node keeps its own copy to resume from."""
     if not d.enabled:
         return d
-    token = broadcast_object(d, os.urandom(8).hex())
-    marker = run_dir / f".rank0-{token}"
-    if d.is_main:
+    def leave_marker() -> str:
         run_dir.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    barrier(d)
+        name = f".rank0-{os.urandom(8).hex()}"
+        (run_dir / name).touch()
+        return name
+
+    marker = run_dir / from_main(d, leave_marker)  # looked for in this rank's own --out (nodes may have others)
     writes = d.is_main or (d.local_rank == 0 and not marker.exists())
     barrier(d)
     if d.is_main:
@@ -124,19 +130,22 @@ def with_writers(d: Dist, run_dir: Path) -> Dist:
 
 
 def from_main(d: Dist, compute: Callable[[], T]) -> T:
-    """``compute()`` on rank 0, its result on every rank. A SkinLesionError there is raised on every rank, so
-    a bad input is one clear error instead of the other ranks waiting out the timeout."""
+    """``compute()`` on rank 0, its result on every rank. If it fails there, every rank raises (the others a
+    SkinLesionError with its message), so a bad input is one clear error instead of the others waiting out the
+    timeout."""
     if not d.enabled:
         return compute()
-    value, error = None, None
+    value, error, failure = None, None, None
     if d.is_main:
         try:
             value = compute()
-        except SkinLesionError as e:
-            error = str(e)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+            failure, error = e, str(e) if isinstance(e, SkinLesionError) else f"{type(e).__name__}: {e}"
     value, error = broadcast_object(d, (value, error))
+    if failure is not None:
+        raise failure
     if error is not None:
-        raise SkinLesionError(error)
+        raise SkinLesionError(f"{error} (on rank 0)")
     return value
 
 
@@ -148,8 +157,9 @@ def broadcast_buffers(d: Dist, module: torch.nn.Module) -> None:
             dist.broadcast(buffer.data, src=0)
 
 
-def teardown() -> None:
-    if dist.is_initialized():
+def teardown(d: Dist) -> None:
+    """Destroy the process group setup() created (one the caller set up stays theirs)."""
+    if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

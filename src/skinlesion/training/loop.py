@@ -75,6 +75,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {k: getattr(args, k, None) for k in recipes.REFERENCE}
     cfg = recipes.resolve(args.recipe or "reference", overrides)
     cfg.update({k: getattr(args, k, None) for k in RUN_KEYS})
+    cfg["global_batch_size"] = getattr(args, "global_batch_size", None)  # a request: train() sets batch_size from it
     if getattr(args, "backbone", None) is None and cfg["weights"] in models.PACKAGED_WEIGHTS:
         cfg["backbone"] = models.packaged_backbone(cfg["weights"])  # --weights lite1 alone means Lite1
     for key in ("data_dir", "metadata", "images", "splits", "cache_dir"):  # later stages may run elsewhere
@@ -103,6 +104,13 @@ def resume_config(args: argparse.Namespace, run_dir: Path, saved: dict[str, Any]
     data and outputs now live, in case folders moved)."""
     cfg = dict(saved)
     cfg.update({k: getattr(args, k) for k in RUN_KEYS if k != "cache" and getattr(args, k, None) is not None})
+    # config.json's global_batch_size is what the run had; asked for again, the per-process batch follows the new
+    # number of processes, and it must be the same global batch.
+    requested = getattr(args, "global_batch_size", None)
+    if requested is not None and saved.get("global_batch_size") not in (None, requested):
+        raise SkinLesionError(f"--global-batch-size {requested} differs from the run being resumed ({run_dir}: "
+                              f"{saved['global_batch_size']}); pass {saved['global_batch_size']} or leave it out")
+    cfg["global_batch_size"] = requested
     cfg["allow_missing"] = bool(getattr(args, "allow_missing", False)) or bool(cfg.get("allow_missing"))
     for key in [*recipes.REFERENCE, "max_train_batches"]:
         value = getattr(args, key, None)
@@ -115,6 +123,20 @@ def resume_config(args: argparse.Namespace, run_dir: Path, saved: dict[str, Any]
             )
         cfg[key] = value
     return cfg
+
+
+def per_process_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
+    """--global-batch-size split over processes and accumulation steps; one line naming valid choices if it does not
+    divide."""
+    per_process, rest = divmod(global_batch, world_size * grad_accum)
+    if rest or per_process < 1:
+        step = world_size * grad_accum
+        lower, upper = max(step, global_batch - global_batch % step), global_batch - global_batch % step + step
+        raise SkinLesionError(
+            f"--global-batch-size {global_batch} does not split into {world_size} process(es) x --grad-accum "
+            f"{grad_accum}; choose a multiple of {step} (e.g. {lower} or {upper})"
+        )
+    return per_process
 
 
 def weights_path(weights: str | None) -> str | None:
@@ -440,6 +462,8 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
     )
     cfg["run_name"] = run_name
     run_dir = Path(cfg["out"]) / run_name
+    if d.local_rank == 0:  # temp files of a process that died mid-write (e.g. .last.pt.*.tmp), on each node
+        fileio.remove_stale_temps(run_dir)
 
     def read_last() -> dict[str, Any] | None:  # rank 0's run folder is the one resumed (other nodes may have none)
         if not resume:
@@ -449,7 +473,13 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
             return None
         if not (run_dir / "last.pt").is_file():
             raise SkinLesionError(f"--resume: no last.pt in {run_dir}; check --out/--run-name or drop --resume")
-        return checkpoint.read(run_dir / "last.pt")
+        last = checkpoint.read(run_dir / "last.pt")
+        if "history" not in last:  # older last.pt files: the committed epochs of history.csv
+            last["history"] = pd.read_csv(run_dir / "history.csv").to_dict("records")[: last["epoch"]]
+        # best.pt too: a node that lost its copy gets it back (it is only rewritten at a new best epoch)
+        best = run_dir / "best.pt"
+        last["best_pt_bytes"] = best.read_bytes() if best.is_file() else None
+        return last
 
     last = distributed.from_main(d, read_last)
     if last is not None:
@@ -470,16 +500,8 @@ def train(
     resume = last is not None
     max_batches = cfg.get("max_train_batches")
     if cfg.get("global_batch_size"):  # the same global batch whatever the number of processes
-        per_rank, rest = divmod(cfg["global_batch_size"], d.world_size * cfg["grad_accum"])
-        if rest or per_rank < 1:
-            raise SkinLesionError(
-                f"--global-batch-size {cfg['global_batch_size']} does not split into {d.world_size} process(es) x "
-                f"--grad-accum {cfg['grad_accum']}; choose a multiple of {d.world_size * cfg['grad_accum']}"
-            )
-        cfg["batch_size"] = per_rank
+        cfg["batch_size"] = per_process_batch(cfg["global_batch_size"], d.world_size, cfg["grad_accum"])
     d = distributed.with_writers(d, run_dir)
-    if d.writes:  # temp files of a process that died mid-write (e.g. .last.pt.*.tmp)
-        fileio.remove_stale_temps(run_dir)
 
     device = d.device
     dtype = amp_dtype(device) if cfg["amp"] else None
@@ -553,10 +575,10 @@ def train(
             ema.load_state_dict(last["ema"])
         state = dict(last["train_state"])
         start_epoch = last["epoch"] + 1
-        if "history" in last:  # the committed epochs (older last.pt files: history.csv)
-            history = [dict(r) for r in last["history"]]
-        else:
-            history = pd.read_csv(run_dir / "history.csv").to_dict("records")[: last["epoch"]]
+        history = [dict(r) for r in last["history"]]
+        best_bytes = last.pop("best_pt_bytes", None)
+        if d.writes and best_bytes and not (run_dir / "best.pt").is_file():
+            fileio.write_bytes(run_dir / "best.pt", best_bytes)
         scheduler.step_update(state["global_step"])
         set_rng_state(last["rng"][d.rank] if d.rank < len(last["rng"]) else last["rng"][0])
 

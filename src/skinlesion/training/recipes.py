@@ -15,7 +15,6 @@ REFERENCE: dict[str, Any] = {
     "img_size": 224,
     "epochs": 20,
     "batch_size": 32,
-    "global_batch_size": None,  # set: batch_size = this / (processes x grad_accum), whatever the world size
     "lr": 3e-4,
     "weight_decay": 1e-4,
     "opt": "adamw",  # any other name: timm's create_optimizer_v2
