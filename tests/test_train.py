@@ -290,3 +290,17 @@ def test_resume_on_a_machine_that_needs_fp16_and_a_grad_scaler(synth_dir, tmp_pa
     assert "the scaler starts fresh" in capsys.readouterr().err
     assert history(tmp_path / "moved")["epoch"].tolist() == [1, 2]
     assert checkpoint.read(tmp_path / "moved" / "last.pt")["scaler"]  # the fp16 epoch saved its scaler state
+
+
+def test_device_resident_cache_trains_exactly_like_the_loader(synth_dir, tmp_path, capsys):
+    """--device-cache (pixels held on the device, the preset run there per sample under the same seeds) gives the
+    DataLoader path's history on the CPU, dermoscopy augmentation included; without the image cache it is refused."""
+    flags = [*FAST, "--epochs", "2", "--augment", "dermoscopy", "--logger", "none"]
+    assert train(synth_dir, tmp_path, "loader", *flags, "--workers", "2") == 0
+    assert train(synth_dir, tmp_path, "device", *flags, "--device-cache") == 0
+    a, b = history(tmp_path / "loader"), history(tmp_path / "device")
+    cols = [c for c in HISTORY_COLUMNS if c not in ("seconds", "images_per_s")]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert json.loads((tmp_path / "device/config.json").read_text())["device_cache"] is True
+    assert train(synth_dir, tmp_path, "nocache", *flags, "--device-cache", "--no-cache") == 2
+    assert "--device-cache" in capsys.readouterr().err

@@ -146,8 +146,8 @@ def test_seeded_samples_augment_the_same_with_any_worker_count_and_epoch_by_epoc
         def __len__(self):
             return 12
 
-        def __getitem__(self, key):
-            return LesionDataset.__getitem__(self, key)
+        __getitem__ = LesionDataset.__getitem__
+        item = LesionDataset.item
 
         def load(self, i):
             return torch.full((3, 8, 8), i, dtype=torch.uint8)

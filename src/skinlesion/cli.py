@@ -204,6 +204,8 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, help="seeds the split, init, sampling and augmentation (default 42)")
     _device_arg(p, default=None)
     p.add_argument("--workers", "-j", type=AT_LEAST_0, help="data loader workers per process (default 2)")
+    p.add_argument("--device-cache", action="store_true", help="hold the image cache in device memory and augment "
+                   "there, without loader workers (GPUs with room for it: HAM10000 at 224 px is ~2.6 GB)")
     p.add_argument("--logger", choices=["tensorboard", "mlflow", "none"], help="experiment tracking: TensorBoard "
                    "event files in <run>/tensorboard (default; `tensorboard --logdir outputs`), MLflow (./mlruns "
                    "unless MLFLOW_TRACKING_URI is set; `mlflow ui`), or none")

@@ -258,6 +258,11 @@ class ImageCache:
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._row
 
+    def shape(self, image_id: str) -> tuple[int, int]:
+        """(height, width) of a cached image, without reading its pixels."""
+        n = self._row[image_id]
+        return int(self.index["height"][n]), int(self.index["width"][n])
+
     def get(self, image_id: str) -> np.ndarray:
         """The cached (H, W, 3) uint8 pixels (a writable copy: callers may transform in place)."""
         n = self._row.get(image_id)

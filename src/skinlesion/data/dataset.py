@@ -20,6 +20,9 @@ class ArraySource(Protocol):
     def get(self, image_id: str) -> np.ndarray:  # (H, W, 3) uint8
         ...
 
+    def shape(self, image_id: str) -> tuple[int, int]:  # (H, W)
+        ...
+
 
 class LesionDataset(Dataset):
     """Items are ``(image_tensor, class_index)``.
@@ -50,10 +53,14 @@ class LesionDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         """``key`` is an index, or ``(index, seed)`` from a seeded sampler: the random transform then draws
         from that seed alone (and leaves the process's torch RNG as it was)."""
+        return self.item(key, self.load(key[0] if isinstance(key, tuple) else key))
+
+    def item(self, key: int | tuple[int, int], image) -> tuple[torch.Tensor, int]:
+        """``__getitem__`` for pixels already loaded (e.g. held in device memory: data/device_cache.py). The
+        transforms draw their parameters from the CPU generator, so the seed decides them on any device."""
         if isinstance(key, tuple):
             i, seed = key
-            image = self.load(i)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 return self.transform(image), self.labels[i]
-        return self.transform(self.load(key)), self.labels[key]
+        return self.transform(image), self.labels[key]

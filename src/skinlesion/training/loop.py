@@ -83,6 +83,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
             cfg[key] = str(Path(cfg[key]).resolve())
     cfg["max_train_batches"] = getattr(args, "max_train_batches", None)  # a cap for smoke runs, kept for --resume
     cfg["cache"] = getattr(args, "cache", True) is not False
+    cfg["device_cache"] = bool(getattr(args, "device_cache", False))
     cfg["allow_missing"] = bool(getattr(args, "allow_missing", False))
     if cfg.get("fold") is not None and not cfg.get("folds"):
         raise SkinLesionError("--fold needs --folds K (the number of folds the split is cut into)")
@@ -111,6 +112,7 @@ def resume_config(args: argparse.Namespace, run_dir: Path, saved: dict[str, Any]
         raise SkinLesionError(f"--global-batch-size {requested} differs from the run being resumed ({run_dir}: "
                               f"{saved['global_batch_size']}); pass {saved['global_batch_size']} or leave it out")
     cfg["global_batch_size"] = requested
+    cfg["device_cache"] = bool(getattr(args, "device_cache", False))  # where pixels live: per invocation
     cfg["allow_missing"] = bool(getattr(args, "allow_missing", False)) or bool(cfg.get("allow_missing"))
     for key in [*recipes.REFERENCE, "max_train_batches"]:
         value = getattr(args, key, None)
@@ -260,9 +262,16 @@ def build_loaders(cfg, data, resize_size, mean, std, cache, d: distributed.Dist,
     # A last batch of one breaks BatchNorm in train mode; timm's Mixup needs even batches.
     tail = len(sampler) % cfg["batch_size"]
     drop_last = tail == 1 or (mixup and tail % 2 == 1)
+    val_sampler = ShardSampler(len(val_ds), d.world_size, d.rank)
+    if cfg.get("device_cache"):  # pixels in device memory, the presets run there: no workers, no copies
+        from skinlesion.data.device_cache import DeviceBatches, DeviceImages
+
+        return (
+            DeviceBatches(train_ds, DeviceImages(train_ds, d.device, d.is_main), cfg["batch_size"], sampler, drop_last),
+            DeviceBatches(val_ds, DeviceImages(val_ds, d.device, d.is_main), cfg["batch_size"] * 2, val_sampler),
+        )
     train_loader = DataLoader(train_ds, cfg["batch_size"], sampler=sampler, drop_last=drop_last,
                               generator=torch.Generator().manual_seed(cfg["seed"]), **common)  # fmt: skip
-    val_sampler = ShardSampler(len(val_ds), d.world_size, d.rank)
     val_loader = DataLoader(val_ds, cfg["batch_size"] * 2, sampler=val_sampler,
                             generator=torch.Generator().manual_seed(cfg["seed"]), **common)  # fmt: skip
     return train_loader, val_loader
