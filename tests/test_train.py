@@ -77,9 +77,11 @@ def test_tiny_run_is_the_run_folder_contract(tiny_run):
 
 def test_resume_continues_exactly_and_same_seed_repeats(synth_dir, tmp_path):
     """4 epochs straight == 2 epochs (interrupted) + --resume; EMA, grad-accum, warm-up, clipping and a head-only
-    warm-up that ends after the resume (epoch 3) on."""
+    warm-up that ends after the resume (epoch 3) on. The straight run and the first half use 2 persistent loader
+    workers, the resumed half none: augmentations depend on neither."""
     flags = [*FAST, "--epochs", "4", "--ema", "--ema-decay", "0.9", "--grad-accum", "2", "--warmup-epochs", "1",
-             "--clip-grad", "1.0", "--max-train-batches", "5", "--head-warmup-epochs", "3"]  # fmt: skip
+             "--clip-grad", "1.0", "--max-train-batches", "5", "--head-warmup-epochs", "3",
+             "--workers", "2"]  # fmt: skip
     assert train(synth_dir, tmp_path, "straight", *flags) == 0
     assert train(synth_dir, tmp_path, "resumed", *flags, "--stop-after-epochs", "2") == 0
     assert len(history(tmp_path / "resumed")) == 2
