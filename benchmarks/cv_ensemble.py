@@ -18,29 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from skinlesion import metrics
 from skinlesion.data.run_folder import labels_of, open_cache, read_config, split_part
 from skinlesion.inference.classifier import Classifier, load_backend
 
-ROWS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "log_loss", "ece", "mel_recall")
-
-
-def host() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
-    return f"{platform.node()}: {model}, avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}"
-
-
-def per_resample(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """The ROWS metrics for every bootstrap resample (rows of ``weights``), decisions ``pred``."""
-    m = metrics.weighted_metrics(y, probs, weights, pred)
-    mel = 4  # classes order: akiec, bcc, bkl, df, mel, nv, vasc
-    return {**{k: m[k] for k in ROWS if k in m}, "mel_recall": m["recall"][:, mel]}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired_scoring import compare, host, print_rows  # noqa: E402
 
 
 def main() -> None:
@@ -77,33 +64,16 @@ def main() -> None:
           f"{'TTA ' + str(n_views) + ' views' if args.tta else 'single view'}; chain: {chain.summary()}")
     print(f"ensemble logits vs mean of fold logits: max |diff| {gap:.2e}")
 
-    weights = metrics.lesion_weights(lesions, args.bootstrap, 0)
-    full = np.ones((1, len(y)))
-    ens = decide(ens_views)
-    singles = [decide(v) for v in fold_views]
-    ens_point = {k: float(v[0]) for k, v in per_resample(y, *ens, full).items()}
-    fold_points = [{k: float(v[0]) for k, v in per_resample(y, *s, full).items()} for s in singles]
-    ens_boot = per_resample(y, *ens, weights)
-    fold_boot = [per_resample(y, *s, weights) for s in singles]
-
+    rows = compare(y, lesions, decide(ens_views), [decide(v) for v in fold_views], args.bootstrap)
+    print_rows(rows, "ensemble", "mean fold")
     result: dict = {"run": str(run), "host": host(), "n_test": int(len(y)), "tta": bool(args.tta),
-                    "n_views": n_views, "logit_gap": gap, "rows": {}}  # fmt: skip
-    print(f"{'metric':<18} {'ensemble':>8} {'mean fold':>9} {'sd fold':>8} {'diff':>7}  paired 95% interval")
-    for k in ROWS:
-        values = [p[k] for p in fold_points]
-        diff = ens_boot[k] - np.nanmean([b[k] for b in fold_boot], axis=0)
-        lo, hi = np.nanpercentile(diff, [2.5, 97.5])
-        mean = float(np.mean(values))
-        row = {"ensemble": ens_point[k], "fold_mean": mean, "fold_sd": float(np.std(values, ddof=1)), "folds": values,
-               "diff": ens_point[k] - mean, "diff_ci95": [float(lo), float(hi)]}  # fmt: skip
-        result["rows"][k] = row
-        print(f"{k:<18} {row['ensemble']:8.3f} {row['fold_mean']:9.3f} {row['fold_sd']:8.3f} {row['diff']:+7.3f}  "
-              f"[{lo:+.3f}, {hi:+.3f}]")  # fmt: skip
+                    "n_views": n_views, "logit_gap": gap, "candidate": "ensemble", "reference": "mean of the folds",
+                    "rows": rows}  # fmt: skip
     r = result["rows"]
     targets = {
         "balanced accuracy >= mean fold + 0.02": r["balanced_accuracy"]["diff"] >= 0.02,
         "macro AUC >= mean fold + 0.005": r["macro_auc"]["diff"] >= 0.005,
-        "ECE (out-of-fold calibration) <= 0.03": r["ece"]["ensemble"] <= 0.03,
+        "ECE (out-of-fold calibration) <= 0.03": r["ece"]["candidate"] <= 0.03,
     }
     result["targets"] = targets
     for name, ok in targets.items():

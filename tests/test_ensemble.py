@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +203,49 @@ def test_evaluate_scores_the_cv_ensemble_on_the_untouched_test_part(cv_run, caps
     np.testing.assert_allclose(values.sum(1), 1, atol=1e-9)
     to_label = {v: k for k, v in ISIC_COLUMNS.items()}
     assert [to_label[c] for c in sub[list(ISIC_COLUMNS.values())].idxmax(axis=1)] == list(preds["y_pred"])
+
+
+def run_benchmark(script: str, *args: str) -> None:
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    done = subprocess.run([sys.executable, str(bench), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_benchmarks_score_the_models_evaluate_scores(cv_run, tmp_path):
+    """cv_ensemble.py and paired_runs.py report the numbers `skinlesion evaluate` writes for the same models."""
+    run = tmp_path / "cv"
+    shutil.copytree(cv_run, run)
+    for fold in ("fold_0", "fold_1"):  # plain runs with their own chain (no post-hoc steps in a fold)
+        assert main(["evaluate", "--run-dir", str(run / fold), "--split", "test", "--tta", "--bootstrap", "10"]) == 0
+    assert main(["evaluate", "--run-dir", str(run), "--tta", "--bootstrap", "10"]) == 0
+    evaluated = {name: json.loads((run / name / "metrics.json").read_text())["with_tta"]
+                 for name in ("fold_0", "fold_1", ".")}  # fmt: skip
+
+    run_benchmark("cv_ensemble.py", str(run), "--tta", "--bootstrap", "20", "--json", str(tmp_path / "cv.json"))
+    cv = json.loads((tmp_path / "cv.json").read_text())
+    assert cv["logit_gap"] < 1e-4 and cv["n_test"] == evaluated["."]["n_images"]
+    for key in ("balanced_accuracy", "macro_auc", "log_loss", "ece"):
+        row = cv["rows"][key]
+        assert row["candidate"] == pytest.approx(evaluated["."][key]["value"], abs=1e-6)
+        assert len(row["references"]) == 3
+        assert row["diff"] == pytest.approx(row["candidate"] - np.mean(row["references"]))
+        assert row["diff_ci95"][0] <= row["diff_ci95"][1]
+
+    run_benchmark("paired_runs.py", str(run / "fold_0"), str(run / "fold_1"), "--tta", "--bootstrap", "20",
+                  "--json", str(tmp_path / "pair.json"))  # fmt: skip
+    pair = json.loads((tmp_path / "pair.json").read_text())
+    for key in ("balanced_accuracy", "macro_auc", "log_loss"):
+        row = pair["rows"][key]
+        assert row["reference_mean"] == pytest.approx(evaluated["fold_0"][key]["value"], abs=1e-6)
+        assert row["candidate"] == pytest.approx(evaluated["fold_1"][key]["value"], abs=1e-6)
+        assert row["diff"] == pytest.approx(row["candidate"] - row["reference_mean"])
+
+
+def test_paired_runs_refuses_runs_scored_on_different_images(cv_run, members):
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_runs.py"
+    done = subprocess.run([sys.executable, str(bench), str(cv_run / "fold_0"), str(members[0]), "--split", "val"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode != 0 and "hold different images" in done.stderr and "--splits" in done.stderr
 
 
 def test_isic_file_encodes_an_operating_point_that_moves_decisions(cv_run, synth_dir, tmp_path, capsys):
