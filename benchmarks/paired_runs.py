@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from skinlesion.data.run_folder import labels_of, open_cache, read_config, split_part
+from skinlesion.data.run_folder import labels_of, split_part
+from skinlesion.evaluation.fitting import table_logits
 from skinlesion.inference.classifier import Classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,9 +27,7 @@ def outputs_of(run: Path, split: str, tta: bool, batch_size: int, image_ids: lis
     """The run's probabilities and decisions on ``split``, in the order of ``image_ids``."""
     clf = Classifier.load(run)
     table = split_part(run, split).set_index("image_id").loc[image_ids].reset_index()
-    config = read_config(run)
-    cache = open_cache(table, clf.backend.resize_size, config.get("cache", True), config.get("cache_dir"))
-    views = clf.view_logits_of_table(table, clf.n_views(tta), batch_size, cache, desc=run.name)
+    views = table_logits(clf, run, table, clf.n_views(tta), batch_size, desc=run.name)  # the cache training used
     pool = table["lesion_id"].astype(str).to_numpy() if clf.chain.pool_lesions else None
     decided = clf.chain(views, clf.chain.offsets(table), pool)
     print(f"{run}: {'TTA ' + str(clf.n_views(tta)) + ' views' if tta else 'single view'}; {clf.chain.summary()}")
