@@ -59,13 +59,14 @@ def compute(run_dir: Path, batch_size: int = 64, workers: int = 0) -> dict[str, 
     from skinlesion.data.run_folder import labels_of, lesion_ids, split_part
     from skinlesion.evaluation.fitting import table_logits
     from skinlesion.inference.classifier import Classifier
+    from skinlesion.inference.options import ScoringOptions
     from skinlesion.model.logit_adjustment import train_counts
 
     classifier = Classifier.load(run_dir, "torch", "cpu")
     meta = classifier.backend.meta
     table = split_part(run_dir, "val")
-    views = table_logits(classifier, run_dir, table, N_CACHED_VIEWS, batch_size, workers,
-                         desc=f"{Path(run_dir).name}: 8 views")  # fmt: skip
+    options = ScoringOptions(batch_size=batch_size, workers=workers)
+    views = table_logits(classifier, run_dir, table, N_CACHED_VIEWS, options, desc=f"{Path(run_dir).name}: 8 views")
     stored = (meta.get("logit_adjustment") or {}).get("offset")
     return {
         "views": views.astype(np.float32),

@@ -1,21 +1,20 @@
-"""Data-loader throughput: decoding the original JPEGs vs reading the image cache, and float vs uint8 batches.
+"""Data-loader throughput: decoding the original images every epoch vs reading the image cache.
 
     python benchmarks/bench_data.py [--data-dir ../shared/data/ham10000_originals] [--img-size 224]
                                     [--batch-size 32] [--workers 2] [--rounds 5] [--torch-threads N]
-                                    [--paths originals,float,uint8] [--max-images N] [--device cpu]
+                                    [--paths originals,cache] [--max-images N] [--device cpu]
                                     [--cache-dir DIR] [--json FILE]
 
-Every path runs the same kind of DataLoader (shuffled batches of --batch-size, --workers processes) over every
-image of the folder (or the first --max-images of it, in a seeded shuffle), with the product's own presets:
+Both paths are the product's: the same DataLoader `skinlesion train` builds (shuffled batches of --batch-size,
+--workers processes) over every image of the folder (or the first --max-images of it, in a seeded shuffle), with
+the run's ``Preprocessing`` and training preset at --img-size (uint8 crops out of the workers), then
+``BatchNormalizer`` on each batch in the main process, on --device:
 
-* ``originals``: training transform at --img-size with ``normalize=True`` (float batches), decoding the JPEGs;
-* ``float``: the same transform, reading the image cache (what `skinlesion train` did before the uint8 path);
-* ``uint8``: the transform with ``normalize=False`` (uint8 batches), reading the image cache, then
-  ``BatchNormalizer`` on each batch in the main process, on --device (float conversion and Normalize there).
+* ``originals``: each image decoded and resized by the preprocessing every epoch (``train --no-cache``);
+* ``cache``: the preprocessing's pixels read from the image cache (the default; the same pixels, bit for bit).
 
-In the main process each float batch goes to --device as the training loop sends it
-(``x.to(device, memory_format=channels_last)``), each uint8 batch through ``BatchNormalizer``; that main-process
-step is timed separately (``step_cpu_s``: CPU seconds of this process inside it, the device synchronised).
+The main-process step (``BatchNormalizer``: float conversion and Normalize) is timed separately (``step_cpu_s``:
+CPU seconds of this process inside it, the device synchronised).
 
 After one untimed warm-up epoch each (worker start-up, JPEGs into the page cache, memory maps), the paths
 alternate epoch by epoch for --rounds rounds, and each path's best epoch is kept (other jobs on a shared machine
@@ -27,10 +26,10 @@ only ever slow an epoch down). Measured per epoch:
   runs in this process: its CPU time over the epoch minus the main-process step -> images per worker-CPU-second,
   the figure that says how many cores the loader needs for a given GPU speed;
 * ``main_cpu_s``: CPU seconds of this process over the epoch (iteration, pin-memory thread, the step);
-* ``step_cpu_s``: CPU seconds of this process inside the main-process step (the float copy or BatchNormalizer).
+* ``step_cpu_s``: CPU seconds of this process inside the main-process step (BatchNormalizer).
 
 The cache is built into --cache-dir (default: a temporary folder; never the data folder) first; its build time is
-printed. The last line is ``uint8 vs float: N.NNx`` (images per worker-CPU-second, uint8 over float).
+printed. The last line is ``cache vs originals: N.NNx`` (images per second).
 """
 
 from __future__ import annotations
@@ -49,13 +48,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from skinlesion.data.cache import ImageCache, cache_short_side
+from skinlesion.data.cache import ImageCache
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.ham10000 import load_table
-from skinlesion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchNormalizer, train_transform
+from skinlesion.data.preprocessing import Preprocessing
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000_originals"
-PATHS = ("originals", "float", "uint8")
+PATHS = ("originals", "cache")
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -108,29 +107,15 @@ def loader(dataset: LesionDataset, batch_size: int, workers: int, pin_memory: bo
     )  # fmt: skip
 
 
-def main_step(
-    path: str, device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What the training loop does with a batch in the main process before the forward pass."""
-    memory_format = torch.channels_last
-    if path == "uint8":
-        return BatchNormalizer(mean, std, device, memory_format)
-    return lambda x: x.to(device, non_blocking=True, memory_format=memory_format)
-
-
 def build_loaders(
-    table, cache: ImageCache, img_size: int, batch_size: int, workers: int, paths: tuple[str, ...],
-    pin_memory: bool = False, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+    table, cache: ImageCache, preprocessing: Preprocessing, batch_size: int, workers: int, paths: tuple[str, ...],
+    pin_memory: bool = False,
 ) -> dict[str, DataLoader]:  # fmt: skip
-    short = cache_short_side(img_size)
-    presets = {
-        "originals": (train_transform(img_size, short, mean, std), None),
-        "float": (train_transform(img_size, short, mean, std), cache),
-        "uint8": (train_transform(img_size, short, mean, std, normalize=False), cache),
-    }
-    return {
-        p: loader(LesionDataset(table, presets[p][0], presets[p][1]), batch_size, workers, pin_memory) for p in paths
-    }
+    """The training loader of each path: the reference preset over the preprocessing's pixels (cached or decoded)."""
+    preset = preprocessing.train_transform("reference")
+    sources = {"originals": None, "cache": cache}
+    return {p: loader(LesionDataset(table, preprocessing, preset, sources[p]), batch_size, workers, pin_memory)
+            for p in paths}  # fmt: skip
 
 
 def run_epoch(dl: DataLoader, step: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> dict[str, Any]:
@@ -221,13 +206,14 @@ def measure(
     table = load_table(str(data_dir))
     if max_images and max_images < len(table):
         table = table.sample(n=max_images, random_state=seed).reset_index(drop=True)
-    short = cache_short_side(img_size)
+    preprocessing = Preprocessing.for_training(img_size)
     with tempfile.TemporaryDirectory() if cache_dir is None else nullcontext(str(cache_dir)) as where:
         start = time.perf_counter()
-        cache = ImageCache.open_or_build(table, short, cache_dir=where, progress=False)
+        cache = ImageCache.open_or_build(table, preprocessing, cache_dir=where, progress=False)
         build_s = time.perf_counter() - start
-        loaders = build_loaders(table, cache, img_size, batch_size, workers, paths, pin_memory=dev.type == "cuda")
-        steps = {p: main_step(p, dev, IMAGENET_MEAN, IMAGENET_STD) for p in paths}
+        loaders = build_loaders(table, cache, preprocessing, batch_size, workers, paths, dev.type == "cuda")
+        normalize = preprocessing.normalizer(dev, torch.channels_last)
+        steps = dict.fromkeys(paths, normalize)
         results = compare(loaders, steps, dev, rounds)
         del loaders  # persistent workers end before the temporary cache goes
     with Image.open(table["path"].iloc[0]) as first:
@@ -247,18 +233,10 @@ def measure(
         "load_average_before": load_before,
         "cache_build_s": build_s,
         "cache_mib": cache.nbytes / 2**20,
-        "cache_short_side": short,
+        "cache_short_side": preprocessing.resize_size,
         "paths": results,
-        "ratios": {
-            "cache_vs_originals_images_per_s": ratio(get("float", "images_per_s"), get("originals", "images_per_s")),
-            "uint8_vs_float_images_per_s": ratio(get("uint8", "images_per_s"), get("float", "images_per_s")),
-            "uint8_vs_float_images_per_worker_cpu_s": ratio(
-                get("uint8", "images_per_worker_cpu_s"), get("float", "images_per_worker_cpu_s")
-            ),
-            "uint8_vs_float_images_per_cpu_s_incl_step": ratio(
-                get("uint8", "images_per_cpu_s_incl_step"), get("float", "images_per_cpu_s_incl_step")
-            ),
-        },
+        "ratios": {"cache_vs_originals_images_per_s": ratio(get("cache", "images_per_s"),
+                                                            get("originals", "images_per_s"))},
     }
 
 
@@ -283,16 +261,9 @@ def report(r: dict[str, Any]) -> list[str]:
             f"{_f(p['images_per_worker_cpu_s'], '.1f'):>18}{p['best_step_cpu_s']:>12.3f}"
             f"{_f(p['images_per_cpu_s_incl_step'], '.1f'):>21}"
         )
-    ratios = r["ratios"]
-    if ratios["cache_vs_originals_images_per_s"] is not None:
-        lines.append(f"ratio cache/originals: {ratios['cache_vs_originals_images_per_s']:.1f}x (target >= 5x)")
-    if "uint8" in r["paths"] and "float" in r["paths"]:
-        lines.append(f"uint8 vs float, images/s: {_f(ratios['uint8_vs_float_images_per_s'], '.2f')}×")
-        lines.append(
-            "uint8 vs float, images per CPU-second with the main-process step counted in: "
-            f"{_f(ratios['uint8_vs_float_images_per_cpu_s_incl_step'], '.2f')}×"
-        )
-        lines.append(f"uint8 vs float: {_f(ratios['uint8_vs_float_images_per_worker_cpu_s'], '.2f')}×")
+    ratio_ = r["ratios"]["cache_vs_originals_images_per_s"]
+    if ratio_ is not None:
+        lines.append(f"cache vs originals: {ratio_:.2f}x (images/s; target >= 5x on full-size JPEGs)")
     return lines
 
 

@@ -31,7 +31,7 @@ import timm
 import torch
 from PIL import Image
 
-from skinlesion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
+from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.inference.onnx_backend import OnnxBackend
 from skinlesion.inference.onnx_export import export_onnx
 from skinlesion.model import checkpoint
@@ -44,10 +44,7 @@ def make_run(run_dir: Path, backbone: str, img_size: int) -> None:
     model = timm.create_model(backbone, pretrained=False, num_classes=7).eval()
     meta = dict(
         backbone=backbone,
-        img_size=img_size,
-        resize_size=resize_for(img_size),
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
+        **checkpoint.preprocessing_entries(Preprocessing.for_training(img_size)),
         epoch=0,
         metrics={},
         config={},

@@ -5,8 +5,10 @@
     python benchmarks/bench_train.py --before HEAD~3 [--data-dir DIR] [--batches 15] [--workers 2] [--rounds 3]
 
 "plain" = fp32, contiguous (NCHW) memory format, eager. "default" = what `skinlesion train` does by
-default: channels_last, plus bf16 autocast where the CPU (or GPU) supports it. Random data, AdamW,
-cross-entropy; a warm-up iteration per path is not timed. Prints images/s for each, the ratio and the peak RSS.
+default: channels_last, plus bf16 autocast where the CPU (or GPU) supports it. Both run the product's own step
+(training/step.train_step on the optimizer, schedule, loss and normaliser training/builders makes for the reference
+recipe) on random uint8 batches; a warm-up iteration per path is not timed. Prints images/s for each, the ratio
+and the peak RSS.
 
 ``--before REF`` checks that a change to the loop (data loading included) made nothing slower: REF's source is
 exported to a temporary folder (git archive) and both run the same `python -m skinlesion train` command (Lite0 at
@@ -27,12 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import timm
 import torch
-import torch.nn.functional as F
 
-from skinlesion.device import resolve_device
-from skinlesion.training.loop import amp_dtype
+from skinlesion.device import amp_dtype, resolve_device
 
 
 def peak_rss_mib() -> float:
@@ -40,30 +39,36 @@ def peak_rss_mib() -> float:
     return kib / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
-def images_per_s(model, x, y, channels_last: bool, dtype: torch.dtype | None, iters: int, warmup: int) -> float:
-    device = x.device
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format).train()
-    x = x.contiguous(memory_format=memory_format)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def images_per_s(backbone: str, img_size: int, batch_size: int, device: torch.device, channels_last: bool,
+                 amp: bool, iters: int, warmup: int) -> float:  # fmt: skip
+    """Training images/s of the reference recipe's step (train_step) with these switches, on random uint8 batches."""
+    import numpy as np
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    from skinlesion.training import builders, distributed
+    from skinlesion.training.recipes import REFERENCE
+    from skinlesion.training.step import train_step
 
+    config = REFERENCE.replace(backbone=backbone, pretrained=False, img_size=img_size, batch_size=batch_size,
+                               channels_last=channels_last, amp=amp)  # fmt: skip
+    torch.manual_seed(0)
+    model, _ = builders.build_model(config, 7, load_weights=False)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    preprocessing = builders.preprocessing_of(config, model)
+    stepper = builders.build_stepper(config, model, preprocessing, np.ones(7), iters + warmup,
+                                     distributed.Dist(device=device))  # fmt: skip
+    model.train()
+    x = torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8)
+    y = torch.randint(0, 7, (batch_size,))
     for _ in range(warmup):
-        step()
+        train_step(stepper, x, y)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(iters):
-        step()
+        train_step(stepper, x, y)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return iters * x.shape[0] / (time.perf_counter() - start)
+    return iters * batch_size / (time.perf_counter() - start)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,19 +133,14 @@ def main() -> None:
         compare_loops(a)
         return
     device = resolve_device(a.device)
-    torch.manual_seed(0)
-    x = torch.randn(a.batch_size, 3, a.img_size, a.img_size, device=device)
-    y = torch.randint(0, 7, (a.batch_size,), device=device)
     dtype = amp_dtype(device)
     print(
         f"{a.backbone} {a.img_size}px batch {a.batch_size} on {device} ({torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; default autocast dtype: {dtype}"
     )
     results = {}
-    for name, cl, dt in (("plain fp32 NCHW eager", False, None), ("default channels_last + amp", True, dtype)):
-        torch.manual_seed(0)
-        model = timm.create_model(a.backbone, pretrained=False, num_classes=7)
-        results[name] = images_per_s(model, x, y, cl, dt, a.iters, a.warmup)
+    for name, cl, amp in (("plain fp32 NCHW eager", False, False), ("default channels_last + amp", True, True)):
+        results[name] = images_per_s(a.backbone, a.img_size, a.batch_size, device, cl, amp, a.iters, a.warmup)
         print(f"  {name:32s} {results[name]:8.1f} images/s   peak RSS so far {peak_rss_mib():7.0f} MiB", flush=True)
     plain, default = results.values()
     print(f"  ratio default/plain: {default / plain:.2f}x (target >= 1.6x)")

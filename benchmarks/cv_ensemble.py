@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from skinlesion.data.run_folder import labels_of, open_cache, read_config, split_part
+from skinlesion.data.run_folder import labels_of, read_config, split_part
 from skinlesion.inference.classifier import Classifier, load_backend
+from skinlesion.inference.options import ScoringOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired_scoring import compare, host, print_rows  # noqa: E402
@@ -47,7 +48,7 @@ def main() -> None:
     table = split_part(run, "test")
     y, lesions = labels_of(table), table["lesion_id"].astype(str).to_numpy()
     n_views = ensemble.n_views(args.tta)
-    cache = open_cache(table, ensemble.backend.resize_size, config.get("cache", True), config.get("cache_dir"))
+    options = ScoringOptions(args.batch_size, cache=config.get("cache", True), cache_dir=config.get("cache_dir"))
     offsets = chain.offsets(table)
     pool = lesions if chain.pool_lesions else None
 
@@ -55,9 +56,9 @@ def main() -> None:
         d = chain(views, offsets, pool)
         return d.probabilities, d.labels
 
-    ens_views = ensemble.view_logits_of_table(table, n_views, args.batch_size, cache, desc="ensemble")
-    fold_views = [Classifier(load_backend(f), chain).view_logits_of_table(table, n_views, args.batch_size, cache,
-                                                                           desc=f.name) for f in folds]  # fmt: skip
+    ens_views = ensemble.view_logits_of_table(table, n_views, options, desc="ensemble")
+    fold_views = [Classifier(load_backend(f), chain).view_logits_of_table(table, n_views, options, desc=f.name)
+                  for f in folds]  # fmt: skip
     gap = float(np.abs(ens_views - np.mean(fold_views, axis=0)).max())
     print(f"host {host()}")
     print(f"{run}: {len(folds)} folds, test part {len(y)} images / {len(set(lesions))} lesions, "

@@ -13,7 +13,7 @@ Sections, in the order the shell runs them:
   .devdata/, /work/shared/data/), else a synthetic stand-in of the same size written by ``skinlesion synth``.
 * ``train_speed``: training images/s of efficientnet_b0 on random uint8 batches through BatchNormalizer, AdamW,
   for fp32 / bf16 autocast / bf16 + channels_last / bf16 + channels_last + torch.compile at two batch sizes.
-* ``loader``: bench_data.py's float vs uint8 comparison with 1 / 4 / 14 workers (image cache in WORK/cache).
+* ``loader``: bench_data.py's originals vs cache comparison with 1 / 4 / 14 workers (image cache in WORK/cache).
 * ``train``: ``skinlesion train`` for 2 epochs on the data, GPU utilisation sampled by nvidia-smi meanwhile;
   epoch seconds and images/s read from the run's history.csv.
 * ``infer``: latency / throughput of the trained run's best.pt at three batch sizes: torch eager (the product's
@@ -381,7 +381,7 @@ def cmd_train_speed(args: argparse.Namespace) -> None:
     sec = Section(args, "train_speed")
     import torch
 
-    from skinlesion.training.loop import amp_dtype
+    from skinlesion.device import amp_dtype
 
     cfg = settings(args.smoke)["train_speed"]
     device = device_or_skip(sec, args.smoke)
@@ -436,8 +436,8 @@ def _train_steps(device, dtype, memory_format, compiled: bool, bs: int, size: in
 
     from skinlesion.classes import NUM_CLASSES as num_classes
     from skinlesion.data.transforms import BatchNormalizer
+    from skinlesion.device import autocast
     from skinlesion.model.factory import create_model, normalisation
-    from skinlesion.training.loop import autocast
 
     torch.manual_seed(0)
     model = create_model(BACKBONE, num_classes, pretrained=False).to(device, memory_format=memory_format).train()
@@ -480,20 +480,21 @@ def cmd_loader(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_data
 
-    from skinlesion.data.cache import ImageCache, cache_short_side
+    from skinlesion.data.cache import ImageCache
     from skinlesion.data.ham10000 import load_table
+    from skinlesion.data.preprocessing import Preprocessing
 
     cfg = settings(args.smoke)["loader"]
     device = device_or_skip(sec, args.smoke)
     data = data_path(args, sec)
     sec.data.update(img_size=cfg["img_size"], batch_size=cfg["batch_size"], rounds=cfg["rounds"],
-                    paths=["float", "uint8"], results=[])  # fmt: skip
+                    paths=["originals", "cache"], results=[])  # fmt: skip
     if device is None or data is None:
         return
     cache_dir = Path(args.work) / "cache"
     t0 = time.perf_counter()
     table = load_table(data)
-    ImageCache.open_or_build(table, cache_short_side(cfg["img_size"]), cache_dir=cache_dir, progress=False)
+    ImageCache.open_or_build(table, Preprocessing.for_training(cfg["img_size"]), cache_dir=cache_dir, progress=False)
     sec.data.update(cache_dir=str(cache_dir), cache_build_s=time.perf_counter() - t0, images_total=len(table))
     sec.save()
     for workers in cfg["workers"]:
@@ -510,21 +511,20 @@ def cmd_loader(args: argparse.Namespace) -> None:
         n = min(len(table), cfg["images_per_worker"] * max(1, workers))
         log(f"loader: {workers} workers, {n} images ...")
         try:
-            r = bench_data.measure(data, cfg["img_size"], cfg["batch_size"], workers, cfg["rounds"], ("float", "uint8"),
-                                   str(device), cache_dir, max_images=n)  # fmt: skip
+            r = bench_data.measure(data, cfg["img_size"], cfg["batch_size"], workers, cfg["rounds"],
+                                   ("originals", "cache"), str(device), cache_dir, max_images=n)  # fmt: skip
         except Exception as e:  # noqa: BLE001
             row["reason"] = cuda_error(e)
             sec.save()
             continue
-        for path in ("float", "uint8"):
+        for path in ("originals", "cache"):
             p = r["paths"][path]
             row[path] = {k: p[k] for k in ("images_per_s", "images_per_worker_cpu_s", "images_per_cpu_s_incl_step",
                                            "best_worker_cpu_s", "best_step_cpu_s", "best_main_cpu_s")}  # fmt: skip
-        row.update(images=r["images"], uint8_vs_float=r["ratios"]["uint8_vs_float_images_per_worker_cpu_s"],
-                   uint8_vs_float_images_per_s=r["ratios"]["uint8_vs_float_images_per_s"])  # fmt: skip
+        row.update(images=r["images"], cache_vs_originals=r["ratios"]["cache_vs_originals_images_per_s"])
         sec.save()
         log(f"loader: {workers} workers: " + "  ".join(
-            f"{p} {row[p]['images_per_s']:.0f} img/s" for p in ("float", "uint8")))  # fmt: skip
+            f"{p} {row[p]['images_per_s']:.0f} img/s" for p in ("originals", "cache")))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- train

@@ -18,6 +18,7 @@ from pathlib import Path
 from skinlesion.data.run_folder import labels_of, split_part
 from skinlesion.evaluation.fitting import table_logits
 from skinlesion.inference.classifier import Classifier
+from skinlesion.inference.options import ScoringOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired_scoring import Outputs, compare, host, print_rows  # noqa: E402
@@ -27,7 +28,7 @@ def outputs_of(run: Path, split: str, tta: bool, batch_size: int, image_ids: lis
     """The run's probabilities and decisions on ``split``, in the order of ``image_ids``."""
     clf = Classifier.load(run)
     table = split_part(run, split).set_index("image_id").loc[image_ids].reset_index()
-    views = table_logits(clf, run, table, clf.n_views(tta), batch_size, desc=run.name)  # the cache training used
+    views = table_logits(clf, run, table, clf.n_views(tta), ScoringOptions(batch_size), desc=run.name)  # its cache
     pool = table["lesion_id"].astype(str).to_numpy() if clf.chain.pool_lesions else None
     decided = clf.chain(views, clf.chain.offsets(table), pool)
     print(f"{run}: {'TTA ' + str(clf.n_views(tta)) + ' views' if tta else 'single view'}; {clf.chain.summary()}")

@@ -56,7 +56,7 @@ def test_crossfit_scores_out_of_fold_by_lesion():
     folds = lesion_folds(y, groups, 2, seed=0)
     # Both images of a lesion are in the same fold.
     assert np.all(folds[0::2] == folds[1::2])
-    result = calibration.calibrate(CLASSES, 4 * z, y, None, None, groups, "crossfit", n_folds=2, seed=0)
+    result = calibration.calibrate(CLASSES, 4 * z, y, lesions=groups, method="crossfit", folds=2, seed=0)
     assert all(t > 2 for t in result["fold_temperatures"])
     assert result["after"]["ece"] < result["before"]["ece"]
     assert result["n_scored"] == 800

@@ -11,23 +11,41 @@ import pytest
 import yaml
 
 from skinlesion.cli import build_parser, main, parse
-from skinlesion.training import loop
+from skinlesion.commands.train import train_options
+from skinlesion.training import builders
+from skinlesion.training.config import TrainConfig
 from skinlesion.training.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def resolved(*argv: str) -> dict:
-    return loop.resolve_config(parse(["train", *argv]))
+    return train_options(parse(["train", *argv]))[0].to_dict()
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_files_are_the_recipes(name):
     path = REPO / "configs" / f"{name}.yaml"
     values = {k.replace("-", "_"): v for k, v in yaml.safe_load(path.read_text()).items()}
-    assert values.pop("recipe") == name
-    assert values == RECIPES[name]
-    assert resolved("--config", str(path)) == resolved("--recipe", name)
+    assert values["recipe"] == name
+    assert TrainConfig.from_dict({**TrainConfig().to_dict(), **values}) == RECIPES[name]
+    assert resolved("--config", str(path)) == resolved("--recipe", name) == RECIPES[name].to_dict()
+
+
+def test_config_round_trips_and_bad_values_are_one_line_naming_the_key(tmp_path, capsys):
+    config = RECIPES["improved"].replace(lr=5e-4, mean=(0.5, 0.5, 0.5), run_name="x")
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    path = tmp_path / "bad.yaml"
+    cases = [("epochs: [1, 2]\n", "epochs: expected one value"), ("mean: 0.5\n", "expected three numbers"),
+             ("data_dir: 5\n", "expected a string"), ("backbone: {x: 1}\n", "backbone: expected a value"),
+             ("amp: maybe\n", "amp: expected true or false"), ("lr: 1e300\n", "lr: expected a finite number"),
+             ("img-size: 100000\n", "<= 1024"), ("seed: -1\n", ">= 0"), ("run-name: ../../x\n", "plain folder"),
+             ("a: &x [1]\nb: *x\n", "aliases"), ("min-sensitivity: mel=2\n", "CLASS=FRACTION")]  # fmt: skip
+    for text, message in cases:
+        path.write_text(text)
+        assert main(["train", "--config", str(path)]) == 2, text
+        err = capsys.readouterr().err
+        assert err.startswith("error: --config") and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_command_line_overrides_the_file_and_values_are_checked(tmp_path, capsys):
@@ -54,7 +72,7 @@ def test_a_runs_config_json_reproduces_it(tiny_run):
     differs = {k for k in again if k in saved and again[k] != saved[k]}
     # None = resolved later: the backbone's mean / std; the global batch the per-process batch gives (config.json
     # records the global batch the run had, and as --config it is not a request)
-    assert differs <= {"mean", "std", "global_batch_size"} and all(again[k] is None for k in differs)
+    assert differs <= {"global_batch_size"} and all(again[k] is None for k in differs)
     assert again["batch_size"] == saved["batch_size"]
     assert {k for k in again if k not in saved} == set()  # every resolved option was recorded
 
@@ -74,11 +92,11 @@ def test_opt_and_sched_come_from_timm(synth_dir, tmp_path):
     import torch
 
     model = timm.create_model("test_efficientnet", num_classes=7)
-    base = resolved()
-    assert type(loop.build_optimizer(base, model)) is torch.optim.AdamW  # the recipes' optimizer, unchanged
-    sgd = loop.build_optimizer({**base, "opt": "sgd"}, model)
+    base = RECIPES["reference"]
+    assert type(builders.build_optimizer(base, model)) is torch.optim.AdamW  # the recipes' optimizer, unchanged
+    sgd = builders.build_optimizer(base.replace(opt="sgd"), model)
     assert isinstance(sgd, torch.optim.SGD) and [g["lr_scale"] for g in sgd.param_groups] == [1.0, 1.0]
-    step = loop.build_scheduler({**base, "sched": "step", "epochs": 6}, sgd, steps_per_epoch=10)
+    step = builders.build_scheduler(base.replace(sched="step", epochs=6), sgd, steps_per_epoch=10)
     lrs = []
     for t in range(60):
         step.step_update(t)

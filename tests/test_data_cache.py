@@ -1,4 +1,5 @@
-"""Image cache: built once, exact pixels, rebuilt when stale, never written into read-only data."""
+"""Image cache: built once, exactly the preprocessing's pixels, rebuilt when stale, keyed by the preprocessing, never
+written into read-only data."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from skinlesion.data.cache import ImageCache, cache_short_side, decode_resized
+from skinlesion.data.cache import ImageCache, stored_pixels
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.ham10000 import load_table
+from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.synth import write_synthetic
-from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import SkinLesionError
 
 SHORT = 40
+PREP = Preprocessing(32, SHORT)
 
 
 @pytest.fixture(scope="module")
@@ -38,43 +40,67 @@ def _pixels_files(folder: Path) -> list[str]:
 
 def test_built_once_with_exact_resized_pixels(data, tmp_path):
     table = load_table(data)
-    cache = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    cache = ImageCache.open_or_build(table, PREP, cache_dir=tmp_path / "c", progress=False)
     assert len(cache) == len(table) and cache.folder.is_relative_to(tmp_path / "c")
     for image_id, path in zip(table["image_id"][:5], table["path"][:5], strict=True):
         got = cache.get(image_id)
         assert got.dtype == np.uint8 and got.shape == (SHORT, int(SHORT * 80 / 60), 3)
-        np.testing.assert_array_equal(got, decode_resized(path, SHORT))
+        np.testing.assert_array_equal(got, stored_pixels(path, PREP))
     files = _pixels_files(cache.folder)
-    again = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    again = ImageCache.open_or_build(table, PREP, cache_dir=tmp_path / "c", progress=False)
     assert _pixels_files(again.folder) == files  # opened, not rebuilt
     # A subset (e.g. the val part), even without the table's attrs (lost in merges), reuses the full cache.
     subset = table.iloc[:3].copy()
     subset.attrs = {}
-    assert ImageCache.open_or_build(subset, SHORT, cache_dir=tmp_path / "c", progress=False).folder == cache.folder
+    assert ImageCache.open_or_build(subset, PREP, cache_dir=tmp_path / "c", progress=False).folder == cache.folder
     assert _pixels_files(cache.folder) == files
-    # Keyed by size: another short side is another cache.
-    other = ImageCache.open_or_build(table, 24, cache_dir=tmp_path / "c", progress=False)
+    # Keyed by the preprocessing: another size or colour constancy is another cache; mean / std act later.
+    other = ImageCache.open_or_build(table, Preprocessing(20, 24), cache_dir=tmp_path / "c", progress=False)
     assert other.folder != cache.folder and min(other.get(table["image_id"][0]).shape[:2]) == 24
-    assert cache_short_side(224) == 257
+    grey = PREP.replace(color_constancy="shades-of-gray")
+    assert ImageCache.open_or_build(table, grey, cache_dir=tmp_path / "c", progress=False).folder != cache.folder
+    same = PREP.replace(mean=(0.5, 0.5, 0.5))
+    assert ImageCache.open_or_build(table, same, cache_dir=tmp_path / "c", progress=False).folder == cache.folder
+    assert Preprocessing.for_training(224).resize_size == 257
 
 
-def test_never_upscales(data, tmp_path):
+def test_small_images_are_stored_as_decoded_and_finished_exactly(data, tmp_path):
+    """Under the resize size the cache keeps the decoded image (never more bytes than the original) and the
+    preprocessing upscales it when read: the same pixels as decoding the file."""
     table = load_table(data)
-    cache = ImageCache.open_or_build(table, 200, cache_dir=tmp_path / "c", progress=False)
+    big = Preprocessing(128, 200)
+    cache = ImageCache.open_or_build(table, big, cache_dir=tmp_path / "c", progress=False)
     np.testing.assert_array_equal(cache.get(table["image_id"][0]), np.asarray(Image.open(table["path"][0])))
+    for image_id, path in zip(table["image_id"][:4], table["path"][:4], strict=True):
+        finished = big.finish(cache.get(image_id))
+        assert finished.shape[-2:] == (200, round(200 * 80 / 60) - 1) or min(finished.shape[-2:]) == 200
+        assert torch.equal(finished, big.pixels(path))
+
+
+def test_a_killed_build_leaves_no_temp_file(data, tmp_path):
+    """The pixels of a build killed half way (kill -9: no cleanup ran) are removed by the next build."""
+    table = load_table(data)
+    cache = ImageCache.open_or_build(table, PREP, cache_dir=tmp_path / "c", progress=False)
+    leftover = cache.folder / ".pixels-0123456789ab.u8.abcd1234.tmp"
+    leftover.write_bytes(b"\0" * 1000)
+    old = os.stat(leftover).st_mtime - 3600
+    os.utime(leftover, (old, old))
+    Image.new("RGB", (80, 60), (9, 9, 9)).save(table["path"][0])  # stale: the next open rebuilds
+    ImageCache.open_or_build(table, PREP, cache_dir=tmp_path / "c", progress=False)
+    assert not leftover.exists()
 
 
 def test_rebuilt_when_a_source_file_changes(data, tmp_path):
     table = load_table(data)
-    cache = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    cache = ImageCache.open_or_build(table, PREP, cache_dir=tmp_path / "c", progress=False)
     image_id, path = table["image_id"][4], Path(table["path"][4])
     before = cache.get(image_id).copy()
     Image.new("RGB", (80, 60), (0, 200, 0)).save(path, quality=95)
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
-    rebuilt = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    rebuilt = ImageCache.open_or_build(table, PREP, cache_dir=tmp_path / "c", progress=False)
     after = rebuilt.get(image_id)
     assert not np.array_equal(before, after)
-    np.testing.assert_array_equal(after, decode_resized(path, SHORT))
+    np.testing.assert_array_equal(after, stored_pixels(path, PREP))
     assert len(_pixels_files(rebuilt.folder)) == 1  # the old pixels file is gone
     # The old object keeps reading its own (now unlinked) memory map without crashing.
     np.testing.assert_array_equal(cache.get(table["image_id"][0]), rebuilt.get(table["image_id"][0]))
@@ -85,14 +111,14 @@ def test_default_location_is_the_user_cache_never_the_data_folder(data, tmp_path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     before = sorted(str(p.relative_to(data)) for p in data.rglob("*"))
     table = load_table(data)
-    cache = ImageCache.open_or_build(table, SHORT, progress=False)
+    cache = ImageCache.open_or_build(table, PREP, progress=False)
     assert cache.folder.is_relative_to(tmp_path / "xdg" / "skinlesion" / "images")
     assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before  # nothing written next to the data
     assert cache.get(table["image_id"][0]).shape[0] == SHORT
 
     monkeypatch.setenv("SKINLESION_CACHE_DIR", str(tmp_path / "env"))
-    assert ImageCache.open_or_build(table, SHORT, progress=False).folder.is_relative_to(tmp_path / "env")
-    chosen = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "flag", progress=False)
+    assert ImageCache.open_or_build(table, PREP, progress=False).folder.is_relative_to(tmp_path / "env")
+    chosen = ImageCache.open_or_build(table, PREP, cache_dir=tmp_path / "flag", progress=False)
     assert chosen.folder.is_relative_to(tmp_path / "flag")  # --cache-dir wins over the environment
 
 
@@ -103,39 +129,38 @@ def test_data_path_that_is_not_utf8(source, tmp_path):
     except (UnicodeEncodeError, OSError):
         pytest.skip("this filesystem refuses non-UTF-8 names")
     table = load_table(data)
-    cache = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
-    np.testing.assert_array_equal(cache.get(table["image_id"][0]), decode_resized(table["path"][0], SHORT))
-    assert ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False).folder == cache.folder
+    cache = ImageCache.open_or_build(table, PREP, cache_dir=tmp_path / "c", progress=False)
+    np.testing.assert_array_equal(cache.get(table["image_id"][0]), stored_pixels(table["path"][0], PREP))
+    assert ImageCache.open_or_build(table, PREP, cache_dir=tmp_path / "c", progress=False).folder == cache.folder
 
 
 def test_unwritable_cache_dir_is_a_clear_error(data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(SkinLesionError, match="cannot write the image cache.*--cache-dir"):
-        ImageCache.open_or_build(load_table(data), SHORT, cache_dir=blocker, progress=False)
+        ImageCache.open_or_build(load_table(data), PREP, cache_dir=blocker, progress=False)
 
 
 def test_usable_from_dataloader_workers(data, tmp_path):
     table = load_table(data)
-    cache = ImageCache.open_or_build(table, SHORT, cache_dir=tmp_path / "c", progress=False)
+    cache = ImageCache.open_or_build(table, PREP, cache_dir=tmp_path / "c", progress=False)
     cache.get(table["image_id"][0])  # the parent opened its memory map; workers must open their own
     clone = pickle.loads(pickle.dumps(cache))
     assert clone._pixels is None
     np.testing.assert_array_equal(clone.get(table["image_id"][1]), cache.get(table["image_id"][1]))
 
-    dataset = LesionDataset(table, eval_transform(32, SHORT), cache=cache)
-    plain = LesionDataset(table, eval_transform(32, SHORT))
+    dataset = LesionDataset(table, PREP, PREP.eval_transform(), cache=cache)
+    plain = LesionDataset(table, PREP, PREP.eval_transform())
     loader = torch.utils.data.DataLoader(dataset, batch_size=7, num_workers=2)
     batches = torch.cat([x for x, _ in loader])
-    assert batches.shape == (len(table), 3, 32, 32)
+    assert batches.shape == (len(table), 3, 32, 32) and batches.dtype == torch.uint8
     expected = torch.stack([plain[i][0] for i in range(len(table))])
-    # Cached pixels are PIL-resized, the originals torch-resized: close, not bit-identical.
-    assert (batches - expected).abs().mean() < 0.05
+    assert torch.equal(batches, expected)  # one preprocessing: the cache holds exactly the decoded pixels
 
 
 def _open_in_child(args) -> str:
     data_dir, cache_dir = args
-    cache = ImageCache.open_or_build(load_table(data_dir), SHORT, cache_dir=cache_dir, progress=False)
+    cache = ImageCache.open_or_build(load_table(data_dir), PREP, cache_dir=cache_dir, progress=False)
     return str(cache.index["pixels"])
 
 
@@ -147,5 +172,5 @@ def test_concurrent_openers_build_once(data, tmp_path):
     with multiprocessing.get_context("fork").Pool(3) as pool:
         names = pool.map(_open_in_child, [(str(data), str(tmp_path / "c"))] * 3)
     assert len(set(names)) == 1
-    folder = ImageCache.open_or_build(load_table(data), SHORT, cache_dir=tmp_path / "c", progress=False).folder
+    folder = ImageCache.open_or_build(load_table(data), PREP, cache_dir=tmp_path / "c", progress=False).folder
     assert _pixels_files(folder) == names[:1]

@@ -87,6 +87,16 @@ def full_run(tiny_run, tmp_path_factory) -> Path:
     return run
 
 
+def decisive(chain: DecisionChain, probabilities: np.ndarray, margin: float = 1e-4) -> np.ndarray:
+    """Images whose decision does not hang on less than ``margin`` (ONNX Runtime's parity tolerance): the operating
+    point is set just above a tie (operating_point.MARGIN), so an image exactly at it may go either way."""
+    from skinlesion.decision import operating_point
+
+    bias = operating_point.vector(chain.operating_point, chain.classes, True)
+    scores = np.sort(np.log(np.clip(probabilities, 1e-300, None)) + (0 if bias is None else bias), axis=1)
+    return scores[:, -1] - scores[:, -2] > margin
+
+
 def test_every_consumer_gives_the_same_probabilities_and_decisions(full_run, tmp_path, capsys):
     chain = DecisionChain.from_meta(checkpoint.read(full_run))
     assert chain.tta_views == 8 and chain.pool_lesions and chain.metadata_prior and chain.operating_point
@@ -113,12 +123,15 @@ def test_every_consumer_gives_the_same_probabilities_and_decisions(full_run, tmp
         rows = json.loads(capsys.readouterr().out)["predictions"]
         got = np.array([[r["probabilities"][c] for c in CLASSES] for r in rows])
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=backend)
-        assert [r["prediction"] for r in rows] == decided, backend
+        firm = decisive(chain, expected) if backend == "onnx" else np.ones(len(decided), bool)
+        assert firm.mean() > 0.9
+        assert [r["prediction"] for r, f in zip(rows, firm, strict=True) if f] == np.asarray(decided)[firm].tolist()
 
     for source in (full_run, full_run / "model.onnx"):
         api = skinlesion.load(source).predict(files, tta=True, clinical=table, lesion_ids=table["lesion_id"].tolist())
         np.testing.assert_allclose(api.probabilities, expected, atol=1e-5, err_msg=str(source))
-        assert api.names == decided
+        firm = decisive(chain, expected) if source.suffix == ".onnx" else np.ones(len(decided), bool)
+        assert np.asarray(api.names)[firm].tolist() == np.asarray(decided)[firm].tolist()
 
 
 def test_single_image_consumers_agree_with_predict(full_run, capsys):

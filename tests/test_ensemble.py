@@ -72,20 +72,14 @@ def test_the_ensemble_averages_member_logits_before_the_chain(members, synth_dir
 def test_members_of_another_size_and_normalisation_see_the_same_field_of_view(members, ensemble_dir, synth_dir):
     _, _, c = members
     ens = Classifier.load(ensemble_dir).backend
-    assert ens.img_size == 96 and ens.model.sizes == [64, 64, 96]
-    x = ens.preprocess([Image_open(f) for f in images(synth_dir, 3)])
+    assert ens.preprocessing.img_size == 96 and ens.model.sizes == [64, 64, 96]
+    x = ens.normalize(ens.preprocessing.batch(images(synth_dir, 3)))
     own = Classifier.load(c).view_logits(images(synth_dir, 3))[0]
     with torch.inference_mode():
         inside = ens.model.members[2](ens.model.member_input(2, x)).numpy()
     np.testing.assert_allclose(inside, own, atol=1e-4)  # the largest member is fed exactly its own input
     small = ens.model.member_input(0, x)
     assert small.shape[-2:] == (64, 64) and ens.model.renormalise == [True, True, False]
-
-
-def Image_open(path: str):  # noqa: N802 - a PIL image as predict decodes it
-    from skinlesion.data.images import open_rgb
-
-    return open_rgb(path)
 
 
 def test_every_command_takes_an_ensemble(ensemble_dir, synth_dir, capsys):

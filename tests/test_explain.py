@@ -12,13 +12,13 @@ from scipy.ndimage import binary_dilation
 
 from skinlesion.classes import CLASSES
 from skinlesion.cli import main
+from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.synth import draw_lesion
-from skinlesion.data.transforms import train_transform
 from skinlesion.decision.chain import DecisionChain
 from skinlesion.inference.classifier import Classifier
 from skinlesion.inference.torch_backend import TorchBackend
 from skinlesion.model import checkpoint
-from skinlesion.reporting.explain import explain, model_view, target_layer, title
+from skinlesion.reporting.explain import explain, target_layer, title
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIZE = 64
@@ -91,14 +91,15 @@ def lesion_model():
     rng = np.random.default_rng(0)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=7, output_stride=8)
     images = [(draw_lesion(c, (SIZE, SIZE), rng)[0], i) for i, c in enumerate(CLASSES) for _ in range(16)]
-    tf = train_transform(SIZE, SIZE, tuple(MEAN), tuple(STD))
+    prep = Preprocessing(SIZE, SIZE, tuple(MEAN), tuple(STD))
+    augment, normalize = prep.train_transform("reference"), prep.normalizer()
     opt = torch.optim.AdamW(model.parameters(), 3e-3)
     model.train()
     for _ in range(4):
         order = rng.permutation(len(images))
         for b in range(0, len(order), 16):
             batch = [images[i] for i in order[b : b + 16]]
-            x = torch.stack([tf(im) for im, _ in batch])
+            x = normalize(torch.stack([augment(prep.pixels(im)) for im, _ in batch]))
             loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([y for _, y in batch]))
             opt.zero_grad()
             loss.backward()
@@ -115,8 +116,8 @@ def test_cam_lies_on_the_lesion(lesion_model, method):
         centre = tuple(rng.uniform(0.25, 0.75, 2) * SIZE)
         image, mask = draw_lesion(CLASSES[k], (SIZE, SIZE), rng, center=centre)
         exp = explain(lesion_model, image, method=method)
-        view = model_view(lesion_model.backend.resize_size, lesion_model.backend.img_size)
-        m = np.asarray(view(Image.fromarray(mask.astype(np.uint8) * 255))) > 127
+        shown = lesion_model.preprocessing.model_view(Image.fromarray(mask.astype(np.uint8) * 255))
+        m = shown[..., 0] > 127
         dilated = binary_dilation(m, iterations=4)
         inside.append(exp.cam[m].mean())
         outside.append(exp.cam[~m].mean())

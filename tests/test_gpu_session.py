@@ -53,7 +53,7 @@ def test_every_section_has_numbers_or_a_reason(session):
             assert summary["skipped"][name] == entry["reason"]
         assert entry["status"] in ("ok", "partial"), f"{name}: {entry['reason']}"  # on the CPU every section runs
         for row in entry.get("results", []):
-            parts = [row[p] for p in ("float", "uint8") if p in row] or [row]  # loader rows: one part per path
+            parts = [row[p] for p in ("originals", "cache") if p in row] or [row]  # loader rows: one part per path
             measured = [part.get("images_per_s") for part in parts]
             if any(v is not None for v in measured):
                 assert all(positive(v) for v in measured), (name, row)
@@ -83,9 +83,9 @@ def test_loader_section_measures_worker_cpu(session):
     loader = summary["sections"]["loader"]
     (row,) = loader["results"]
     assert row["workers"] == 1
-    for path in ("float", "uint8"):
+    for path in ("originals", "cache"):
         assert positive(row[path]["images_per_s"]) and positive(row[path]["images_per_worker_cpu_s"])
-    assert positive(row["uint8_vs_float"])
+    assert positive(row["cache_vs_originals"])
 
 
 def test_train_section_ran_and_reports_history_csv(session):
@@ -119,7 +119,7 @@ def test_output_folder_fits_the_device_tool(session):
     assert {"summary.json", "session.log", "train_history.csv"} <= {p.name for p in files}
 
 
-def test_bench_data_reports_uint8_vs_float(session, tmp_path, capsys):
+def test_bench_data_reports_cache_vs_originals(session, tmp_path, capsys):
     _, work, _ = session
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
@@ -128,10 +128,10 @@ def test_bench_data_reports_uint8_vs_float(session, tmp_path, capsys):
         sys.path.remove(str(REPO / "benchmarks"))
     result = bench_data.main(
         ["--data-dir", str(work / "synth"), "--img-size", "64", "--batch-size", "8", "--workers", "0",
-         "--rounds", "1", "--paths", "float,uint8", "--json", str(tmp_path / "r.json")]
+         "--rounds", "1", "--paths", "originals,cache", "--json", str(tmp_path / "r.json")]
     )  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
-    assert re.fullmatch(r"uint8 vs float: \d+\.\d\d×", lines[-1])
+    assert re.fullmatch(r"cache vs originals: \d+\.\d\dx .*", lines[-1])
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["ratios"] == result["ratios"]
-    assert positive(saved["paths"]["uint8"]["images_per_worker_cpu_s"])
+    assert positive(saved["paths"]["cache"]["images_per_worker_cpu_s"])

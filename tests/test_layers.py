@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "skinlesion"
-CORE = {"classes", "errors", "fileio", "device", "metrics"}  # small modules every layer may use
+CORE = {"classes", "errors", "fileio", "device", "metrics", "rules"}  # small modules every layer may use
 LAYERS = {
     "core": 0, "data": 1, "model": 2, "decision": 3, "inference": 4, "training": 4, "evaluation": 5, "reporting": 6,
     "serve": 7, "api": 7, "commands": 8, "cli": 9, "__main__": 10,
@@ -97,3 +97,13 @@ def test_the_checker_sees_a_wrong_import(monkeypatch):
         assert "skinlesion.decision.chain -> skinlesion.commands.evaluate" in str(e)
     else:
         raise AssertionError("a decision module importing a command passed the layer check")
+
+
+def test_no_function_is_longer_than_80_lines():
+    """Small functions with one job each (nested functions count towards the one that holds them)."""
+    long = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, "functions over 80 lines:\n" + "\n".join(long)

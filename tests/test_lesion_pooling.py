@@ -48,9 +48,9 @@ def test_pool_gives_each_image_its_lesions_geometric_mean():
 
 
 def test_the_improved_recipe_pools_and_the_reference_does_not():
-    assert recipes.resolve("improved", {})["pool_lesions"] is True
-    assert recipes.resolve("reference", {})["pool_lesions"] is False
-    assert recipes.resolve("improved", {"pool_lesions": False})["pool_lesions"] is False
+    assert recipes.IMPROVED.pool_lesions is True
+    assert recipes.REFERENCE.pool_lesions is False
+    assert recipes.IMPROVED.replace(pool_lesions=False).pool_lesions is False
 
 
 def evaluate(run: Path, *flags: str) -> tuple[pd.DataFrame, dict]:

@@ -199,7 +199,6 @@ def test_predict_reads_per_image_metadata_from_a_csv(prior_run, images, tmp_path
     ("argv", "message"),
     [
         (["--site", "nowhere"], "not a body site the prior knows; use one of: "),
-        (["--age", "300"], "not an age in years"),
         (["--metadata", "missing.csv"], "does not exist"),
         (["--metadata", "BAD"], "is not a readable CSV"),
         (["--metadata", "NOCOLS"], "needs at least one of age, sex, localization"),
@@ -215,6 +214,13 @@ def test_predict_refuses_bad_metadata_in_one_line(prior_run, images, tmp_path, c
     assert main(["predict", "--run-dir", str(prior_run), str(images[0]), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_predict_age_is_checked_when_parsed(prior_run, images, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--run-dir", str(prior_run), str(images[0]), "--age", "300"])
+    assert stop.value.code == 2
+    assert "argument --age: expected a finite number >= 0 and <= 120, got 300" in capsys.readouterr().err
 
 
 def test_predict_sex_is_checked_when_parsed(prior_run, images, capsys):

@@ -8,7 +8,7 @@ import torch
 from matplotlib import cbook
 from PIL import Image
 
-from skinlesion.data.transforms import eval_transform
+from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import SkinLesionError
 from skinlesion.model.factory import (
     create_model,
@@ -42,7 +42,8 @@ def test_packaged_lite_weights_are_imagenet(name):
     with cbook.get_sample_data("grace_hopper.jpg") as f:
         image = Image.open(f).convert("RGB")
     with torch.inference_mode():
-        top5 = model(eval_transform(224, 257, mean, std)(image)[None]).topk(5).indices[0].tolist()
+        prep = Preprocessing(224, 257, mean, std)
+        top5 = model(prep.normalizer()(prep.batch([image]))).topk(5).indices[0].tolist()
     assert 652 in top5  # military uniform
     assert top5[0] in UNIFORM_LIKE
 
@@ -71,11 +72,15 @@ def test_timm_format_weights_load_without_their_head_and_mismatches_fail(tmp_pat
 
 def test_weights_lite_alone_picks_its_backbone():
     from skinlesion.cli import build_parser
-    from skinlesion.training.loop import resolve_config, weights_path
+    from skinlesion.commands.train import train_options
+    from skinlesion.training.builders import weights_path
+
+    def resolve_config(args):
+        return train_options(args)[0].resolved()
 
     for name in ("lite1", "lite2"):
         cfg = resolve_config(build_parser().parse_args(["train", "--weights", name]))
-        assert cfg["backbone"] == f"tf_efficientnet_{name}"
+        assert cfg.backbone == f"tf_efficientnet_{name}"
         assert weights_path(name) == str(packaged_weights_path(name))
     cfg = resolve_config(build_parser().parse_args(["train", "--weights", "lite1", "--backbone", "efficientnet_b0"]))
-    assert cfg["backbone"] == "efficientnet_b0"  # an explicit --backbone wins (and fails loudly if it does not fit)
+    assert cfg.backbone == "efficientnet_b0"  # an explicit --backbone wins (and fails loudly if it does not fit)

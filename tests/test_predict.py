@@ -79,7 +79,14 @@ def test_csv_and_table_formats(onnx_run, folder, capsys):
     image = sorted(folder.glob("lesion_*.jpg"))[0]
     assert main(["predict", "--run-dir", str(onnx_run), str(image), "--format", "table"]) == 0
     out = capsys.readouterr().out
-    assert image.name in out and rows[0]["prediction_name"] in out
+    assert image.name in out and rows[0]["prediction"] in out.splitlines()[1].split()
+    assert out.splitlines()[0].split() == ["image", *CLASSES, "prediction", "top-k"]  # short codes, names in JSON
+    deep = folder / ("very_long_folder_name_" * 6)
+    deep.mkdir()
+    shutil.copy(image, deep / image.name)
+    assert main(["predict", "--run-dir", str(onnx_run), str(deep / image.name), str(image)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 120 and lines[1].endswith(lines[1].split()[-1]) and "..." in lines[1]
 
 
 def test_fails_only_when_nothing_is_readable(onnx_run, folder, capsys):

@@ -132,7 +132,7 @@ def test_run_files_are_plain_data(tiny_run):
 
 
 def test_rng_state_round_trips_through_a_plain_file(tmp_path):
-    from skinlesion.training.loop import rng_state, set_rng_state
+    from skinlesion.training.rng import rng_state, set_rng_state
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # a cached Gaussian in NumPy's state
@@ -381,7 +381,7 @@ def test_large_images_are_decoded_small_for_the_model_with_the_same_pixels(fmt):
     from PIL import Image
 
     from skinlesion.data.images import open_rgb
-    from skinlesion.data.transforms import eval_transform
+    from skinlesion.data.preprocessing import Preprocessing
 
     y, x = np.mgrid[0:3000, 0:4000].astype(np.float32)
     rgb = np.stack([x / 16 % 256, y / 12 % 256, (x + y) / 28 % 256], axis=-1).astype(np.uint8)
@@ -391,8 +391,10 @@ def test_large_images_are_decoded_small_for_the_model_with_the_same_pixels(fmt):
     assert 2 * 257 <= min(small.size) < 4 * 257
     full = open_rgb(buf.getvalue())
     assert full.size == (4000, 3000)
-    transform = eval_transform(224, 257)
-    assert float((transform(small) - transform(full)).abs().mean()) < 0.02  # ~0.5 % of the normalised range
+    prep = Preprocessing(224, 257)
+    as_model = prep.batch([small]).float(), prep.batch([full]).float()
+    assert float((as_model[0] - as_model[1]).abs().mean()) < 0.02 * 255 * 0.229  # ~0.5 % of the normalised range
+    assert prep.open(buf.getvalue()).size == small.size  # the preprocessing decodes it small
 
 
 def test_byte_flipped_truncated_and_odd_format_uploads_are_never_a_server_error(tiny_run):

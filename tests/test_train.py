@@ -20,7 +20,7 @@ import torch
 from skinlesion import fileio
 from skinlesion.cli import main
 from skinlesion.model import checkpoint
-from skinlesion.training.loop import HISTORY_COLUMNS
+from skinlesion.training.handlers import HISTORY_COLUMNS
 
 # A timm test model (100k parameters): every flag gets exercised in seconds.
 FAST = ["--backbone", "test_efficientnet", "--no-pretrained", "--img-size", "32", "--batch-size", "16",
@@ -113,7 +113,7 @@ def test_head_only_warmup_leaves_the_backbone_alone():
     import timm
     from timm.scheduler import CosineLRScheduler
 
-    from skinlesion.training.loop import param_groups, set_backbone_frozen
+    from skinlesion.training.builders import param_groups, set_backbone_frozen
 
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=7)  # no BatchNorm: weights are all an optimiser moves
@@ -248,12 +248,12 @@ def test_offline_default_weights_is_one_clear_error(synth_dir, tmp_path):
 def test_a_kill_at_any_write_resumes_to_the_same_history(synth_dir, tmp_path, monkeypatch, point):
     """last.pt is each epoch's commit point: a run killed while writing any file of epoch N continues (with
     --resume, or afresh when no epoch was committed) to the history an uninterrupted run writes."""
-    from skinlesion.training import loop
+    from skinlesion.training import handlers
 
     flags = [*FAST, "--epochs", "2", "--max-train-batches", "2"]
     assert train(synth_dir, tmp_path, "straight", *flags) == 0
     name, epoch = point
-    save, write_csv = loop.checkpoint.save, loop.fileio.write_csv
+    save, write_csv = handlers.checkpoint.save, handlers.fileio.write_csv
 
     def killing_save(path, model, meta):
         if Path(path).name == name and meta["epoch"] == epoch:
@@ -266,8 +266,8 @@ def test_a_kill_at_any_write_resumes_to_the_same_history(synth_dir, tmp_path, mo
         return write_csv(path, frame)
 
     with monkeypatch.context() as m:
-        m.setattr(loop.checkpoint, "save", killing_save)
-        m.setattr(loop.fileio, "write_csv", killing_write_csv)
+        m.setattr(handlers.checkpoint, "save", killing_save)
+        m.setattr(handlers.fileio, "write_csv", killing_write_csv)
         with pytest.raises(RuntimeError, match="killed"):
             train(synth_dir, tmp_path, "killed", *flags)
     committed = (tmp_path / "killed" / "last.pt").is_file()

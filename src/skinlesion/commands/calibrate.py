@@ -7,25 +7,21 @@ import argparse
 from pathlib import Path
 
 from skinlesion import fileio
-from skinlesion.data.run_folder import read_config
-from skinlesion.device import resolve_device
 from skinlesion.evaluation import fitting
+from skinlesion.inference.options import ScoringOptions
 
 
 def main(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     fileio.remove_stale_temps(run_dir)  # temp files of a process that died mid-write
-    device = str(resolve_device(args.device))
-    cache_dir = args.cache_dir or read_config(run_dir).get("cache_dir")
-    use_cache = getattr(args, "cache", True)
-    result = fitting.calibrate(run_dir, args.method, args.split, args.folds, args.seed, args.slice_frac,
-                               args.batch_size, device, args.workers, cache_dir, use_cache)  # fmt: skip
+    options = fitting.run_options(run_dir, ScoringOptions.from_args(args))
+    spec = fitting.CalibrationSpec(args.method, args.split, args.folds, args.seed, args.slice_frac)
+    result = fitting.calibrate(run_dir, spec, options)
     b, a = result["before"], result["after"]
     print(f"temperature {result['temperature']:.3f} ({result['method']}; fitted on {result['fit_on']})")
     print(f"scored on {result['scored_on']} ({result['n_scored']} images):")
     print(f"  ECE {b['ece']:.4f} -> {a['ece']:.4f}   NLL {b['log_loss']:.4f} -> {a['log_loss']:.4f}")
     print(f"stored T in {run_dir / 'best.pt'}; wrote {run_dir / 'calibration.json'} (re-run evaluate to use it)")
-    line = fitting.refit_operating_point(run_dir, "the new temperature", batch_size=args.batch_size, device=device,
-                                         workers=args.workers, cache_dir=cache_dir, use_cache=use_cache)  # fmt: skip
+    line = fitting.refit_operating_point(run_dir, "the new temperature", options)
     if line:
         print(line)

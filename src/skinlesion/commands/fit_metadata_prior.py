@@ -10,6 +10,7 @@ from skinlesion.decision import metadata_prior
 from skinlesion.device import resolve_device
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation import fitting
+from skinlesion.inference.options import ScoringOptions
 
 
 def main(args: argparse.Namespace) -> None:
@@ -25,6 +26,6 @@ def main(args: argparse.Namespace) -> None:
         print(f"{metadata_prior.summary(model)}; stored in {run_dir / 'best.pt'} (evaluate, predict and serve use it; "
               "re-run `skinlesion export` for the ONNX backend)")  # fmt: skip
     # An operating point was set on the probabilities with the old prior (or none): set it again.
-    line = fitting.refit_operating_point(run_dir, "the metadata prior", device=str(resolve_device("auto")))
+    line = fitting.refit_operating_point(run_dir, "the metadata prior", ScoringOptions(device=str(resolve_device())))
     if line:
         print(line)

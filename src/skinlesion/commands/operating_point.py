@@ -7,9 +7,9 @@ import argparse
 from pathlib import Path
 
 from skinlesion.decision import operating_point
-from skinlesion.device import resolve_device
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation import fitting
+from skinlesion.inference.options import ScoringOptions
 from skinlesion.model import checkpoint
 
 
@@ -24,9 +24,6 @@ def main(args: argparse.Namespace) -> None:
     targets = operating_point.parse_targets(args.min_sensitivity, checkpoint.read(run_dir)["classes"])
     if not targets:
         raise SkinLesionError("say which class needs which sensitivity, e.g. --min-sensitivity mel=0.75")
-    point = fitting.set_operating_point(
-        run_dir, targets, args.split, args.tta, args.batch_size, str(resolve_device(args.device)), args.workers,
-        args.cache_dir, args.cache,
-    )  # fmt: skip
+    point = fitting.set_operating_point(run_dir, targets, args.split, args.tta, ScoringOptions.from_args(args))
     print(operating_point.report_line(point))
     print(f"stored in {run_dir / 'best.pt'}; re-run evaluate (and export for the ONNX backend) to use it")

@@ -10,13 +10,11 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from skinlesion.classes import FULL_NAMES
@@ -43,103 +41,58 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
     return files, ignored
 
 
-def decoded_batches(
-    files: Sequence[Path], batch_size: int, report: list[dict[str, str]], decode: Callable[[Path], Image.Image]
-) -> Iterator[tuple[list[Path], list[Image.Image]]]:
-    """Batches of images ``decode`` (the classifier's) read; failures are appended to ``report`` and printed."""
-    paths: list[Path] = []
-    images: list[Image.Image] = []
-    for path in files:
-        try:
-            images.append(decode(path))
-            paths.append(path)
-        except SkinLesionError as e:
-            report.append({"image": str(path), "error": str(e)})
-            tqdm.write(f"skipped: {e}", file=sys.stderr)
-        if len(images) == batch_size:
-            yield paths, images
-            paths, images = [], []
-    if images:
-        yield paths, images
+def json_rows(frame: pd.DataFrame, classes: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+    """The predictions of ``Classifier.predict_files`` as JSON objects (full class names, top-k with names)."""
+    rows = []
+    for r in frame.itertuples(index=False):
+        r = r._asdict()
+        probs = {c: float(r[f"p_{c}"]) for c in classes}
+        order = sorted(classes, key=lambda c: -probs[c])[:top_k]
+        row = {"image": r["image"], "prediction": r["prediction"], "prediction_name": r["prediction_name"],
+               "probabilities": probs,
+               "top_k": [{"class": c, "name": FULL_NAMES.get(c, c), "probability": probs[c]}
+                         for c in order]}  # fmt: skip
+        if "lesion_id" in r:
+            row["lesion_id"] = r["lesion_id"]
+        rows.append(row)
+    return rows
 
 
-def result_row(path: Path, probs: np.ndarray, classes: Sequence[str], top_k: int, decided: int) -> dict[str, Any]:
-    """``decided``: the predicted class index (the argmax, or the operating point's decision)."""
-    order = np.argsort(-probs, kind="stable")
-    best = classes[decided]
-    return {
-        "image": str(path),
-        "prediction": best,
-        "prediction_name": FULL_NAMES.get(best, best),
-        "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
-        "top_k": [
-            {"class": classes[i], "name": FULL_NAMES.get(classes[i], classes[i]), "probability": float(probs[i])}
-            for i in order[:top_k]
-        ],
-    }
+TABLE_WIDTH = 120  # the table fits a terminal this wide: short class codes, the image name shortened on the left
 
 
-def predict_files(
-    classifier: Classifier,
-    files: Sequence[Path],
-    batch_size: int = 32,
-    tta: bool = False,
-    top_k: int = 3,
-    clinical: pd.DataFrame | None = None,
-    lesions: Sequence[str | None] | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """``clinical`` (row i for files[i]): age, sex, site for the metadata prior; ``lesions`` (row i for files[i]):
-    lesion ids whose images the chain scores together (after every batch: a lesion may span batches)."""
-    read: list[Path] = []
-    chunks: list[np.ndarray] = []
-    skipped: list[dict[str, str]] = []
-    with tqdm(total=len(files), desc="predict", unit="img", file=sys.stderr, disable=len(files) < 2) as bar:
-        for paths, images in decoded_batches(files, batch_size, skipped, classifier.decode):
-            chunks.append(classifier.view_logits(images, tta))
-            read += paths
-            if len(read) + len(skipped) < len(files):
-                bar.update(len(read) + len(skipped) - bar.n)
-        bar.n = len(files)  # no redraw here: closing the bar draws its final line, once
-    if not read:
-        return [], skipped
-    index = {str(f): i for i, f in enumerate(files)}
-    rows_read = [index[str(p)] for p in read]
-    table = None if clinical is None else clinical.iloc[rows_read].reset_index(drop=True)
-    ids = None if lesions is None else [lesions[i] for i in rows_read]
-    chain = classifier.chain
-    decisions = chain(np.concatenate(chunks, axis=1), chain.offsets(table), ids)
-    rows = [result_row(p, pr, chain.classes, top_k, k)
-            for p, pr, k in zip(read, decisions.probabilities, decisions.labels, strict=True)]  # fmt: skip
-    if ids is not None:
-        for row, lesion in zip(rows, ids, strict=True):
-            row["lesion_id"] = lesion
-    return rows, skipped
-
-
-def format_table(rows: list[dict[str, Any]], classes: Sequence[str]) -> str:
-    width = max([len("image"), *(len(r["image"]) for r in rows)])
-    header = f"{'image':<{width}}  " + " ".join(f"{c:>6}" for c in classes) + "  prediction  top-k"
-    lines = [header]
-    for r in rows:
-        probs = " ".join(f"{r['probabilities'][c]:6.3f}" for c in classes)
-        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
-        lines.append(f"{r['image']:<{width}}  {probs}  {r['prediction']} ({r['prediction_name']})  [{top}]")
+def format_table(frame: pd.DataFrame, classes: Sequence[str], width: int = TABLE_WIDTH) -> str:
+    """image | one probability column per class | decision | top-k codes, within ``width`` columns."""
+    cells = [f"{c[:6]:>6}" for c in classes]
+    fixed = len(" ".join(cells)) + 2 + 2 + max(10, *(len(c) for c in classes)) + 2
+    with_top = fixed + max(len("top-k"), *(len(t) for t in frame["top_k"]))
+    show_top = with_top + 12 <= width  # room for at least 12 characters of image name
+    room = width - (with_top if show_top else fixed)
+    names = [shorten(i, room) for i in frame["image"]]
+    name_w = max(len("image"), *(len(n) for n in names))
+    pred_w = max(10, *(len(c) for c in classes))
+    head = f"{'image':<{name_w}}  {' '.join(cells)}  {'prediction':<{pred_w}}" + ("  top-k" if show_top else "")
+    lines = [head.rstrip()]
+    for name, r in zip(names, frame.itertuples(index=False), strict=True):
+        r = r._asdict()
+        probs = " ".join(f"{r[f'p_{c}']:6.3f}" for c in classes)
+        top = f"  {r['top_k']}" if show_top else ""
+        lines.append(f"{name:<{name_w}}  {probs}  {r['prediction']:<{pred_w}}{top}".rstrip())
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict[str, Any]], classes: Sequence[str], out: TextIO | None = None) -> None:
+def shorten(text: str, room: int) -> str:
+    """``text`` cut on the left to ``room`` characters ('...' marks the cut); the file name end is kept."""
+    return text if len(text) <= room else "..." + text[len(text) - max(1, room - 3):]
+
+
+def write_csv(frame: pd.DataFrame, classes: Sequence[str], out: TextIO | None = None) -> None:
     writer = csv.writer(out or sys.stdout, lineterminator="\n")
     writer.writerow(["image", "prediction", "prediction_name", *(f"p_{c}" for c in classes), "top_k"])
-    for r in rows:
-        writer.writerow(
-            [
-                r["image"],
-                r["prediction"],
-                r["prediction_name"],
-                *(f"{r['probabilities'][c]:.6f}" for c in classes),
-                ";".join(t["class"] for t in r["top_k"]),
-            ]
-        )
+    for r in frame.itertuples(index=False):
+        r = r._asdict()
+        writer.writerow([r["image"], r["prediction"], r["prediction_name"], *(f"{r[f'p_{c}']:.6f}" for c in classes),
+                         r["top_k"]])  # fmt: skip
 
 
 def load_classifier(run_dir: str | Path, backend: str = "torch") -> Classifier:
@@ -155,80 +108,94 @@ def load_classifier(run_dir: str | Path, backend: str = "torch") -> Classifier:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.top_k < 1:
-        raise SkinLesionError("--top-k must be at least 1")
-    if args.batch_size < 1:
-        raise SkinLesionError("--batch-size must be at least 1")
-    files, ignored = expand_inputs(args.inputs)
+    files, ignored = inputs(args.inputs)
+    classifier = load_classifier(args.run_dir, args.backend).switched(
+        args.tta_views, args.metadata_prior, args.operating_point, args.pool_lesions)  # fmt: skip
+    chain = classifier.chain
+    clinical, lesions = patient_inputs(args, files, classifier)
+    frame = classifier.predict_files(files, args.batch_size, args.tta, clinical, lesions,
+                                     top_k=min(args.top_k, len(chain.classes)), progress=len(files) > 1)  # fmt: skip
+    for error in frame["error"].dropna():
+        tqdm.write(f"skipped: {error}", file=sys.stderr)
+    read = frame[frame["error"].isna()].reset_index(drop=True)
+    if read.empty:
+        raise SkinLesionError(f"none of the {len(files)} input file(s) could be read as an image")
+    if args.isic_csv:
+        probs = read[[f"p_{c}" for c in chain.classes]].to_numpy()
+        path = isic.write_submission(args.isic_csv, [Path(i).stem for i in read["image"]],
+                                     chain.decision_probabilities(probs, bool(args.tta)), chain.classes)  # fmt: skip
+        print(f"wrote {path} (ISIC 2018 Task 3 submission, {len(read)} images)", file=sys.stderr)
+    with_metadata = chain.images_with_metadata(clinical)
+    pooled = lesion_pooling.shared(read["lesion_id"].tolist()) if lesions is not None else 0
+    if args.format == "json":
+        doc = json_document(args, classifier, frame, read, with_metadata, pooled)
+        doc["skipped"] += [{"image": str(p), "error": "not a .jpg/.jpeg/.png file"} for p in ignored]
+        print(json.dumps(doc, indent=2))
+    elif args.format == "csv":
+        write_csv(read, chain.classes)
+    else:
+        print(format_table(read, chain.classes))
+    if len(read) < len(files):
+        print(f"{len(files) - len(read)} of {len(files)} file(s) could not be read and were skipped", file=sys.stderr)
+    if clinical is not None:
+        print(f"metadata prior added for {with_metadata} of {len(files)} image(s)", file=sys.stderr)
+    if lesions is not None:
+        print(lesion_pooling.describe(read["lesion_id"].tolist()) if pooled else
+              "lesion pooling: no two inputs share a lesion id", file=sys.stderr)  # fmt: skip
+
+
+def inputs(items: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """The image files to predict (folders expanded, duplicates once) and the files skipped for their suffix."""
+    files, ignored = expand_inputs(items)
     files = list(dict.fromkeys(files))  # a file named twice is predicted once
     if ignored:
         names = ", ".join(p.name for p in ignored[:5]) + (" ..." if len(ignored) > 5 else "")
         print(f"skipped {len(ignored)} file(s) without a .jpg/.jpeg/.png suffix: {names}", file=sys.stderr)
     if not files:
         raise SkinLesionError("no image files found in the inputs; pass .jpg/.jpeg/.png files or folders holding them")
-    classifier = load_classifier(args.run_dir, args.backend)
-    asked = getattr(args, "pool_lesions", None)
-    switches = (getattr(args, "tta_views", None), getattr(args, "metadata_prior", True),
-                getattr(args, "operating_point", True), asked)  # fmt: skip
-    classifier = classifier.switched(*switches)
+    return files, ignored
+
+
+def patient_inputs(args: argparse.Namespace, files: list[Path], classifier: Classifier
+                   ) -> tuple[pd.DataFrame | None, list[str | None] | None]:  # fmt: skip
+    """Per-file age / sex / site for the metadata prior, and lesion ids for pooling, from --metadata / --age /
+    --sex / --site; one line when the run cannot use what was given."""
     chain = classifier.chain
-    top_k = min(args.top_k, len(chain.classes))
     prior = chain.metadata_prior
     csv = read_metadata_csv(args.metadata) if args.metadata is not None else None
-    lesions = lesion_ids(files, csv, bool(asked), args.metadata) if chain.pool_lesions else None
+    lesions = lesion_ids(files, csv, bool(args.pool_lesions), args.metadata) if chain.pool_lesions else None
     given = [f"--{k}" for k in ("metadata", "age", "sex", "site") if getattr(args, k, None) is not None]
     if lesions is not None and (prior is None or not set(FIELDS) & set(csv)):
         given.remove("--metadata")  # it was given for the lesion ids alone
-    clinical = None
-    if given and getattr(args, "metadata_prior", True):
-        if prior is None:
-            if args.backend == "onnx" and "metadata_prior" in checkpoint.read(args.run_dir):
-                raise SkinLesionError(
-                    f"model.onnx was exported before best.pt got its metadata prior; re-run `skinlesion export "
-                    f"--run-dir {args.run_dir}`"
-                )
-            raise SkinLesionError(
-                f"{'/'.join(given)} need a run with a metadata prior; run `skinlesion fit-metadata-prior --run-dir "
-                f"{args.run_dir}` (and `skinlesion export` again for --backend onnx)"
-            )
-        sites = prior["categories"]["localization"]
-        csv_used = csv if "--metadata" in given else None
-        clinical = clinical_table(files, csv_used, args.age, args.sex, args.site, sites, args.metadata)
-    with_metadata = chain.images_with_metadata(clinical)
-    rows, skipped = predict_files(classifier, files, args.batch_size, args.tta, top_k, clinical, lesions)
-    pooled = lesion_pooling.shared([r["lesion_id"] for r in rows]) if lesions is not None else 0
-    if not rows:
-        raise SkinLesionError(f"none of the {len(files)} input file(s) could be read as an image")
-    if args.isic_csv:
-        probs = np.array([[r["probabilities"][c] for c in chain.classes] for r in rows])
-        path = isic.write_submission(args.isic_csv, [Path(r["image"]).stem for r in rows],
-                                     chain.decision_probabilities(probs, bool(args.tta)), chain.classes)  # fmt: skip
-        print(f"wrote {path} (ISIC 2018 Task 3 submission, {len(rows)} images)", file=sys.stderr)
-    if args.format == "json":
-        doc = {
-            "run_dir": str(args.run_dir),
-            "backend": args.backend,
-            "tta": bool(args.tta),
-            "tta_views": chain.tta_views if args.tta else 1,
-            "temperature": chain.temperature,
-            "metadata_prior": {"applied": with_metadata > 0, "images_with_metadata": with_metadata},
-            # Images that share a lesion_id were scored together.
-            "lesion_pooling": {"applied": pooled > 0, "images_pooled": pooled},
-            # "prediction" honours these minimum sensitivities; null = the argmax.
-            "operating_point": chain.operating_point,
-            "classes": list(chain.classes),
-            "predictions": rows,
-            "skipped": skipped + [{"image": str(p), "error": "not a .jpg/.jpeg/.png file"} for p in ignored],
-        }
-        print(json.dumps(doc, indent=2))
-    elif args.format == "csv":
-        write_csv(rows, chain.classes)
-    else:
-        print(format_table(rows, chain.classes))
-    if skipped:
-        print(f"{len(skipped)} of {len(files)} file(s) could not be read and were skipped", file=sys.stderr)
-    if clinical is not None:
-        print(f"metadata prior added for {with_metadata} of {len(files)} image(s)", file=sys.stderr)
-    if lesions is not None:
-        print(lesion_pooling.describe([r["lesion_id"] for r in rows]) if pooled else
-              "lesion pooling: no two inputs share a lesion id", file=sys.stderr)  # fmt: skip
+    if not given or not args.metadata_prior:
+        return None, lesions
+    if prior is None:
+        if args.backend == "onnx" and "metadata_prior" in checkpoint.read(args.run_dir):
+            raise SkinLesionError(f"model.onnx was exported before best.pt got its metadata prior; re-run `skinlesion "
+                                  f"export --run-dir {args.run_dir}`")  # fmt: skip
+        raise SkinLesionError(f"{'/'.join(given)} need a run with a metadata prior; run `skinlesion fit-metadata-prior "
+                              f"--run-dir {args.run_dir}` (and `skinlesion export` again for --backend onnx)")
+    csv_used = csv if "--metadata" in given else None
+    sites = prior["categories"]["localization"]
+    return clinical_table(files, csv_used, args.age, args.sex, args.site, sites, args.metadata), lesions
+
+
+def json_document(args: argparse.Namespace, classifier: Classifier, frame: pd.DataFrame, read: pd.DataFrame,
+                  with_metadata: int, pooled: int) -> dict[str, Any]:  # fmt: skip
+    chain = classifier.chain
+    skipped = [{"image": r.image, "error": r.error} for r in frame[frame["error"].notna()].itertuples()]
+    return {
+        "run_dir": str(args.run_dir),
+        "backend": args.backend,
+        "tta": bool(args.tta),
+        "tta_views": chain.tta_views if args.tta else 1,
+        "temperature": chain.temperature,
+        "metadata_prior": {"applied": with_metadata > 0, "images_with_metadata": with_metadata},
+        # Images that share a lesion_id were scored together.
+        "lesion_pooling": {"applied": pooled > 0, "images_pooled": pooled},
+        # "prediction" honours these minimum sensitivities; null = the argmax.
+        "operating_point": chain.operating_point,
+        "classes": list(chain.classes),
+        "predictions": json_rows(read, chain.classes, min(args.top_k, len(chain.classes))),
+        "skipped": skipped,
+    }

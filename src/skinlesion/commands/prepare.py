@@ -7,8 +7,9 @@ import argparse
 import pandas as pd
 
 from skinlesion.classes import CLASSES
-from skinlesion.data.cache import ImageCache, cache_short_side
+from skinlesion.data.cache import ImageCache
 from skinlesion.data.ham10000 import LIST_MAX, load_table
+from skinlesion.data.preprocessing import Preprocessing
 
 
 def class_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -64,11 +65,10 @@ def main(args: argparse.Namespace) -> None:
     )
     print(summary(table))
     if args.cache:
-        short = args.cache_size or cache_short_side(args.img_size)
-        cache = ImageCache.open_or_build(table, short, cache_dir=args.cache_dir, progress=True)
-        print(
-            f"image cache: {cache.folder} ({len(cache)} images, short side <= {short}px, "
-            f"{cache.nbytes / 2**20:.0f} MiB)"
-        )
+        # The pixels of a run at --img-size (mean / std act after the cache, so any backbone's run reads it).
+        preprocessing = Preprocessing.for_training(args.img_size, color_constancy=args.color_constancy)
+        cache = ImageCache.open_or_build(table, preprocessing, cache_dir=args.cache_dir, progress=True)
+        print(f"image cache: {cache.folder} ({len(cache)} images, short side {preprocessing.resize_size}px for "
+              f"{args.img_size}px runs, {cache.nbytes / 2**20:.0f} MiB)")  # fmt: skip
     else:
         print("image cache: skipped (--no-cache)")

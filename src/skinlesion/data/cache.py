@@ -1,16 +1,17 @@
-"""Image cache: every image decoded once, resized, and stored as raw RGB bytes read by memory map.
+"""Image cache: every image decoded once by the run's ``Preprocessing`` and stored as raw RGB bytes read by memory map.
 
-On disk, one folder per data location and short side (``.../s257/``) holding
+On disk, one folder per data location and preprocessing (``.../s257-1a2b3c4d/``: the resize size and a hash of
+every field that changes pixels, ``Preprocessing.cache_key``) holding
 
 * ``pixels-<token>.u8`` - all images back to back, uint8 HWC, no header (opened with ``np.memmap``);
 * ``index.npz`` - the pixels file's name and, per image: id, source path, source size and mtime
   (staleness), offset, height, width. It is written last, so a build that dies half way leaves the
   previous cache intact and usable.
 
-Images are resized so the short side is ``short_side`` (aspect kept, long side as torchvision's
-``Resize`` computes it, so the training transform's ``Resize`` is then a no-op). Images whose short
-side is already smaller are stored as decoded: upscaling is left to the transform, which does the
-same thing on the originals, and the cache stays small.
+Each image is stored as ``Preprocessing.stored`` returns it (decoded, colour-corrected, resized when larger than
+the resize size) and read back through ``Preprocessing.finish``: a loader that reads the cache gets exactly the
+pixels that decoding the file gives (``Preprocessing.pixels``), so cached and uncached runs, evaluate and predict
+see the same input.
 
 Where: ``cache_dir`` argument, else ``$SKINLESION_CACHE_DIR``, else the user cache folder (platformdirs:
 ``~/.cache/skinlesion/images`` on Linux), as Hugging Face datasets and torch hub do: never inside the
@@ -29,42 +30,23 @@ import numpy as np
 import pandas as pd
 import platformdirs
 from filelock import FileLock
-from PIL import Image
 from tqdm.auto import tqdm
 
-from skinlesion.data.images import DROP_HINT, open_rgb
+from skinlesion.data.images import DROP_HINT
+from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import SkinLesionError
-from skinlesion.fileio import atomic_write
+from skinlesion.fileio import atomic_write, remove_stale_temps
 
 ENV_VAR = "SKINLESION_CACHE_DIR"
 _CHUNK = 256  # images decoded per batch while building: bounds memory
 
 
-def cache_short_side(img_size: int) -> int:
-    """Short side cached for a training size (the transforms' resize size, e.g. 257 for 224)."""
-    from skinlesion.data.transforms import resize_for  # imports torch: only when needed
-
-    return resize_for(img_size)
-
-
-def resize_short(image: Image.Image, short_side: int) -> Image.Image:
-    """Downscale so the short side is ``short_side`` (never upscales); long side as torchvision computes it."""
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    if short <= short_side:
-        return image
-    new_long = int(short_side * long / short)
-    size = (short_side, new_long) if w <= h else (new_long, short_side)
-    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-
-
-def decode_resized(path: str | Path, short_side: int) -> np.ndarray:
-    """What the cache stores for one file: EXIF-aware RGB decode, then ``resize_short``."""
+def stored_pixels(path: str | Path, preprocessing: Preprocessing) -> np.ndarray:
+    """What the cache stores for one file (``Preprocessing.stored`` of its decoded image)."""
     try:
-        image = open_rgb(path, min_short_side=short_side)
+        return preprocessing.stored(preprocessing.open(path))
     except SkinLesionError as e:
         raise SkinLesionError(f"{e}; {DROP_HINT}") from e
-    return np.asarray(resize_short(image, short_side), dtype=np.uint8)
 
 
 _IMAGE_FOLDER = re.compile(r"images?|HAM10000_images_part_\d+|ISIC2018_Task3_\w+_Input", re.IGNORECASE)
@@ -77,13 +59,13 @@ def _data_location(table: pd.DataFrame) -> Path:
     return folder.parent if _IMAGE_FOLDER.fullmatch(folder.name) else folder
 
 
-def cache_location(table: pd.DataFrame, short_side: int, cache_dir: str | Path | None = None) -> Path:
-    """The folder holding the cache of ``table``'s images at ``short_side`` (see module doc for the order)."""
+def cache_location(table: pd.DataFrame, preprocessing: Preprocessing, cache_dir: str | Path | None = None) -> Path:
+    """The folder holding the cache of ``table``'s images under ``preprocessing`` (see module doc for the order)."""
     data = _data_location(table).resolve()
     # fsencode: a path that is not valid UTF-8 (surrogate-escaped by Python) still hashes.
     key = f"{data.name or 'data'}-{hashlib.sha1(os.fsencode(data)).hexdigest()[:10]}"
     root = cache_dir or os.environ.get(ENV_VAR) or Path(platformdirs.user_cache_dir("skinlesion")) / "images"
-    return Path(root).expanduser() / key / f"s{short_side}"
+    return Path(root).expanduser() / key / preprocessing.cache_key
 
 
 def _stat(path: str) -> tuple[int, int]:
@@ -109,17 +91,17 @@ class ImageCache:
     def open_or_build(
         cls,
         table: pd.DataFrame,
-        short_side: int,
+        preprocessing: Preprocessing,
         cache_dir: str | Path | None = None,
         progress: bool = True,
     ) -> ImageCache:
-        """Open the cache for ``table`` at ``short_side``; (re)build it when missing or stale.
+        """Open the cache for ``table`` under ``preprocessing``; (re)build it when missing or stale.
 
         Stale = an image of the table is not in it, or its source file changed size or mtime.
         A rebuild keeps the still-fresh images already cached (copied, not decoded again), so
         opening it for a subset (train / val) never throws away the rest.
         """
-        folder = cache_location(table, short_side, cache_dir)
+        folder = cache_location(table, preprocessing, cache_dir)
         ids = table["image_id"].astype(str).tolist()
         paths = table["path"].astype(str).tolist()
         stats = [_stat(p) for p in paths]
@@ -134,7 +116,9 @@ class ImageCache:
                 old = cls._load(folder)
                 if old is not None and old._fresh(ids, paths, stats):
                     return old
-                return cls._build(folder, ids, paths, stats, short_side, old, progress)
+                if folder.is_dir():  # pixels of a build killed half way (nobody else builds: we hold the lock)
+                    remove_stale_temps(folder, grace_s=0)
+                return cls._build(folder, ids, paths, stats, preprocessing, old, progress)
         except OSError as e:
             raise SkinLesionError(
                 f"cannot write the image cache to {folder} ({e.strerror or e}); "
@@ -175,7 +159,7 @@ class ImageCache:
         ids: list[str],
         paths: list[str],
         stats: list[tuple[int, int]],
-        short_side: int,
+        preprocessing: Preprocessing,
         old: ImageCache | None,
         progress: bool,
     ) -> ImageCache:
@@ -199,13 +183,14 @@ class ImageCache:
 
         def write_pixels(tmp: Path) -> None:
             pos = 0
-            bar = tqdm(total=len(order), desc=f"caching images at {short_side}px", unit="img", disable=not progress)
+            bar = tqdm(total=len(order), desc=f"caching images at {preprocessing.resize_size}px", unit="img",
+                       disable=not progress)  # fmt: skip
             with open(tmp, "wb") as f, ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
                 for start in range(0, len(order), _CHUNK):
                     chunk = order[start : start + _CHUNK]
                     todo = [i for i in chunk if i not in reuse]
                     decoded = dict(
-                        zip(todo, pool.map(lambda i: decode_resized(entries[i][0], short_side), todo), strict=True)
+                        zip(todo, pool.map(lambda i: stored_pixels(entries[i][0], preprocessing), todo), strict=True)
                     )
                     for n, i in enumerate(chunk, start):
                         arr = old.get(i) if i in reuse else decoded[i]
@@ -227,7 +212,8 @@ class ImageCache:
             "offset": offsets,
             "height": heights,
             "width": widths,
-            "short_side": np.array(short_side),
+            "short_side": np.array(preprocessing.resize_size),
+            "preprocessing_key": np.array(preprocessing.cache_key),
         }
 
         def write_index(tmp: Path) -> None:

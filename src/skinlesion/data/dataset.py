@@ -1,52 +1,60 @@
-"""A torch Dataset over rows of the metadata table, reading the image cache when given one."""
+"""A torch Dataset over rows of an image table: the preprocessing's pixels (from the image cache when given one,
+else decoded from the file by the same ``Preprocessing``), then a per-item transform (a training preset's random
+crop, or the evaluation centre crop)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from skinlesion.classes import CLASS_INDEX
-from skinlesion.data.images import DROP_HINT, open_rgb
+from skinlesion.classes import CLASSES
+from skinlesion.data.images import DROP_HINT
+from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import SkinLesionError
 
 
-class ArraySource(Protocol):
-    def get(self, image_id: str) -> np.ndarray:  # (H, W, 3) uint8
+class StoredPixels(Protocol):
+    def get(self, image_id: str) -> np.ndarray:  # (H, W, 3) uint8, Preprocessing.stored's output
         ...
 
     def shape(self, image_id: str) -> tuple[int, int]:  # (H, W)
         ...
 
 
-class LesionDataset(Dataset):
-    """Items are ``(image_tensor, class_index)``.
+class LesionDataset(torch.utils.data.Dataset):
+    """Items are ``(uint8 image tensor, class index)``; ``table`` needs image_id, path and dx (a label of
+    ``classes``; -1 for rows without a label in them, e.g. unlabelled images to predict)."""
 
-    ``table`` needs columns image_id, path, dx. With ``cache`` the pre-resized uint8 pixels are
-    read from it (no JPEG decode); otherwise the original file is decoded.
-    """
-
-    def __init__(self, table: pd.DataFrame, transform: Callable, cache: ArraySource | None = None):
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        preprocessing: Preprocessing,
+        transform: Callable,
+        cache: StoredPixels | None = None,
+        classes: Sequence[str] = CLASSES,
+    ):
+        index = {c: i for i, c in enumerate(classes)}
         self.image_ids = table["image_id"].astype(str).tolist()
         self.paths = table["path"].astype(str).tolist()
-        self.labels = [CLASS_INDEX[d] for d in table["dx"]]
+        self.labels = [index.get(d, -1) for d in table["dx"]] if "dx" in table else [-1] * len(table)
+        self.preprocessing = preprocessing
         self.transform = transform
         self.cache = cache
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def load(self, i: int):
+    def load(self, i: int) -> tv_tensors.Image:
+        """The image's pixels (Preprocessing.pixels), read from the cache or decoded."""
         if self.cache is not None:
-            pixels = self.cache.get(self.image_ids[i])
-            return tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+            return self.preprocessing.finish(self.cache.get(self.image_ids[i]))
         try:
-            return open_rgb(self.paths[i])
+            return self.preprocessing.pixels(self.paths[i])
         except SkinLesionError as e:
             raise SkinLesionError(f"{e}; {DROP_HINT}") from e
 

@@ -28,13 +28,16 @@ class DeviceImages:
         cache = dataset.cache
         if cache is None:
             raise SkinLesionError("--device-cache copies the image cache to the device; drop --no-cache")
-        self.sizes = [cache.shape(i) for i in dataset.image_ids]
+        # The loader's pixels (a cached image smaller than the resize size is finished, i.e. upscaled, on the way).
+        pixels = (dataset.load(n) for n in range(len(dataset)))
+        self.sizes: list[tuple[int, int]] = []
+        chunks = []
+        bar = tqdm(pixels, total=len(dataset), desc="images to device memory", unit="img", disable=not progress)
+        for chw in bar:
+            self.sizes.append((int(chw.shape[1]), int(chw.shape[2])))
+            chunks.append(chw.as_subclass(torch.Tensor).contiguous().reshape(-1).to(device))
         self.offsets = np.concatenate([[0], np.cumsum([3 * h * w for h, w in self.sizes], dtype=np.int64)]).tolist()
-        self.buffer = torch.empty(self.offsets[-1], dtype=torch.uint8, device=device)
-        bar = tqdm(dataset.image_ids, desc="images to device memory", unit="img", disable=not progress)
-        for n, image_id in enumerate(bar):
-            chw = torch.from_numpy(np.ascontiguousarray(cache.get(image_id).transpose(2, 0, 1)))
-            self.buffer[self.offsets[n] : self.offsets[n + 1]].copy_(chw.reshape(-1))
+        self.buffer = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=device)
 
     def __getitem__(self, i: int) -> tv_tensors.Image:
         (h, w), start = self.sizes[i], self.offsets[i]

@@ -1,5 +1,4 @@
-"""The data side of a run folder: its config.json, its splits.csv joined with the data folder it names, labels,
-and the image cache its images live in."""
+"""The data side of a run folder: its config.json, its splits.csv joined with the data folder it names, labels."""
 
 from __future__ import annotations
 
@@ -55,9 +54,12 @@ def overlap_with_training(run_dir: Path, table: pd.DataFrame) -> tuple[np.ndarra
 
 
 def default_split(run_dir: Path) -> str:
-    """val, or test for a run folder without one (an ensemble of K folds: every other image trained a member)."""
+    """val; else test (an ensemble of K folds with a test part: every other image trained a member); else ``oof``,
+    the out-of-fold predictions of a ``train --folds`` run without a test part."""
     parts = set(read_splits(Path(run_dir) / "splits.csv")["split"])
-    return "val" if "val" in parts or "test" not in parts else "test"
+    if "val" in parts or "test" not in parts and not any(Path(run_dir).glob("fold_*/oof_logits.npz")):
+        return "val"
+    return "test" if "test" in parts else "oof"
 
 
 def split_part(run_dir: Path, split: str) -> pd.DataFrame:
@@ -78,12 +80,3 @@ def labels_of(table: pd.DataFrame) -> np.ndarray:
 
 def lesion_ids(table: pd.DataFrame) -> np.ndarray:
     return table["lesion_id"].astype(str).to_numpy()
-
-
-def open_cache(table: pd.DataFrame, short_side: int, use_cache: bool, cache_dir: str | None):
-    """The pre-resized image cache of these images, or None (decode the originals) when it is off."""
-    if not use_cache:
-        return None
-    from skinlesion.data.cache import ImageCache
-
-    return ImageCache.open_or_build(table, short_side, cache_dir=cache_dir)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from skinlesion import rules
 from skinlesion.errors import SkinLesionError
 
 MARGIN = 1e-6  # strictly above the tie, so the class wins the argmax
@@ -34,27 +35,13 @@ SUMMARY_KEYS = ("classes", "min_sensitivity", "bias", "bias_tta", "fitted_on")  
 
 
 def parse_targets(specs: Sequence[str] | str | None, classes: Sequence[str]) -> dict[str, float]:
-    """'mel=0.75' (one string, comma-separated, or a list of them) -> {'mel': 0.75}, checked."""
-    if not specs:
-        return {}
-    items = [s for spec in ([specs] if isinstance(specs, str) else specs) for s in spec.split(",") if s.strip()]
-    targets: dict[str, float] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or name not in classes:
-            raise SkinLesionError(
-                f"--min-sensitivity {item!r}: write CLASS=FRACTION, CLASS one of {', '.join(classes)}; e.g. mel=0.75"
-            )
-        try:
-            target = float(value)
-        except ValueError:
-            target = -1.0
-        if not 0.0 < target <= 1.0:
-            raise SkinLesionError(f"--min-sensitivity {item!r}: the sensitivity must be a fraction in (0, 1]")
-        if name in targets:
-            raise SkinLesionError(f"--min-sensitivity names {name} twice; give each class once")
-        targets[name] = target
+    """'mel=0.75' (one string, comma-separated, or a list of them) -> {'mel': 0.75}, checked (rules.targets) against
+    ``classes``."""
+    targets = rules.targets(list(specs) if specs is not None and not isinstance(specs, str) else specs)
+    unknown = [name for name in targets if name not in classes]
+    if unknown:
+        raise SkinLesionError(f"--min-sensitivity {unknown[0]!r} is not a class of this run; {rules.TARGETS_HELP} with "
+                              f"CLASS one of {', '.join(classes)}")  # fmt: skip
     return targets
 
 

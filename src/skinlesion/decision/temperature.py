@@ -85,24 +85,26 @@ def calibrate(
     classes: Sequence[str],
     logits_fit: np.ndarray,
     y_fit: np.ndarray,
-    logits_eval: np.ndarray | None,
-    y_eval: np.ndarray | None,
-    groups_fit: np.ndarray,
-    method: str,
-    n_folds: int = 2,
+    *,
+    lesions: np.ndarray,
+    method: str = "crossfit",
+    folds: int = 2,
     seed: int = 0,
     offsets: np.ndarray | None = None,
+    logits_eval: np.ndarray | None = None,
+    y_eval: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """calibration.json content. crossfit: fit set == scored set (out of fold); train-slice: fit, then score eval.
+    """calibration.json content. crossfit: fit set == scored set (out of fold, ``folds`` lesion folds of
+    ``lesions``); train-slice: fit, then score ``logits_eval`` / ``y_eval``.
 
     T is fitted on the image logits alone; ``offsets`` (the metadata prior's, for the scored images) are added
     after it when scoring, by the decision chain, as evaluate / predict / serve do. "before" is T = 1."""
     uncalibrated = DecisionChain(tuple(classes))  # T = 1, the scores before calibration
     if method == "crossfit":
-        after, fold_t = crossfit(uncalibrated, logits_fit, y_fit, groups_fit, n_folds, seed, offsets=offsets)
+        after, fold_t = crossfit(uncalibrated, logits_fit, y_fit, lesions, folds, seed, offsets=offsets)
         y_scored, before = y_fit, uncalibrated.probabilities(logits_fit, offsets)
         temperature = fit_temperature(logits_fit, y_fit)
-        extra: dict[str, Any] = {"folds": n_folds, "fold_temperatures": fold_t}
+        extra: dict[str, Any] = {"folds": folds, "fold_temperatures": fold_t}
     elif method == "train-slice":
         temperature = fit_temperature(logits_fit, y_fit)
         y_scored, before = y_eval, uncalibrated.probabilities(logits_eval, offsets)

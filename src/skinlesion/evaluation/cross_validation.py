@@ -19,9 +19,8 @@ re-running with ``--resume`` trains only what is missing.
 
 from __future__ import annotations
 
-import argparse
 import functools
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,10 @@ from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation.fitting import table_logits
 from skinlesion.evaluation.scoring import SUMMARY_ROWS, predictions_frame, score
 from skinlesion.inference.classifier import Classifier
+from skinlesion.inference.options import ScoringOptions
 from skinlesion.model import checkpoint, ensemble_run, logit_adjustment
 from skinlesion.training import distributed, loop
+from skinlesion.training.config import TrainConfig
 
 OOF_LOGITS = "oof_logits.npz"
 CV_METRICS = (*SUMMARY_ROWS, "mel_recall")
@@ -53,15 +54,18 @@ def fold_dir(parent: Path, fold: int) -> Path:
     return parent / f"fold_{fold}"
 
 
-def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, Any]]:
+def run(
+    config: TrainConfig,
+    d: distributed.Dist,
+    resume: bool = False,
+    stop_after_epochs: int | None = None,
+    given: Iterable[str] | None = None,
+) -> tuple[Path, TrainConfig]:
     """Train every fold (skipping finished ones), then build and fit the ensemble; the parent folder and config."""
-    cfg = loop.resolve_config(args)
-    folds = int(cfg["folds"])
-    name = cfg["run_name"] or distributed.broadcast_object(
-        d, f"{cfg['backbone']}_cv{folds}_{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    )
-    parent = Path(cfg["out"]) / name
-    resume = bool(getattr(args, "resume", False))
+    folds = int(config.folds)
+    name = config.run_name or distributed.broadcast_object(d, config.resolved().run_name)
+    config = config.replace(run_name=name).resolved()
+    parent = config.run_dir
 
     def state() -> tuple[dict[str, Any] | None, list[str]]:
         """Rank 0's view (other nodes may keep no copy): the saved config to resume, and each fold's state."""
@@ -80,7 +84,8 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
 
     saved, folds_state = distributed.from_main(d, state)
     if saved is not None:  # the recipe the folds were started with, not today's defaults
-        cfg = loop.resume_config(args, fold_dir(parent, 0), saved)
+        config = loop.resume_config(config, saved, fold_dir(parent, 0), given).replace(
+            out=config.out, run_name=config.run_name, fold=None)
     for fold in range(folds):
         where = fold_dir(parent, fold)
         if folds_state[fold] == "done":
@@ -89,36 +94,37 @@ def run(args: argparse.Namespace, d: distributed.Dist) -> tuple[Path, dict[str, 
             continue
         if d.is_main:
             print(f"fold {fold + 1}/{folds}: training {where}")
-        fold_args = argparse.Namespace(**{**vars(args), "out": str(parent), "run_name": where.name, "fold": fold,
-                                          "resume": folds_state[fold] == "started"})  # fmt: skip
-        run_dir, fold_cfg = loop.run(fold_args, d)
+        fold_config = config.replace(out=str(parent), run_name=where.name, fold=fold)
+        started = folds_state[fold] == "started"
+        run_dir, fold_cfg = loop.run(fold_config, d, started, stop_after_epochs)
         fold_over = functools.partial(finished, run_dir, fold_cfg)
-        if getattr(args, "stop_after_epochs", None) and not distributed.from_main(d, fold_over):
-            return parent, cfg  # time-boxed: stop here, --resume continues this fold
+        if stop_after_epochs and not distributed.from_main(d, fold_over):
+            return parent, config  # time-boxed: stop here, --resume continues this fold
         if d.is_main:
-            out_of_fold_logits(run_dir, fold_cfg, str(d.device))
+            out_of_fold_logits(run_dir, fold_cfg, ScoringOptions(2 * fold_cfg.batch_size, str(d.device),
+                                                                 fold_cfg.workers, fold_cfg.cache, fold_cfg.cache_dir))
         distributed.barrier(d)
     if d.is_main:
-        build(parent, [fold_dir(parent, f) for f in range(folds)], cfg, str(d.device))
-    return parent, cfg
+        build(parent, [fold_dir(parent, f) for f in range(folds)], config)
+    return parent, config
 
 
-def finished(run_dir: Path, cfg: dict[str, Any]) -> bool:
+def finished(run_dir: Path, config: TrainConfig) -> bool:
     last = checkpoint.read(run_dir / "last.pt")
     state = last.get("train_state") or {}
-    stopped_early = cfg.get("patience") is not None and last["epoch"] - state.get("best_epoch", 0) >= cfg["patience"]
-    return last["epoch"] >= cfg["epochs"] or stopped_early
+    stopped_early = config.patience is not None and last["epoch"] - state.get("best_epoch", 0) >= config.patience
+    return last["epoch"] >= config.epochs or stopped_early
 
 
-def out_of_fold_logits(run_dir: Path, cfg: dict[str, Any], device: str) -> Path:
+def out_of_fold_logits(run_dir: Path, config: TrainConfig, options: ScoringOptions) -> Path:
     """The fold's own post-hoc step (the logit adjustment lives in its weights), then its val's raw view logits:
     single view first, then the run's TTA views (the chain's TTA mean)."""
-    if cfg.get("logit_adjust_tau"):
-        logit_adjustment.set_logit_adjustment(run_dir / "best.pt", cfg["logit_adjust_tau"])
-    classifier = Classifier.load(run_dir, "torch", device)
+    if config.logit_adjust_tau:
+        logit_adjustment.set_logit_adjustment(run_dir / "best.pt", config.logit_adjust_tau)
+    classifier = Classifier.load(run_dir, "torch", options.device)
     table = split_part(run_dir, "val")
-    views = table_logits(classifier, run_dir, table, classifier.n_views(True), 2 * cfg["batch_size"], cfg["workers"],
-                         cfg.get("cache_dir"), cfg["cache"], desc=f"{run_dir.name}: val logits")  # fmt: skip
+    views = table_logits(classifier, run_dir, table, classifier.n_views(True), options,
+                         desc=f"{run_dir.name}: val logits")  # fmt: skip
     path = run_dir / OOF_LOGITS
 
     def write(tmp: Path) -> None:
@@ -171,19 +177,20 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
-def build(parent: Path, fold_dirs: list[Path], cfg: dict[str, Any], device: str) -> None:
+def build(parent: Path, fold_dirs: list[Path], config: TrainConfig) -> None:
     """The ensemble of the folds, its chain fitted out of fold, oof_predictions.csv and cv.json."""
-    about = {"folds": len(fold_dirs), "test_frac": cfg.get("test_frac"), "split_seed": cfg["seed"],
-             "recipe": cfg["recipe"]}  # fmt: skip
+    about = {"folds": len(fold_dirs), "test_frac": config.test_frac, "split_seed": config.seed,
+             "recipe": config.recipe}  # fmt: skip
     ensemble_run.write(fold_dirs, parent, extra_config=about)
     table, views = read_oof(fold_dirs)
     y, lesions = labels_of(table), table["lesion_id"].astype(str).to_numpy()
-    offsets, prior = oof_offsets(fold_dirs, table, bool(cfg.get("metadata_prior")))
+    offsets, prior = oof_offsets(fold_dirs, table, config.metadata_prior)
     if prior is not None:
         checkpoint.set_entry(parent, "metadata_prior", prior)
         print(f"{metadata_prior.summary(prior)}; stored in {parent / 'best.pt'}")
 
-    calibration = temperature.calibrate(CLASSES, views[0], y, None, None, lesions, "crossfit", 2, 0, offsets)
+    calibration = temperature.calibrate(CLASSES, views[0], y, lesions=lesions, method="crossfit", folds=2, seed=0,
+                                        offsets=offsets)  # fmt: skip
     calibration.update(fit_on="out-of-fold predictions of the folds (single view)",
                        scored_on="out-of-fold predictions, 2-fold cross-fit")  # fmt: skip
     checkpoint.set_temperature(parent, calibration["temperature"],
@@ -193,8 +200,8 @@ def build(parent: Path, fold_dirs: list[Path], cfg: dict[str, Any], device: str)
           f" -> {calibration['after']['ece']:.4f}")  # fmt: skip
 
     chain = DecisionChain.from_meta(checkpoint.read(parent))
-    if cfg.get("min_sensitivity") not in (None, "", "none"):
-        targets = operating_point.parse_targets(cfg["min_sensitivity"], CLASSES)
+    if config.min_sensitivity:
+        targets = operating_point.parse_targets(config.min_sensitivity, CLASSES)
         plain = chain.replace(operating_point=None)
         point = operating_point.build(
             plain.logits(views[:1], offsets), y, CLASSES, targets, plain.logits(views, offsets),
@@ -220,8 +227,8 @@ def build(parent: Path, fold_dirs: list[Path], cfg: dict[str, Any], device: str)
     pooled = headline(scored)
     summary = {
         "folds": len(fold_dirs),
-        "test_frac": cfg.get("test_frac") or 0.0,
-        "split_seed": cfg["seed"],
+        "test_frac": config.test_frac,
+        "split_seed": config.seed,
         "scoring": f"each image by the fold that did not train on it, through the ensemble's decision chain "
                    f"({views.shape[0]} views, temperature, prior, operating point, pooling as stored); the "
                    "temperature and operating point were fitted on these same predictions, so the pooled decision "

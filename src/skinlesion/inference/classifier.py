@@ -1,12 +1,14 @@
-"""A classifier = an inference backend (raw logits per TTA view) + the decision chain (everything after).
+"""A classifier = its preprocessing + an inference backend (raw logits per TTA view) + the decision chain.
 
-What evaluate, predict, serve and the Python API (skinlesion.api) run: the backend's logits go through the
-run's ``DecisionChain`` and nothing else, so every consumer gets the same probabilities and decisions.
+What evaluate, predict, serve, Grad-CAM, the report and the Python API (skinlesion.api) run: images become pixels
+through the run's ``Preprocessing`` (the one the image cache and the training loaders use), the backend's logits go
+through the run's ``DecisionChain`` and nothing else, so every consumer gets the same probabilities and decisions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,10 +20,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from skinlesion.classes import FULL_NAMES
 from skinlesion.data.dataset import LesionDataset
-from skinlesion.data.images import open_rgb
+from skinlesion.data.preprocessing import Preprocessing, Source
 from skinlesion.decision.chain import DecisionChain, Decisions
 from skinlesion.errors import SkinLesionError
+from skinlesion.inference.options import ScoringOptions
 
 BACKENDS = ("torch", "onnx")
 
@@ -30,11 +34,7 @@ class Backend(Protocol):
     name: str
     meta: dict[str, Any]
     classes: list[str]
-    img_size: int
-    resize_size: int
-    transform: Any
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+    preprocessing: Preprocessing
 
     def view_logits(self, batch: torch.Tensor, n_views: int = 1) -> np.ndarray: ...
 
@@ -66,6 +66,10 @@ class Classifier:
     def classes(self) -> list[str]:
         return list(self.chain.classes)
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.backend.preprocessing
+
     def with_chain(self, **changes: Any) -> Classifier:
         """The same network with some chain settings changed (a step switched off, other TTA views)."""
         return replace(self, chain=self.chain.replace(**changes))
@@ -77,19 +81,18 @@ class Classifier:
     def n_views(self, tta: bool) -> int:
         return self.chain.tta_views if tta else 1
 
-    def decode(self, source: str | Path | bytes, **limits: Any) -> Image.Image:
-        """An image file or upload decoded for this model: open_rgb with the model's resize size, so a large photo
-        is decoded small (``limits``: open_rgb's max_pixels / max_aspect)."""
-        return open_rgb(source, min_short_side=self.backend.resize_size, **limits)
+    def decode(self, source: Source, **limits: Any) -> Image.Image:
+        """An image file or upload decoded by the run's preprocessing (``limits``: open_rgb's max_pixels /
+        max_aspect): a large photo is decoded small."""
+        return self.preprocessing.open(source, **limits)
 
-    def view_logits(self, images: Sequence[Image.Image | str | Path], tta: bool = False) -> np.ndarray:
+    def view_logits(self, images: Sequence[Source], tta: bool = False) -> np.ndarray:
         """Raw logits (V, N, C) of images (PIL images or files): V = 1, or the run's TTA views."""
-        pil = [im if isinstance(im, Image.Image) else self.decode(im) for im in images]
-        return self.backend.view_logits(self.backend.preprocess(pil), self.n_views(tta))
+        return self.backend.view_logits(self.preprocessing.batch(images), self.n_views(tta))
 
     def predict(
         self,
-        images: Sequence[Image.Image | str | Path],
+        images: Sequence[Source],
         tta: bool = False,
         clinical: pd.DataFrame | None = None,
         lesion_ids: Sequence[str | None] | None = None,
@@ -98,19 +101,83 @@ class Classifier:
         localization) for the metadata prior, ``lesion_ids`` for lesion pooling."""
         return self.chain(self.view_logits(images, tta), self.chain.offsets(clinical), lesion_ids)
 
-    def view_logits_of_table(
+    def predict_files(
         self,
-        table: pd.DataFrame,
-        n_views: int = 1,
-        batch_size: int = 64,
-        cache: Any = None,
-        workers: int = 0,
-        desc: str = "predict",
+        paths: Sequence[str | Path],
+        batch_size: int = 32,
+        tta: bool = False,
+        clinical: pd.DataFrame | None = None,
+        lesion_ids: Sequence[str | None] | None = None,
+        top_k: int = 3,
+        progress: bool = False,
+    ) -> pd.DataFrame:
+        """One row per file, in order: ``image``, ``p_<class>`` (calibrated), ``prediction`` (the chain's decision),
+        ``prediction_name``, ``top_k`` (classes by probability, ';'-joined) and ``error``: a file that cannot be read
+        is a row with its error and no probabilities, not a failed call. ``clinical`` / ``lesion_ids``: row i for
+        paths[i] (metadata prior, lesion pooling across the whole call)."""
+        paths = [Path(p) for p in paths]
+        errors: dict[int, str] = {}
+        read: list[int] = []
+        chunks: list[np.ndarray] = []
+        with tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, disable=not progress) as bar:
+            for rows, images in self._decoded_batches(paths, batch_size, errors, bar):
+                chunks.append(self.view_logits(images, tta))
+                read += rows
+        frame = pd.DataFrame({"image": [str(p) for p in paths]})
+        for c in self.classes:
+            frame[f"p_{c}"] = np.nan
+        frame["prediction"] = frame["prediction_name"] = frame["top_k"] = None
+        frame["error"] = [errors.get(i) for i in range(len(paths))]
+        if lesion_ids is not None:
+            frame["lesion_id"] = list(lesion_ids)
+        if not read:
+            return frame
+        table = None if clinical is None else clinical.iloc[read].reset_index(drop=True)
+        ids = None if lesion_ids is None else [lesion_ids[i] for i in read]
+        decided = self.chain(np.concatenate(chunks, axis=1), self.chain.offsets(table), ids)
+        self._fill(frame, read, decided, top_k)
+        return frame
+
+    def _decoded_batches(
+        self, paths: Sequence[Path], batch_size: int, errors: dict[int, str], bar: tqdm
+    ) -> Iterator[tuple[list[int], list[Image.Image]]]:
+        rows: list[int] = []
+        images: list[Image.Image] = []
+        for i, path in enumerate(paths):
+            try:
+                images.append(self.decode(path))
+                rows.append(i)
+            except SkinLesionError as e:
+                errors[i] = str(e)
+            bar.update(1)
+            if len(images) == batch_size:
+                yield rows, images
+                rows, images = [], []
+        if images:
+            yield rows, images
+
+    def _fill(self, frame: pd.DataFrame, rows: list[int], decided: Decisions, top_k: int) -> None:
+        classes = self.classes
+        frame.loc[rows, [f"p_{c}" for c in classes]] = decided.probabilities
+        frame.loc[rows, "prediction"] = decided.names
+        frame.loc[rows, "prediction_name"] = [FULL_NAMES.get(n, n) for n in decided.names]
+        order = np.argsort(-decided.probabilities, axis=1, kind="stable")[:, :top_k]
+        frame.loc[rows, "top_k"] = [";".join(classes[k] for k in row) for row in order]
+
+    def view_logits_of_table(
+        self, table: pd.DataFrame, n_views: int = 1, options: ScoringOptions | None = None, desc: str = "predict"
     ) -> np.ndarray:
-        """Raw logits (n_views, N, C) of every row of a data table (``path`` column; ``cache``: the data
-        layer's image cache), in one pass: view 0 is the single-view logit, the mean over all the TTA one."""
-        dataset = LesionDataset(table, self.backend.transform, cache)
+        """Raw logits (n_views, N, C) of every row of a data table (``path`` column), in one pass: view 0 is the
+        single-view logit, the mean over all the TTA one. Pixels come from the preprocessing's image cache
+        (``options.cache``, built on first use) or from decoding the files: the same either way."""
+        from skinlesion.data.cache import ImageCache
+
+        options = options or ScoringOptions()
+        cache = ImageCache.open_or_build(table, self.preprocessing, options.cache_dir) if options.cache else None
+        dataset = LesionDataset(table, self.preprocessing, self.preprocessing.eval_transform(), cache,
+                                self.classes)  # fmt: skip
         pin = getattr(self.backend, "device", torch.device("cpu")).type == "cuda"  # page-locked: faster copies
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
+        loader = DataLoader(dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
+                            pin_memory=pin)  # fmt: skip
         chunks = [self.backend.view_logits(x, n_views) for x, _ in tqdm(loader, desc=desc, unit="batch", leave=False)]
         return np.concatenate(chunks, axis=1)

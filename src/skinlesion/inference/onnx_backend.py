@@ -2,23 +2,21 @@
 
 Everything it needs (classes, normalisation, sizes, and the decision chain's settings: temperature, metadata
 prior, operating point, TTA views, lesion pooling) comes from model.onnx's metadata, written by
-``skinlesion export``; preprocessing is the same eval transform.
+``skinlesion export``; the input is the same ``Preprocessing`` (stored in the metadata) as the torch backend's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from skinlesion import fileio
-from skinlesion.data.transforms import eval_transform
+from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import SkinLesionError
 from skinlesion.inference.views import views
 
@@ -49,6 +47,7 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
         "operating_point": json.loads(props.get("operating_point", "null")),
         "pool_lesions": bool(json.loads(props.get("pool_lesions", "false"))),
         "members": json.loads(props.get("members", "null")),
+        "preprocessing": json.loads(props.get("preprocessing", "null")),
     }
 
 
@@ -79,22 +78,17 @@ class OnnxBackend:
             raise SkinLesionError(f"could not load {self.path} ({e}); re-run `skinlesion export`") from e
         self.meta = read_metadata(self.session, self.path)
         self.classes: list[str] = list(self.meta["classes"])
-        self.img_size: int = self.meta["img_size"]
-        self.resize_size: int = self.meta["resize_size"]
+        self.preprocessing = Preprocessing.from_meta(self.meta)
+        self.normalize = self.preprocessing.normalizer("cpu")
         self.input_name = self.session.get_inputs()[0].name
-        self.transform = eval_transform(self.img_size, self.resize_size, tuple(self.meta["mean"]),
-                                        tuple(self.meta["std"]))  # fmt: skip
 
     def is_stale(self, checkpoint_path: str | Path) -> bool:
         """True when best.pt changed (retrained / recalibrated) after this model.onnx was exported."""
         src = self.meta["source_sha256"]
         return bool(src) and Path(checkpoint_path).is_file() and fileio.sha256_file(checkpoint_path) != src
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.transform(im) for im in images])
-
-    def view_logits(self, batch: torch.Tensor | np.ndarray, n_views: int = 1) -> np.ndarray:
-        """Raw logits (n_views, N, C), float32, of a preprocessed batch under each TTA view."""
-        x = batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+    def view_logits(self, batch: torch.Tensor, n_views: int = 1) -> np.ndarray:
+        """Raw logits (n_views, N, C), float32, of a uint8 batch of centre crops under each TTA view."""
+        x = self.normalize(torch.as_tensor(batch)).numpy()
         return np.stack([self.session.run(None, {self.input_name: np.ascontiguousarray(v)})[0].astype(np.float32)
                          for v in views(x, n_views)])  # fmt: skip

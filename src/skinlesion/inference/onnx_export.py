@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from skinlesion import fileio
+from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.decision.chain import DecisionChain
 from skinlesion.errors import SkinLesionError
 from skinlesion.model import checkpoint
@@ -63,7 +64,10 @@ def written_opset(model: bytes | str | Path) -> int:
 def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
     """``metadata_props`` of model.onnx: everything a consumer needs, JSON-encoded strings."""
     chain = DecisionChain.from_meta(meta)
+    preprocessing = Preprocessing.from_meta(meta)
     return {
+        # data.preprocessing.Preprocessing: decode, colour, resize, crop, mean / std; every backend's input.
+        "preprocessing": json.dumps(preprocessing.to_dict()),
         "classes": json.dumps(list(meta["classes"])),
         "mean": json.dumps([float(v) for v in meta["mean"]]),
         "std": json.dumps([float(v) for v in meta["std"]]),
@@ -133,24 +137,20 @@ def add_metadata(model_bytes: bytes, props: dict[str, str]) -> bytes:
     return proto.SerializeToString()
 
 
-def sample_inputs(meta: dict[str, Any], n_real: int = 3, seed: int = 0) -> torch.Tensor:
-    """Bundled real HAM10000 images through the eval transform, plus one random-pixel image.
+def sample_inputs(preprocessing: Preprocessing, n_real: int = 3, seed: int = 0) -> torch.Tensor:
+    """Bundled real HAM10000 images through the run's preprocessing, plus one random-pixel image, normalised.
 
     Real images keep the logits in their usual range, so the probability check is not blunted by a
     saturated softmax. The batch (n_real + 1) differs from the export batch (2): dynamic batch exercised.
     """
     from skinlesion.data.ham10000 import sample_dir
-    from skinlesion.data.images import open_rgb
-    from skinlesion.data.transforms import eval_transform
 
-    transform = eval_transform(meta["img_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
     files = sorted((sample_dir() / "images").glob("*.jpg"))[:n_real]
-    size = int(meta["img_size"])
-    pixels = torch.rand(1 + n_real - len(files), 3, size, size, generator=torch.Generator().manual_seed(seed))
-    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(meta["std"], dtype=torch.float32).view(1, 3, 1, 1)
-    real = [transform(open_rgb(f)) for f in files]
-    return torch.cat([torch.stack(real), (pixels - mean) / std]) if real else (pixels - mean) / std
+    size = preprocessing.img_size
+    noise = torch.randint(0, 256, (1 + n_real - len(files), 3, size, size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    batch = torch.cat([preprocessing.batch(files), noise]) if files else noise
+    return preprocessing.normalizer("cpu")(batch)
 
 
 def check_against_torch(
@@ -182,10 +182,9 @@ def export_onnx(
     ckpt_path = run_dir / "best.pt" if run_dir.is_dir() else run_dir
     loaded = checkpoint.load(ckpt_path)
     model = loaded.model.float().eval()
-    img_size = int(loaded.meta["img_size"])
-    onnx_bytes = to_onnx_bytes(model, img_size, opset)
+    onnx_bytes = to_onnx_bytes(model, loaded.preprocessing.img_size, opset)
     onnx_bytes = add_metadata(onnx_bytes, metadata(loaded.meta, fileio.sha256_file(ckpt_path)))
-    x = sample_inputs(loaded.meta)
+    x = sample_inputs(loaded.preprocessing)
     p_diff, logit_diff, logit_scale = check_against_torch(model, onnx_bytes, x, DecisionChain.from_meta(loaded.meta))
     # Logits are compared relative to their size: random pixels can push them into the thousands.
     if not (p_diff <= TOLERANCE and logit_diff <= TOLERANCE * max(1.0, logit_scale)):

@@ -1,4 +1,4 @@
-"""PyTorch backend: best.pt's network and its eval transform -> raw logits per TTA view.
+"""PyTorch backend: best.pt's network -> raw logits per TTA view of a uint8 batch (``Preprocessing.batch``).
 
 It returns logits before any post-hoc step; the decision chain (decision/chain.py) does the rest. On a GPU
 the network runs channels_last, under autocast (bf16 where native, else fp16) if it trained with mixed precision;
@@ -7,14 +7,11 @@ on the CPU in fp32, so CPU results match the ONNX export's parity check.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from skinlesion.data.transforms import eval_transform
 from skinlesion.device import amp_dtype, autocast
 from skinlesion.inference.views import views
 from skinlesion.model import checkpoint
@@ -33,18 +30,13 @@ class TorchBackend:
         self.dtype = amp_dtype(self.device) if accelerated and trained_amp else None
         self.meta = self.loaded.meta
         self.classes: list[str] = list(self.meta["classes"])
-        self.img_size = int(self.meta["img_size"])
-        self.resize_size = int(self.meta["resize_size"])
-        self.transform = eval_transform(self.img_size, self.resize_size, tuple(self.meta["mean"]),
-                                        tuple(self.meta["std"]))  # fmt: skip
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.transform(im) for im in images])
+        self.preprocessing = self.loaded.preprocessing
+        self.normalize = self.preprocessing.normalizer(self.device)
 
     @torch.inference_mode()
     def view_logits(self, batch: torch.Tensor, n_views: int = 1) -> np.ndarray:
-        """Raw logits (n_views, N, C), float32, of a preprocessed batch under each TTA view."""
-        batch = batch.to(self.device, non_blocking=True)
+        """Raw logits (n_views, N, C), float32, of a uint8 batch of centre crops under each TTA view."""
+        batch = self.normalize(batch)
         outputs = []
         for view in views(batch, n_views):
             with autocast(self.device, self.dtype):

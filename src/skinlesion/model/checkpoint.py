@@ -1,6 +1,7 @@
 """The self-describing checkpoint: everything needed to rebuild and run the model, no other flags.
 
-Keys: model (state dict), backbone, num_classes, classes, img_size, resize_size, mean, std,
+Keys: model (state dict), backbone, num_classes, classes, preprocessing (data/preprocessing.Preprocessing as a
+dict: the one description of the input, also mirrored as img_size, resize_size, mean, std for older readers),
 temperature (1.0 until calibrated), epoch, metrics, config, splits_sha256, versions;
 last.pt adds optimizer, scheduler, scaler, rng (see train.py).
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from skinlesion import __version__, fileio
 from skinlesion.classes import CLASSES
+from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import SkinLesionError
 from skinlesion.model import factory
 
@@ -49,9 +51,15 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def preprocessing_entries(preprocessing: Preprocessing) -> dict[str, Any]:
+    """A checkpoint's description of its input: ``preprocessing`` and its mirror keys for older readers."""
+    return {"preprocessing": preprocessing.to_dict(), "img_size": preprocessing.img_size,
+            "resize_size": preprocessing.resize_size, "mean": list(preprocessing.mean), "std": list(preprocessing.std)}
+
+
 def save(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Atomically write ``meta`` plus the unwrapped model's state dict."""
-    required = {"backbone", "img_size", "resize_size", "mean", "std"}
+    required = {"backbone", "preprocessing", "img_size", "resize_size", "mean", "std"}
     missing = required - set(meta)
     if missing:
         raise ValueError(f"checkpoint meta lacks {sorted(missing)}")
@@ -152,6 +160,10 @@ class Loaded:
     @property
     def temperature(self) -> float:
         return float(self.meta.get("temperature", 1.0))
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_meta(self.meta)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:

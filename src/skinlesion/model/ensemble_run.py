@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from skinlesion import fileio
+from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.run_folder import read_config
 from skinlesion.data.split import read_splits, write_splits
 from skinlesion.errors import SkinLesionError
@@ -72,6 +73,15 @@ def write(members: Sequence[str | Path], out: str | Path, extra_config: Mapping[
     specs = [ensemble.member_spec(c) for c in ckpts]
     mean, std = ensemble.input_normalisation(specs)
     largest = max(ckpts, key=lambda c: int(c["img_size"]))
+    # The ensemble is fed the largest member's pixels (smaller members get them resized inside the graph): only
+    # members that decode and colour-correct alike can share them.
+    preprocessing = Preprocessing.from_meta(largest).replace(mean=tuple(mean), std=tuple(std))
+    for m, c in zip(members, ckpts, strict=True):
+        mine = Preprocessing.from_meta(c)
+        if (mine.decode, mine.color_constancy) != (preprocessing.decode, preprocessing.color_constancy):
+            raise SkinLesionError(f"{m} was trained on other pixels ({mine.describe()}) than the largest member "
+                                  f"({preprocessing.describe()}); ensemble runs with the same decode and colour "
+                                  "constancy")  # fmt: skip
     records = [member_record(m, c, out) for m, c in zip(members, ckpts, strict=True)]
     first_config = read_config(members[0])
     config = {
@@ -79,10 +89,7 @@ def write(members: Sequence[str | Path], out: str | Path, extra_config: Mapping[
         "members": records,
         **{k: first_config.get(k) for k in DATA_KEYS},
         "backbone": ensemble.ENSEMBLE,
-        "img_size": int(largest["img_size"]),
-        "resize_size": int(largest["resize_size"]),
-        "mean": mean,
-        "std": std,
+        **checkpoint.preprocessing_entries(preprocessing),
         "classes": classes,
         # TTA views and lesion pooling: the first member's, as a single run would have them.
         "tta_views": (ckpts[0].get("config") or {}).get("tta_views", 4),
@@ -96,10 +103,7 @@ def write(members: Sequence[str | Path], out: str | Path, extra_config: Mapping[
         "members": specs,
         "num_classes": len(classes),
         "classes": classes,
-        "img_size": int(largest["img_size"]),
-        "resize_size": int(largest["resize_size"]),
-        "mean": mean,
-        "std": std,
+        **checkpoint.preprocessing_entries(preprocessing),
         "temperature": 1.0,
         "epoch": None,
         "metrics": {},

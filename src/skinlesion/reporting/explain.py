@@ -4,7 +4,7 @@ The target layer is found automatically: for CNNs, the module whose output *is* 
 ``forward_features`` returns (the last feature map before global pooling: EfficientNet ``bn2``,
 ResNet ``layer4``, ConvNeXt ``stages[-1]``, DenseNet ``features``); for ViTs, the last block's
 ``norm1`` with its tokens reshaped onto the patch grid (class / register tokens dropped).
-The map is shown on the image as the model sees it (resized and centre-cropped).
+The map is shown on the image as the model sees it (the run's preprocessing: resized and centre-cropped).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
-from torchvision.transforms import v2
 
 from skinlesion import fileio
 from skinlesion.classes import CLASS_INDEX, FULL_NAMES
@@ -113,11 +112,6 @@ class Explanation:
         return f"map from a {h}x{w} feature grid" + (" (coarse: blurred over large areas)" if self.coarse else "")
 
 
-def model_view(resize_size: int, img_size: int) -> v2.Compose:
-    """The geometric part of the eval transform (resize + centre crop), for showing images and masks."""
-    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(img_size)])
-
-
 def target_layers(model: nn.Module, img_size: int) -> tuple[list[nn.Module], Callable | None]:
     """``target_layer`` of a network, or of every member of an ensemble (pytorch-grad-cam averages the maps of
     several layers, each resized to the input: the ensemble's map is its members' mean)."""
@@ -148,14 +142,15 @@ def explain(
         raise SkinLesionError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
     if target_class is not None and target_class not in CLASS_INDEX:
         raise SkinLesionError(f"unknown --target-class {target_class!r}; choose from {', '.join(CLASS_INDEX)}")
-    backend, chain = classifier.backend, classifier.chain
+    backend, chain, preprocessing = classifier.backend, classifier.chain, classifier.preprocessing
     model = backend.model
-    x = backend.preprocess([image]).to(backend.device)
-    decided = chain(backend.view_logits(x, 1), chain.offsets(clinical))
+    view = preprocessing.batch([image])  # uint8: what the network sees, and what the map is shown on
+    decided = chain(backend.view_logits(view, 1), chain.offsets(clinical))
+    x = backend.normalize(view)
     probs, predicted = decided.probabilities[0], decided.names[0]
     target = target_class or predicted
     if model not in _TARGETS:
-        _TARGETS[model] = target_layers(model, backend.img_size)
+        _TARGETS[model] = target_layers(model, preprocessing.img_size)
     layers, reshape = _TARGETS[model]
     grids = []
     hooks = [layer.register_forward_hook(lambda _m, _i, out: grids.append(tuple(out.shape[-2:]))) for layer in layers]
@@ -166,7 +161,7 @@ def explain(
         for hook in hooks:
             hook.remove()
     grid = min(grids) if grids and reshape is None else (0, 0)
-    rgb = np.asarray(model_view(backend.resize_size, backend.img_size)(image), dtype=np.float32) / 255.0
+    rgb = view[0].permute(1, 2, 0).numpy().astype(np.float32) / 255.0
     return Explanation(rgb, grey, probs, predicted, target, list(chain.classes), grid)
 
 

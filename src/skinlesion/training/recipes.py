@@ -1,57 +1,14 @@
-"""Named training presets: plain dicts of defaults. Any explicit ``skinlesion train`` flag overrides them."""
+"""Named training presets: ``TrainConfig`` objects. The reference recipe is TrainConfig's defaults; every other is a
+``dataclasses.replace`` of it. Any explicit ``skinlesion train`` flag (or TrainConfig argument) overrides them."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from skinlesion.errors import SkinLesionError
+from skinlesion.training.config import TrainConfig
 
 # The reference recipe (issue 3): EfficientNet-B0, ImageNet weights, AdamW 3e-4 / 1e-4, CE, batch 32,
 # 20 epochs, cosine per iteration, resize 257 -> crop 224 with h+v flips.
-REFERENCE: dict[str, Any] = {
-    "backbone": "efficientnet_b0",
-    "pretrained": True,
-    "weights": None,
-    "img_size": 224,
-    "epochs": 20,
-    "batch_size": 32,
-    "lr": 3e-4,
-    "weight_decay": 1e-4,
-    "opt": "adamw",  # any other name: timm's create_optimizer_v2
-    "sched": "cosine",  # per update; others: timm's create_scheduler_v2
-    "head_lr_mult": 1.0,
-    "head_warmup_epochs": 0,
-    "drop_rate": 0.2,
-    "loss": "ce",
-    "gamma": 2.0,
-    "class_weights": "none",
-    "sampler": "none",
-    "logit_adjust_tau": 0.0,
-    "label_smoothing": 0.0,
-    "mixup": 0.0,
-    "cutmix": 0.0,
-    "augment": "reference",
-    "ema": False,
-    "ema_decay": 0.999,
-    "amp": True,
-    "channels_last": True,
-    "compile": False,
-    "grad_accum": 1,
-    "warmup_epochs": 0.0,
-    "clip_grad": None,
-    "select": "macro_f1",
-    "tta_views": 4,
-    "metadata_prior": False,
-    "min_sensitivity": None,  # operating point set on val after training, e.g. "mel=0.75" (operating_point.py)
-    "pool_lesions": False,  # score a lesion's images together where lesion ids are given (lesion_pooling.py)
-    "patience": None,
-    "val_frac": 0.2,
-    "seed": 42,
-    "device": "auto",
-    "workers": 2,
-    "mean": None,
-    "std": None,
-}
+REFERENCE = TrainConfig()
 
 # The winner of the real-data ablation (docs/results.md, benchmarks/ablation.py), each part kept because it
 # helped there: AdamW lr 1e-3 (macro F1 +0.045 and +0.059 over 3e-4 with the rest of this recipe, with two
@@ -71,24 +28,20 @@ REFERENCE: dict[str, Any] = {
 # Lesion pooling (lesion_pooling.py) scores the images of one lesion together wherever lesion ids are given
 # (evaluate on splits.csv; predict --metadata with a lesion_id column): macro F1 +0.021, balanced accuracy +0.015
 # and AUC +0.006 on average over 27 networks on two splits (26 gain); one image alone (serve) is unchanged.
-IMPROVED: dict[str, Any] = {
-    **REFERENCE,
-    "lr": 1e-3,
-    "logit_adjust_tau": 1.0,
-    "tta_views": 8,
-    "metadata_prior": True,
-    "min_sensitivity": "mel=0.75",
-    "pool_lesions": True,
-}
+IMPROVED = REFERENCE.replace(
+    recipe="improved",
+    lr=1e-3,
+    logit_adjust_tau=1.0,
+    tta_views=8,
+    metadata_prior=True,
+    min_sensitivity="mel=0.75",
+    pool_lesions=True,
+)
 
-RECIPES: dict[str, dict[str, Any]] = {"reference": REFERENCE, "improved": IMPROVED}
+RECIPES: dict[str, TrainConfig] = {"reference": REFERENCE, "improved": IMPROVED}
 
 
-def resolve(recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's defaults updated with every override that is not None."""
-    if recipe not in RECIPES:
-        raise SkinLesionError(f"unknown --recipe {recipe!r}; choose from {', '.join(RECIPES)}")
-    cfg = dict(RECIPES[recipe])
-    cfg.update({k: v for k, v in overrides.items() if v is not None and k in cfg})
-    cfg["recipe"] = recipe
-    return cfg
+def recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise SkinLesionError(f"unknown --recipe {name!r}; choose from {', '.join(RECIPES)}")
+    return RECIPES[name]
