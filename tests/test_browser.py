@@ -78,6 +78,7 @@ def browser(tmp_path_factory):
     ):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, CSP refusals among them
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     yield driver
     driver.quit()
@@ -145,3 +146,73 @@ def test_page_says_when_the_operating_point_overrules_the_most_probable_class(br
         assert browser.find_element(By.ID, "prediction").text == pushed
         note = browser.find_element(By.ID, "meta").text
     assert f"called {pushed} by the operating point" in note and f"although {top} is more probable" in note
+
+
+def open_docs(browser, server_url: str) -> None:
+    """/docs loaded and drawn: its operation blocks, or Swagger UI's error (a bad schema, or "Unable to render
+    this definition" for a schema version it cannot read, as Swagger UI 4 did with FastAPI's OpenAPI 3.1)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get_log("browser")  # drop what earlier pages logged
+    browser.get(server_url + "/docs")
+    failed = ".errors-wrapper, .version-pragma"
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, f".opblock, {failed}"))
+    assert not browser.find_elements(By.CSS_SELECTOR, failed), browser.find_element(By.TAG_NAME, "body").text[:300]
+
+
+def browser_problems(browser, server_url: str) -> list[str]:
+    """Console errors (CSP refusals among them) and anything fetched from another origin than the server."""
+    origins = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    logged = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE" or "Policy" in e["message"]]
+    return logged + [f"fetched {url}" for url in origins if not url.startswith(server_url + "/")]
+
+
+def test_docs_renders_every_operation_offline(browser, server_url):
+    """/docs is Swagger UI from local files under the page's strict CSP: every operation of the OpenAPI 3.1 schema
+    is drawn, the upload's form opens, nothing comes from another origin and nothing is refused."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_docs(browser, server_url)
+    drawn = {
+        (block.get_attribute("class").split("opblock-")[1].split()[0],
+         block.find_element(By.CSS_SELECTOR, ".opblock-summary-path").get_attribute("data-path"))
+        for block in browser.find_elements(By.CSS_SELECTOR, ".opblock")
+    }  # fmt: skip
+    assert drawn == {("post", "/api/predict"), ("get", "/api/health"), ("get", "/api/model")}
+    assert browser.find_element(By.CSS_SELECTOR, ".info .title").text.startswith("skinlesion")
+
+    browser.find_element(By.CSS_SELECTOR, ".opblock-post .opblock-summary").click()
+    body = WebDriverWait(browser, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, ".opblock-post .opblock-body"))
+    WebDriverWait(browser, 30).until(lambda d: "multipart/form-data" in body.text)
+    for text in ("cam", "file", "a JPEG or PNG image", "Responses", "413", "415"):
+        assert text in body.text, text
+    assert not browser_problems(browser, server_url)
+
+
+def test_docs_try_it_out_uploads_an_image(browser, server_url, synth_dir):
+    """Swagger UI's "Try it out" sends a real upload under the CSP (connect-src 'self') and shows the answer."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_docs(browser, server_url)
+    browser.find_element(By.CSS_SELECTOR, ".opblock-post .opblock-summary").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-post .try-out__btn"))
+    browser.find_element(By.CSS_SELECTOR, ".opblock-post .try-out__btn").click()
+    upload = WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, ".opblock-post input[type=file]")
+    )
+    upload.send_keys(str(sorted((synth_dir / "images").glob("*.jpg"))[0]))
+    # Swagger UI fills optional form fields with placeholders ("string", 0); this model has no metadata prior.
+    for field in browser.find_elements(By.CSS_SELECTOR, ".opblock-post .parameters input[type=text]"):
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(Keys.BACKSPACE)
+    browser.find_element(By.CSS_SELECTOR, ".opblock-post .execute").click()
+    live = ".opblock-post .live-responses-table"
+    answer = WebDriverWait(browser, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, live))
+    WebDriverWait(browser, 60).until(lambda d: '"prediction"' in answer.text)
+    assert answer.find_element(By.CSS_SELECTOR, "tbody .response-col_status").text.strip() == "200"
+    assert '"model_id": "tiny@' in answer.text
+    assert not browser_problems(browser, server_url)

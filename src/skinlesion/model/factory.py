@@ -7,7 +7,8 @@ every shape checked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from skinlesion.errors import SkinLesionError
 from skinlesion.model import ensemble
 
 OFFLINE_HELP = (
-    "pass --weights PATH to a local ImageNet checkpoint (.pth or .safetensors, timm or "
-    "EfficientNet-PyTorch format), or --no-pretrained to train from scratch"
+    "pass --weights lite0 (genuine ImageNet EfficientNet-Lite0, installed with skinlesion, works offline), "
+    "--weights PATH to a local ImageNet checkpoint (.pth or .safetensors, timm or EfficientNet-PyTorch format), "
+    "or --no-pretrained to train from scratch"
 )
 
 
@@ -74,13 +76,62 @@ def create_model(
         return model
     if not pretrained:
         return timm.create_model(backbone, pretrained=False, **kwargs)
+    return create_pretrained(backbone, kwargs)
+
+
+def create_pretrained(backbone: str, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's ImageNet weights, loaded as timm loads them when the hub answers; from the hub's cache alone when it
+    does not. Why: with no network and nothing cached, huggingface_hub retries each file 5 times with back-off and
+    timm asks for two files (~50 s and 22 log lines before failing); one probe instead, then one error line."""
+    import httpx2  # huggingface_hub's HTTP client: what a failed request raises unless the hub wraps it
+
+    reachable = hub_reachable()
     try:
-        return timm.create_model(backbone, pretrained=True, **kwargs)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise SkinLesionError(
-            f"could not load ImageNet weights for {backbone} from the Hugging Face hub or its cache "
-            f"({type(e).__name__}); {OFFLINE_HELP}"
-        ) from e
+        with hub_cache_only(not reachable):
+            return timm.create_model(backbone, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError, httpx2.HTTPError) as e:
+        if reachable:
+            where = f"from the Hugging Face hub or its cache ({type(e).__name__})"
+        else:
+            where = f"from the Hugging Face hub's cache ({hub_unreachable_reason()}; not cached)"
+        raise SkinLesionError(f"could not load ImageNet weights for {backbone} {where}; {OFFLINE_HELP}") from e
+
+
+def hub_reachable() -> bool:
+    """One request to the Hugging Face hub's endpoint (HF_ENDPOINT), no retries, within HF_HUB_ETAG_TIMEOUT: any
+    HTTP answer means reachable. False in huggingface_hub's offline mode (HF_HUB_OFFLINE), without a request."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except (httpx2.HTTPError, OSError):
+        return False
+    return True
+
+
+def hub_unreachable_reason() -> str:
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else f"{constants.ENDPOINT} is unreachable"
+
+
+@contextlib.contextmanager
+def hub_cache_only(on: bool) -> Iterator[None]:
+    """huggingface_hub's offline mode (what HF_HUB_OFFLINE=1 sets when it is imported) for this block only: cached
+    files load, missing ones fail at once instead of being retried. The flag is the module's, read per request;
+    it is restored on exit, so nothing is left changed (model creation runs on one thread)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or on
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def architecture(ckpt: Mapping[str, Any]) -> nn.Module:

@@ -23,7 +23,6 @@ from typing import Annotated, Any
 import pandas as pd
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -222,6 +221,7 @@ def create_app(
         description="Dermatoscopic skin-lesion classifier (HAM10000 classes). A research tool, not a diagnosis.",
         max_body_size=max_upload + MULTIPART_OVERHEAD,
         docs_url=None,  # served below from local Swagger UI files: /docs works offline
+        redoc_url=None,  # FastAPI's ReDoc page loads its script from a CDN
     )
     app.state.service = service
     too_large = f"upload is over the {max_upload_mb:g} MB limit; send a smaller image"
@@ -238,9 +238,8 @@ def create_app(
         response = await call_next(request)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
-        if request.url.path == "/" or request.url.path.startswith("/static/"):
-            # The Swagger page at /docs runs an inline script, so the strict policy is for our page only.
-            response.headers["Content-Security-Policy"] = PAGE_CSP
+        # Every page, /docs too (its Swagger UI starts from a file, not an inline script), and every asset.
+        response.headers["Content-Security-Policy"] = PAGE_CSP
         return response
 
     @app.get("/", include_in_schema=False)
@@ -287,11 +286,9 @@ def create_app(
             raise HTTPException(415, "the upload is not a readable image; send a JPEG or PNG file") from e
 
     @app.get("/docs", include_in_schema=False)
-    def docs() -> Any:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json", title="skinlesion API", swagger_js_url="/swagger/swagger-ui-bundle.js",
-            swagger_css_url="/swagger/swagger-ui.css", swagger_favicon_url="/swagger/favicon-32x32.png",
-        )
+    def docs() -> FileResponse:
+        # Swagger UI 5 (swagger-ui-bundle-v2): it reads the OpenAPI 3.1 schema FastAPI writes; 4.x cannot.
+        return FileResponse(STATIC / "docs.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
