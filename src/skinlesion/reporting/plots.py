@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
 
 from skinlesion import fileio  # noqa: E402
@@ -95,34 +97,50 @@ def pr_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], pat
     return _save(fig, path)
 
 
-def reliability_diagram(
-    confidence: np.ndarray,
-    accuracy: np.ndarray,
-    count: np.ndarray,
-    path: str | Path,
-    after: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-    ece: tuple[float, float | None] | None = None,
-) -> Path:
-    """Accuracy vs confidence per bin (before, and after temperature scaling when given)."""
-    fig, ax = plt.subplots(figsize=(6, 6))
+@dataclass
+class ReliabilityCurve:
+    """One curve of a reliability diagram: per bin its mean confidence, accuracy and image count (empty bins
+    NaN / 0); ``lo`` / ``hi``, when given, the lowest and highest confidence in each bin (drawn as a bar)."""
+
+    label: str
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    count: np.ndarray
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+
+
+def reliability_figure(curves: Sequence[ReliabilityCurve], title: str = "Reliability diagram"):
+    """Accuracy vs confidence per bin, each point labelled with its image count (a bin of 20 images has an
+    accuracy interval of about ±0.2, so the count says how far to trust the point)."""
+    fig, ax = plt.subplots(figsize=(6.5, 6.2))
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect calibration")
-    labels = ["before", "after temperature scaling"]
-    for k, (conf, acc, n) in enumerate([(confidence, accuracy, count), *([after] if after else [])]):
-        conf, acc, n = (np.asarray(a, dtype=float) for a in (conf, acc, n))
-        ok = n > 0
-        label = labels[k] if after else "model"
-        if ece and ece[k] is not None:
-            label += f" (ECE {ece[k]:.3f})"
-        ax.plot(conf[ok], acc[ok], "o-", label=label)
-    ax.set(
-        xlabel="confidence (top-1 probability)",
-        ylabel="accuracy",
-        xlim=(0, 1),
-        ylim=(0, 1),
-        title="Reliability diagram",
-    )
+    for k, curve in enumerate(curves):
+        conf, acc, n = (np.asarray(a, dtype=float) for a in (curve.confidence, curve.accuracy, curve.count))
+        ok = (n > 0) & np.isfinite(conf) & np.isfinite(acc)
+        color = f"C{k}"
+        if curve.lo is not None and curve.hi is not None:
+            lo, hi = np.asarray(curve.lo, dtype=float)[ok], np.asarray(curve.hi, dtype=float)[ok]
+            ax.errorbar(conf[ok], acc[ok], xerr=[conf[ok] - lo, hi - conf[ok]], fmt="none", ecolor=color, alpha=0.35,
+                        capsize=2)  # fmt: skip
+        ax.plot(conf[ok], acc[ok], "o-", color=color, label=curve.label)
+        for x, y, count in zip(conf[ok], acc[ok], n[ok], strict=True):
+            # The first curve's counts above its points, the second's below (flipped at the plot's edges).
+            dy = 7 if k % 2 == 0 else -14
+            dy = -14 if dy > 0 and y > 0.93 else 7 if dy < 0 and y < 0.07 else dy
+            ax.annotate(f"{int(count)}", (x, y), textcoords="offset points", xytext=(0, dy), ha="center",
+                        fontsize=8, color=color)  # fmt: skip
+    ax.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.04), title=title)
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    ax.text(0.98, 0.02, "numbers: images per bin", transform=ax.transAxes, ha="right", va="bottom", fontsize=8,
+            color="#555")  # fmt: skip
+    return fig
+
+
+def reliability_diagram(
+    curves: Sequence[ReliabilityCurve], path: str | Path, title: str = "Reliability diagram"
+) -> Path:
+    return _save(reliability_figure(curves, title), path)
 
 
 def confidence_histogram(confidence: np.ndarray, correct: np.ndarray, path: str | Path) -> Path:
@@ -147,20 +165,44 @@ def per_class_f1(f1: np.ndarray, lo: np.ndarray, hi: np.ndarray, classes: Sequen
     return _save(fig, path)
 
 
-def learning_curves(history: pd.DataFrame, path: str | Path) -> Path:
-    """Loss and accuracy-type metrics per epoch from history.csv (columns that are present)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for col in ("train_loss", "val_loss"):
-        if col in history:
-            axes[0].plot(history["epoch"], history[col], "o-", label=col)
-    for col in ("train_acc", "val_acc", "val_balanced_acc", "val_macro_f1", "val_macro_auc"):
-        if col in history:
-            axes[1].plot(history["epoch"], history[col], "o-", label=col)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="Loss")
-    axes[1].set(xlabel="epoch", ylabel="score", title="Validation metrics")
-    for ax in axes:
-        ax.legend()
-    return _save(fig, path)
+LOSS_COLUMNS = {"train": ("train_loss",), "val": ("val_loss",)}
+SCORE_COLUMNS = {"train": ("train_acc",), "val": ("val_acc", "val_balanced_acc", "val_macro_f1", "val_macro_auc")}
+
+
+def learning_curves_figure(history: pd.DataFrame, best_epoch: int | None = None, select_column: str | None = None):
+    """history.csv per epoch: training (left) and validation (right), loss (top, one y scale for both so they
+    compare) and accuracy-type scores (bottom); integer epoch ticks; ``best_epoch`` (the one best.pt holds) marked
+    on every panel, with a star on ``select_column`` (the metric that chose it)."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.6), sharex=True, sharey="row")
+    for col_k, part in enumerate(("train", "val")):
+        for row_k, (family, ylabel) in enumerate(((LOSS_COLUMNS, "loss"), (SCORE_COLUMNS, "score"))):
+            ax = axes[row_k, col_k]
+            for k, col in enumerate(c for c in family[part] if c in history):
+                ax.plot(history["epoch"], history[col], "o-", color=f"C{k}", label=col)
+                if col == select_column and best_epoch is not None and (history["epoch"] == best_epoch).any():
+                    value = history.loc[history["epoch"] == best_epoch, col].iloc[0]
+                    ax.plot([best_epoch], [value], "*", color=f"C{k}", markersize=16, markeredgecolor="black",
+                            zorder=5, label=f"{col} at best epoch ({value:.3f})")  # fmt: skip
+            if best_epoch is not None:
+                ax.axvline(best_epoch, color="grey", ls="--", lw=1)
+            ax.set(ylabel=ylabel if col_k == 0 else None, title=f"{'Training' if part == 'train' else 'Validation'} "
+                   f"{ylabel}")  # fmt: skip
+            ax.legend(fontsize=8, loc="best")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(labelbottom=True)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    if best_epoch is not None:
+        fig.suptitle(f"dashed line: best epoch {best_epoch}, the one best.pt holds"
+                     + (f" ({'lowest' if select_column == 'val_loss' else 'highest'} {select_column}, starred)"
+                        if select_column else ""), fontsize=11)  # fmt: skip
+    return fig
+
+
+def learning_curves(
+    history: pd.DataFrame, path: str | Path, best_epoch: int | None = None, select_column: str | None = None
+) -> Path:
+    return _save(learning_curves_figure(history, best_epoch, select_column), path)
 
 
 def class_counts(counts: pd.DataFrame, path: str | Path) -> Path:

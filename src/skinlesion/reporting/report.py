@@ -16,9 +16,11 @@ from skinlesion import metrics
 from skinlesion.classes import CLASS_INDEX, FULL_NAMES
 from skinlesion.decision.chain import DecisionChain
 from skinlesion.inference.classifier import Classifier
+from skinlesion.model import checkpoint
 from skinlesion.reporting import plots
 from skinlesion.reporting.explain import explain
 from skinlesion.reporting.explain import figure as cam_figure
+from skinlesion.training.tracking import SELECT
 
 HEADLINE_NAMES = {
     "accuracy": "accuracy",
@@ -28,7 +30,7 @@ HEADLINE_NAMES = {
     "macro_auc": "macro AUC (one-vs-rest)",
     "log_loss": "log-loss",
     "brier": "Brier score",
-    "ece": f"ECE ({metrics.ECE_BINS} bins)",
+    "ece": f"ECE ({metrics.ECE_BINS} equal-width bins)",
 }
 
 
@@ -78,10 +80,150 @@ def split_rows(splits: pd.DataFrame, classes: list[str]) -> list[dict[str, Any]]
     return rows
 
 
-def make_figures(
-    run_dir: Path, preds: pd.DataFrame, m: dict[str, Any], classes: list[str], calibration: dict[str, Any] | None
+# Reliability bins of the report's figure: equal-mass, about MIN_PER_BIN images each (a bin of 20 has an accuracy
+# interval of about ±0.2; fewer is noise), between MIN_BINS and MAX_BINS bins. metrics.json's ECE keeps its
+# metrics.ECE_BINS equal-width bins, the usual definition that compares across runs and papers.
+MIN_PER_BIN = 20
+MIN_BINS, MAX_BINS = 3, metrics.ECE_BINS
+
+
+def reliability_bin_count(n: int) -> int:
+    """n // MIN_PER_BIN bins, at least MIN_BINS and at most MAX_BINS (140 images: 7 bins of 20)."""
+    return int(np.clip(n // MIN_PER_BIN, MIN_BINS, MAX_BINS))
+
+
+def equal_mass_bins(y: np.ndarray, probs: np.ndarray, n_bins: int | None = None) -> dict[str, np.ndarray]:
+    """Reliability bins holding (nearly) the same number of images, cut by rank of the top-1 confidence; per bin
+    count, mean confidence, accuracy of the argmax (as metrics.ece scores the probabilities), lowest / highest
+    confidence."""
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == np.asarray(y)).astype(float)
+    n_bins = min(n_bins or reliability_bin_count(len(conf)), max(1, len(conf)))
+    groups = [g for g in np.array_split(np.argsort(conf, kind="stable"), n_bins) if len(g)]
+    return {
+        "count": np.array([len(g) for g in groups], dtype=float),
+        "confidence": np.array([conf[g].mean() for g in groups]),
+        "accuracy": np.array([correct[g].mean() for g in groups]),
+        "lo": np.array([conf[g].min() for g in groups]),
+        "hi": np.array([conf[g].max() for g in groups]),
+    }
+
+
+def merge_sparse_bins(bins: dict[str, Any], min_count: int = MIN_PER_BIN) -> dict[str, np.ndarray]:
+    """Stored equal-width bins (calibration.json: count, confidence, accuracy; empty bins None) with neighbours
+    merged left to right until each holds ``min_count`` images (a short tail joins the last group); merged means
+    are count-weighted, so they equal the bin statistics of the merged images exactly."""
+    count = np.asarray(bins["count"], dtype=float)
+    conf = np.nan_to_num(np.asarray(bins["confidence"], dtype=float))
+    acc = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float))
+    groups: list[list[int]] = [[]]
+    for i in np.flatnonzero(count > 0):
+        if count[groups[-1]].sum() >= min_count:
+            groups.append([])
+        groups[-1].append(int(i))
+    if len(groups) > 1 and count[groups[-1]].sum() < min_count:
+        groups[-2] += groups.pop()
+    groups = [g for g in groups if g]
+    n = np.array([count[g].sum() for g in groups])
+    return {
+        "count": n,
+        "confidence": np.array([(count[g] * conf[g]).sum() for g in groups]) / np.maximum(n, 1),
+        "accuracy": np.array([(count[g] * acc[g]).sum() for g in groups]) / np.maximum(n, 1),
+    }
+
+
+def binned_ece(bins: dict[str, np.ndarray]) -> float:
+    """ECE on given bins: sum over bins of (count / N) |accuracy - confidence|."""
+    n = np.asarray(bins["count"], dtype=float)
+    gap = np.abs(np.asarray(bins["accuracy"], dtype=float) - np.asarray(bins["confidence"], dtype=float))
+    return float((n * np.nan_to_num(gap)).sum() / n.sum()) if n.sum() else float("nan")
+
+
+def reliability_figures(
+    out: Path, y: np.ndarray, probs: np.ndarray, m: dict[str, Any], calibration: dict[str, Any] | None
 ) -> list[tuple[Path, str]]:
-    """Every metric figure, as (file, caption)."""
+    """The headline's probabilities on equal-mass bins; with calibration.json, calibrate's before / after too."""
+    bins = equal_mass_bins(y, probs)
+    n, k, ece_here = len(y), len(bins["count"]), binned_ece(bins)
+    where = m.get("split") or m.get("external") or "?"
+    curve = plots.ReliabilityCurve(f"predictions.csv (ECE {ece_here:.3f} on these bins)", **bins)
+    path = plots.reliability_diagram([curve], out / "reliability.png", f"Reliability: {where}, {n} images")
+    ece_json = (m.get("ece") or {}).get("value")
+    caption = (f"Reliability of the headline's probabilities (predictions.csv, {n} images of {where}): {k} equal-mass "
+               f"bins of about {n // k} images (rule: one bin per {MIN_PER_BIN} images, {MIN_BINS} to {MAX_BINS}), "
+               f"the bar through each point spans its confidences. ECE on these bins {ece_here:.3f}; metrics.json's "
+               f"ECE{f' ({ece_json:.3f})' if ece_json is not None else ''} uses {metrics.ECE_BINS} equal-width bins "
+               "over (0, 1], the usual definition, comparable across runs.")  # fmt: skip
+    figs = [(path, caption)]
+    if calibration:
+        curves = []
+        for key, name in (("before", "before, T = 1"), ("after", f"after, T = {calibration['temperature']:.3f}")):
+            merged = merge_sparse_bins(calibration["reliability"][key])
+            curves.append(plots.ReliabilityCurve(f"{name} (ECE {calibration[key]['ece']:.3f})", **merged))
+        path = plots.reliability_diagram(curves, out / "calibration_reliability.png", "Temperature scaling")
+        figs.append((path, f"calibrate's check before and after temperature scaling, scored on "
+                           f"{calibration['scored_on']} ({calibration['n_scored']} images): calibration.json's "
+                           f"{metrics.ECE_BINS} equal-width bins, neighbours merged until each holds at least "
+                           f"{MIN_PER_BIN} images; the ECE in the legend is calibration.json's, on the "
+                           f"{metrics.ECE_BINS} bins."))  # fmt: skip
+    return figs
+
+
+def best_epoch_of(meta: dict[str, Any]) -> tuple[int | None, str]:
+    """The epoch best.pt holds and the history column that chose it (the run's ``select``, default macro_f1)."""
+    select = meta.get("select") or (meta.get("config") or {}).get("select") or "macro_f1"
+    column = SELECT.get(select, SELECT["macro_f1"])[0]
+    epoch = meta.get("epoch")
+    return (int(epoch) if epoch is not None else None), column
+
+
+def history_note(history: pd.DataFrame, best_epoch: int | None, column: str, m: dict[str, Any],
+                 meta: dict[str, Any]) -> str:  # fmt: skip
+    """Why history.csv's numbers at the best epoch need not equal the headline's, naming both."""
+    if best_epoch is None or not (history["epoch"] == best_epoch).any():
+        return ""
+    row = history.loc[history["epoch"] == best_epoch].iloc[0]
+    where = m.get("split") or m.get("external") or "?"
+    best = "lowest" if column == "val_loss" else "highest"
+    text = f"Best epoch {best_epoch} ({best} {column}, the epoch best.pt holds) is marked. "
+    pairs = [(c, k) for c, k in (("val_acc", "accuracy"), ("val_macro_f1", "macro_f1")) if c in row]
+    text += "history.csv there: " + ", ".join(f"{c} {row[c]:.3f}" for c, _ in pairs)
+    text += f"; the headline on {where}: " + ", ".join(f"{k} {fmt(m.get(k)).split(' ')[0]}" for _, k in pairs) + ". "
+    if where != "val":
+        return text + f"Different images: history.csv scores the val split, the headline {where}."
+    steps = []
+    if meta.get("logit_adjustment"):
+        steps.append("a prior correction added to best.pt's classifier bias after training")
+    if (m.get("metadata_prior") or {}).get("applied"):
+        steps.append("the metadata prior (age, sex, site)")
+    if m.get("operating_point"):
+        steps.append("the operating point")
+    if (m.get("lesion_pooling") or {}).get("applied"):
+        steps.append("lesion pooling")
+    amp = (meta.get("config") or {}).get("amp_dtype")
+    text += ("history.csv is the training loop's own validation pass: the argmax of the network's logits, one "
+             f"centre view, image by image{f', in {amp} mixed precision' if amp else ''}. The headline scores "
+             "evaluate's predictions.csv, decided by the run's decision chain")  # fmt: skip
+    if steps:
+        text += f": {', '.join(steps)} move decisions (the temperature alone does not), so the two can differ."
+    else:
+        text += (": here only the temperature applies, which keeps the argmax, so the two differ at most by "
+                 "numerical precision.")  # fmt: skip
+    if "with_tta" in m:
+        text += f" The TTA column averages {m.get('tta_views', 4)} views, which history.csv does not."
+    return text
+
+
+def make_figures(
+    run_dir: Path,
+    preds: pd.DataFrame,
+    m: dict[str, Any],
+    classes: list[str],
+    calibration: dict[str, Any] | None,
+    meta: dict[str, Any] | None = None,
+) -> list[tuple[Path, str]]:
+    """Every metric figure, as (file, caption). ``meta``: best.pt's entries (read here when not given) for the
+    learning curves' best epoch."""
     out = run_dir / "figures"
     y = preds["y_true"].map(CLASS_INDEX).to_numpy()
     probs = preds[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
@@ -95,27 +237,8 @@ def make_figures(
         ),
         (plots.roc_curves(y, probs, classes, out / "roc.png"), "ROC curves, one-vs-rest, with macro average"),
         (plots.pr_curves(y, probs, classes, out / "precision_recall.png"), "Precision–recall curves"),
+        *reliability_figures(out, y, probs, m, calibration),
     ]
-    if calibration:
-        rb, ra = calibration["reliability"]["before"], calibration["reliability"]["after"]
-        arrays = [tuple(np.array(r[k], dtype=float) for k in ("confidence", "accuracy", "count")) for r in (rb, ra)]
-        ece = (calibration["before"]["ece"], calibration["after"]["ece"])
-        path = plots.reliability_diagram(*arrays[0], out / "reliability.png", after=arrays[1], ece=ece)
-        caption = (
-            f"Reliability before and after temperature scaling (T={calibration['temperature']:.3f}), "
-            f"scored on {calibration['scored_on']}"
-        )
-    else:
-        bins = metrics.reliability_bins(y, probs)
-        path = plots.reliability_diagram(
-            bins["confidence"],
-            bins["accuracy"],
-            bins["count"],
-            out / "reliability.png",
-            ece=(metrics.ece(y, probs), None),
-        )
-        caption = "Reliability diagram (not calibrated yet: run skinlesion calibrate for before/after)"
-    figs.append((path, caption))
     figs.append(
         (
             # Of the probabilities, as the reliability diagram: is the top class right at this confidence?
@@ -136,7 +259,12 @@ def make_figures(
     )
     if (run_dir / "history.csv").is_file():
         history = pd.read_csv(run_dir / "history.csv")
-        figs.append((plots.learning_curves(history, out / "learning_curves.png"), "Learning curves (history.csv)"))
+        if meta is None:
+            meta = checkpoint.read(run_dir) if (run_dir / "best.pt").is_file() else {}
+        best_epoch, column = best_epoch_of(meta)
+        path = plots.learning_curves(history, out / "learning_curves.png", best_epoch, column)
+        caption = "Learning curves (history.csv). " + history_note(history, best_epoch, column, m, meta)
+        figs.append((path, caption.strip()))
     return figs
 
 
@@ -185,8 +313,23 @@ def make_gallery(
         if pooled and exp.predicted != row["y_pred"]:
             how += f"; this image alone: {exp.predicted}"
         caption = f"true {row['y_true']}, predicted {row['y_pred']} ({kind}, confidence {row['confidence']:.2f}{how})"
-        figs.append((out, f"{caption} — {row['image_id']}"))
+        caption += f" — {row['image_id']}"
+        if peak_on_border(exp.cam):
+            caption += f". Border peak: the map's maximum lies in the outer {BORDER_BAND:.1%} of the image (see above)"
+        figs.append((out, caption))
     return figs
+
+
+# Width of the border ring, as a fraction of the image's side, where a map's peak points at the frame (rulers,
+# vignetting, the dark corners of a dermatoscope) rather than the lesion, which the crop usually centres.
+BORDER_BAND = 0.125
+
+
+def peak_on_border(cam: np.ndarray, band: float = BORDER_BAND) -> bool:
+    """Whether the map's maximum lies within ``band`` of the image's height or width from an edge."""
+    h, w = cam.shape
+    r, c = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return bool(min(r, h - 1 - r) < band * h or min(c, w - 1 - c) < band * w)
 
 
 # Figures with many columns or panels, shown across the report's full width.
