@@ -123,15 +123,16 @@ def subgroup_table(
                                                             is not None]  # fmt: skip
     weights = metrics.lesion_weights(lesions, n_boot, seed) if n_boot else None
     everything = np.ones(len(y), dtype=bool)
-    whole = _group(y, pred, probs, lesions, everything, weights, positive, None)
+    whole = _group(y, pred, probs, lesions, everything, weights, positive)
     rows = [_row("overall", "all", whole, whole, min_lesions, min_positive_lesions, positive_class)]
     for name in names:
         values = attribute_values(frame, name, age_bands)
         if values is None:
-            raise SkinLesionError(f"no column for attribute {name!r} (looked for {', '.join(ATTRIBUTES.get(name, [name]))})")
+            looked = ", ".join(ATTRIBUTES.get(name, (name,)))
+            raise SkinLesionError(f"no column for attribute {name!r} (looked for {looked})")
         for value in sorted(values.unique(), key=lambda v: (v == UNKNOWN, _natural(v))):
             mask = (values == value).to_numpy()
-            group = _group(y, pred, probs, lesions, mask, weights, positive, whole)
+            group = _group(y, pred, probs, lesions, mask, weights, positive)
             rows.append(_row(name, value, group, whole, min_lesions, min_positive_lesions, positive_class))
     return pd.DataFrame(rows)
 
@@ -146,7 +147,7 @@ def _natural(value: str) -> tuple[float, str]:
 
 
 def _group(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, lesions: np.ndarray, mask: np.ndarray,
-           weights: np.ndarray | None, positive: int | None, whole: Mapping[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+           weights: np.ndarray | None, positive: int | None) -> dict[str, Any]:  # fmt: skip
     point = _scores(y[mask], pred[mask], probs[mask], None, positive)
     boot = _scores(y[mask], pred[mask], probs[mask], weights[:, mask], positive) if weights is not None else None
     positive_lesions = 0 if positive is None else len(np.unique(lesions[mask & (y == positive)]))
