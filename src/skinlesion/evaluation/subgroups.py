@@ -83,22 +83,19 @@ def _arrays(frame: pd.DataFrame, classes: Sequence[str]) -> tuple[np.ndarray, ..
     return y, pred, probs, frame["lesion_id"].astype(str).to_numpy()
 
 
-def _scores(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, w: np.ndarray | None,
-            positive: int | None) -> dict[str, Any]:  # fmt: skip
-    """Headline metrics (+ the positive class's sensitivity / specificity): floats without ``w``, else (B,)."""
-    if w is None:
-        out: dict[str, Any] = {m: metrics.point_metrics(y, probs, pred)["overall"][m] for m in HEADLINE}
-    else:
-        rows = metrics.weighted_metrics(y, probs, w, pred)
-        out = {m: rows[m] for m in HEADLINE}
+def _scores(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, w: np.ndarray,
+            positive: int | None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Headline metrics (+ the positive class's sensitivity / specificity) for each weight row, (B,) each.
+    ``metrics.weighted_metrics`` equals scikit-learn's metrics with ``sample_weight`` (tested there), so a row of
+    ones gives the point estimates."""
+    rows = metrics.weighted_metrics(y, probs, w, pred)
+    out = {m: rows[m] for m in HEADLINE}
     if positive is not None:
         pos, called = y == positive, pred == positive
-        weights = np.ones((1, len(y))) if w is None else w
         with np.errstate(invalid="ignore", divide="ignore"):
-            w_pos, w_neg = weights @ pos, weights @ ~pos
-            sens = np.where(w_pos > 0, (weights @ (pos & called)) / w_pos, np.nan)
-            spec = np.where(w_neg > 0, (weights @ (~pos & ~called)) / w_neg, np.nan)
-        out["sensitivity"], out["specificity"] = (sens[0], spec[0]) if w is None else (sens, spec)
+            w_pos, w_neg = w @ pos, w @ ~pos
+            out["sensitivity"] = np.where(w_pos > 0, (w @ (pos & called)) / w_pos, np.nan)
+            out["specificity"] = np.where(w_neg > 0, (w @ (~pos & ~called)) / w_neg, np.nan)
     return out
 
 
@@ -134,7 +131,9 @@ def subgroup_table(
             mask = (values == value).to_numpy()
             group = _group(y, pred, probs, lesions, mask, weights, positive)
             rows.append(_row(name, value, group, whole, min_lesions, min_positive_lesions, positive_class))
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table["reason"] = pd.Series([r["reason"] for r in rows], dtype=object)  # None, not NaN, where not small
+    return table
 
 
 def _natural(value: str) -> tuple[float, str]:
@@ -148,8 +147,11 @@ def _natural(value: str) -> tuple[float, str]:
 
 def _group(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, lesions: np.ndarray, mask: np.ndarray,
            weights: np.ndarray | None, positive: int | None) -> dict[str, Any]:  # fmt: skip
-    point = _scores(y[mask], pred[mask], probs[mask], None, positive)
-    boot = _scores(y[mask], pred[mask], probs[mask], weights[:, mask], positive) if weights is not None else None
+    ones = np.ones((1, int(mask.sum())))
+    w = ones if weights is None else np.concatenate([ones, weights[:, mask]])  # row 0: the point estimate
+    scored = _scores(y[mask], pred[mask], probs[mask], w, positive)
+    point = {m: float(v[0]) for m, v in scored.items()}
+    boot = {m: v[1:] for m, v in scored.items()} if weights is not None else None
     positive_lesions = 0 if positive is None else len(np.unique(lesions[mask & (y == positive)]))
     return {"n_images": int(mask.sum()), "n_lesions": len(np.unique(lesions[mask])),
             "n_positive_lesions": positive_lesions, "point": point, "boot": boot}  # fmt: skip
