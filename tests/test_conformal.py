@@ -120,3 +120,10 @@ def test_quantile_and_errors():
         cf.fit(p, y, CLASSES, method="lac")
     with pytest.raises(SkinLesionError, match="fitted on 7 classes"):
         cf.prediction_sets(p[:, :3], cf.fit(p, y, CLASSES))
+
+
+def test_images_without_a_lesion_id_are_units_of_their_own():
+    p, y = draw(np.random.default_rng(2), 60)
+    groups = np.array([f"L{i // 3}" for i in range(30)] + [None] * 20 + [float("nan")] * 5 + [""] * 5, dtype=object)
+    fitted = cf.fit(p, y, CLASSES, groups=groups, seed=0)
+    assert fitted["n_calibration"] == 10 + 30

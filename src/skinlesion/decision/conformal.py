@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from skinlesion.decision import lesion_pooling
 from skinlesion.errors import SkinLesionError
 
 METHODS = ("aps", "raps")
@@ -73,10 +74,11 @@ def quantile(values: np.ndarray, alpha: float) -> float:
 
 
 def units(n: int, groups: Sequence[Any] | np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
-    """Indices of the calibration units: one image per lesion, drawn with ``rng`` (every image without groups)."""
+    """Indices of the calibration units: one image per lesion, drawn with ``rng`` (every image without groups; an
+    image without a lesion id is a lesion of its own)."""
     if groups is None:
         return np.arange(n)
-    ids = np.asarray(groups).astype(str)
+    ids = lesion_pooling._ids(groups)  # the chain's reading of lesion ids: a missing one is never shared
     if len(ids) != n:
         raise SkinLesionError(f"{len(ids)} lesion ids for {n} images")
     perm = rng.permutation(n)

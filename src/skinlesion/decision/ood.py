@@ -101,6 +101,8 @@ def fit_mahalanobis(
     y = np.asarray(labels, dtype=int)
     if f.ndim != 2 or len(f) != len(y) or len(f) < 2:
         raise SkinLesionError(f"need features (N, D) and N class indices, N >= 2; got {f.shape} and {y.shape}")
+    if y.min() < 0 or y.max() >= len(classes):
+        raise SkinLesionError(f"class indices must lie in 0..{len(classes) - 1} for {len(classes)} classes")
     present = np.unique(y)
     means = np.stack([f[y == c].mean(0) for c in present])
     centred = f - means[np.searchsorted(present, y)]
