@@ -15,6 +15,7 @@ from skinlesion.data.sources import registry
 from skinlesion.data.sources.contract import COLUMNS, clean_age
 from skinlesion.data.sources.grouping import group_ids
 from skinlesion.data.sources.union import union
+from skinlesion.data.synth import write_synthetic
 from skinlesion.data.synth_sources import CSV_OPTIONS, LAYOUTS, write_layout
 from skinlesion.data.taxonomy import map_labels
 from skinlesion.errors import SkinLesionError
@@ -100,7 +101,7 @@ def test_isic2019_malformed_ground_truth(layouts, tmp_path):
     assert "separated by tabs" in _one_line_error(registry.read, folder)
     repeated = good.loc[4, "image"]  # an NV image
     pd.concat([good, good.iloc[[4]]]).to_csv(gt, index=False)  # the same row twice: kept once, reported
-    assert registry.read(folder).attrs["duplicate_rows"] == [repeated]
+    assert list(registry.read(folder).attrs["duplicate_rows"]) == [repeated]
     twice = good.iloc[[4]].assign(MEL="1.0", NV="0.0")
     pd.concat([good, twice]).to_csv(gt, index=False)
     assert f"listed twice with different labels: {repeated}" in _one_line_error(registry.read, folder)
@@ -108,7 +109,7 @@ def test_isic2019_malformed_ground_truth(layouts, tmp_path):
 
 def test_isic2020_patients_duplicates_and_target(layouts, tmp_path):
     table = registry.read(layouts["isic2020"])
-    assert table.attrs["duplicates_removed"] == ["ISIC_9299999"] and table.attrs["extra_files"] == []
+    assert list(table.attrs["duplicates_removed"]) == ["ISIC_9299999"] and not table.attrs["extra_files"]
     ids, levels = group_ids(table)
     assert levels == {"isic2020": {"patient": 15}} and ids.str.startswith("patient:IP_").all()
     binary = registry.read(layouts["isic2020"], label_field="target")
@@ -240,3 +241,26 @@ def test_union_of_synthetic_sources_and_group_namespaces(layouts):
 def test_write_layout_refuses_bad_arguments(tmp_path):
     assert "unknown layout 'ham'" in _one_line_error(write_layout, tmp_path, "ham")
     assert "at least 2" in _one_line_error(write_layout, tmp_path, "csv", n_per_class=1)
+
+
+def test_ham10000_wrapper_and_its_isic2018_layout(tmp_path):
+    ham = write_synthetic(tmp_path / "ham", n_per_class=3, size=(40, 30), seed=2)
+    meta = pd.read_csv(ham / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
+    table = registry.read(ham)
+    assert table.attrs["source"] == "ham10000" and table.attrs["layout"] == "folder" and len(table) == 21
+    assert table["label"].tolist() == meta["dx"].tolist() and table["lesion_id"].tolist() == meta["lesion_id"].tolist()
+    assert table["sex"].isna().sum() == (meta["sex"] == "unknown").sum()
+    assert table["site"].isna().sum() == (meta["localization"] == "unknown").sum()
+    # ISIC 2018 Task 3 layout of the same images: no lesion groupings -> lesion unknown, each image its own group.
+    root = tmp_path / "isic2018"
+    onehot = pd.DataFrame({"image": meta["image_id"]})
+    for code in ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"):
+        onehot[code] = (meta["dx"].str.upper() == code).astype(float)
+    root.mkdir()
+    onehot.to_csv(root / "ISIC2018_Task3_Training_GroundTruth.csv", index=False)
+    shutil.copytree(ham / "images", root / "ISIC2018_Task3_Training_Input")
+    assert registry.detect(root).name == "ham10000"
+    assert group_ids(registry.read(root))[1] == {"ham10000": {"image": 21}}
+    groupings = meta.rename(columns={"image_id": "image"})[["image", "lesion_id"]]
+    groupings.to_csv(root / "ISIC2018_Task3_Training_LesionGroupings.csv", index=False)
+    assert group_ids(registry.read(root))[1] == {"ham10000": {"lesion": 21}}

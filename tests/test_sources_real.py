@@ -67,6 +67,8 @@ def test_isic2019_layout_from_real_csvs_and_the_ham_images(isic2019_dir, isic201
     table = isic2019
     assert len(table) == 10016 and table.attrs["n_listed"] == 25331
     assert table.attrs["dropped_counts"] == {"missing": 25331 - 10016}
+    assert len(table.attrs["dropped"]) == 15315 and table.attrs["dropped"][0]["reason"] == "missing"
+    assert table.iloc[:5].attrs["dropped"] is table.attrs["dropped"]  # shared, not deep-copied by each step
     assert table.set_index("image_id").loc["ISIC_0000017", "path"].endswith("ISIC_0000017_downsampled.jpg")
 
     ham_meta = read_metadata(shared_data / "HAM10000_metadata.csv").set_index("image_id")
@@ -79,6 +81,8 @@ def test_isic2019_layout_from_real_csvs_and_the_ham_images(isic2019_dir, isic201
     assert dropped.empty and mapped["label"].value_counts().to_dict() == HAM_COUNTS
     assert (mapped.set_index("image_id")["label"] == ham_meta.loc[mapped["image_id"], "dx"]).all()
     assert (in_ham["lesion_id"] == ham_meta.loc[in_ham.index, "lesion_id"]).all()
+    groups = group_ids(table)[0].set_axis(table["image_id"])
+    assert groups["ISIC_0024306"] == "lesion:HAM_0000550"  # the same group as read through ham10000
     # Sex agrees with HAM10000's own wherever both know it (HAM has 57 unknown; ISIC 2019 knows 10 of those).
     ham_sex = ham_meta.loc[in_ham.index, "sex"].replace("unknown", np.nan)
     both = in_ham["sex"].notna() & ham_sex.notna()
@@ -95,6 +99,7 @@ def test_isic2019_without_allow_missing_is_one_line(isic2019_dir):
 
 def test_ham_is_inside_isic2019_and_union_keeps_each_image_once(ham, isic2019):
     assert len(ham) == 10015 and ham.attrs["source"] == "ham10000"
+    assert group_ids(ham)[0][ham["image_id"] == "ISIC_0024306"].tolist() == ["lesion:HAM_0000550"]
     raw = union([ham, isic2019])  # different label sets: repeats counted, labels not comparable
     assert len(raw) == 10016 and raw.attrs["unchecked_duplicates"] == 10015 and raw.attrs["conflicts"] == []
     assert raw.attrs["duplicates"] == [{"kept": "ham10000", "dropped_from": "isic2019", "rows": 10015}]

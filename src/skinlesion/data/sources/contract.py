@@ -8,11 +8,14 @@ Columns (one row per usable image; text columns are pandas ``str`` with NaN for 
 * ``lesion_id``, ``patient_id`` as the source gives them, else NA
 * ``age`` float years; NA when missing, and when not finite or outside 0..120 (counted: attrs ``age_invalid``)
 * ``sex`` male / female / NA; ``site`` body site, lower case, HAM10000 terms where they fit (``data.sites``)
-* ``source`` the source's short name; optional ``fitzpatrick`` (float 1..6) and ``dx_type`` (HAM10000 terms)
+* ``source`` the source's short name; optional ``fitzpatrick`` (float 1..6) and ``dx_type``
+  (how the diagnosis was made: HAM10000's terms histo / follow_up / consensus / confocal where the source allows)
 
 ``attrs``: source, label_set, data_dir, labels_file, image_dirs, check, n_listed (rows after removing repeats),
-label_counts, dropped (image_id, path, reason per dropped row), dropped_counts, duplicate_rows, age_invalid,
-age_missing, sex_unrecognised, site_unmapped, extra_files, plus what a source adds (named in its module).
+label_counts, dropped (image_id, path, reason per dropped row), dropped_counts, duplicate_rows (ids listed again
+with the same label: kept once), extra_files (image stems no row names), age_invalid, age_missing,
+sex_unrecognised, site_unmapped (these four counted over the rows listed, before images are dropped), plus what a
+source adds (named in its module).
 """
 
 from __future__ import annotations
@@ -62,6 +65,14 @@ class Source:
         return label_set(self.label_set) if self.label_set else None
 
 
+class Frozen(tuple):
+    """An immutable list for ``attrs`` (dropped rows, file names): pandas deep-copies ``attrs`` on every operation,
+    and this one is shared instead (a read with 15,000 missing files stays fast). Its items are not to be changed."""
+
+    def __deepcopy__(self, memo: dict) -> Frozen:
+        return self
+
+
 def named(folder: Path, pattern: str, want_dir: bool) -> list[Path]:
     """Entries of ``folder`` whose whole name matches ``pattern`` (any letter case), files or folders, sorted."""
     rx = re.compile(pattern, re.IGNORECASE)
@@ -70,6 +81,15 @@ def named(folder: Path, pattern: str, want_dir: bool) -> list[Path]:
     except OSError:
         return []
     return [p for p in entries if rx.fullmatch(p.name) and p.is_dir() == want_dir]
+
+
+def first_line(path: Path) -> str:
+    """The first line of a text file ('' when unreadable): enough to tell whose CSV it is."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline()
+    except OSError:
+        return ""
 
 
 def holds_images(folder: Path) -> bool:
@@ -212,8 +232,8 @@ def finish(
             f"{len(bad) - n_missing} unreadable): {listing([f'{i} ({r})' for i, r in bad])}; "
             "restore them, or pass --allow-missing to drop them"
         )
-    dropped = [{"image_id": i, "path": p, "reason": r} for i, p, r in zip(frame["image_id"], frame["path"], reasons,
-                                                                          strict=True) if r]  # fmt: skip
+    rows = zip(frame["image_id"], frame["path"], reasons, strict=True)
+    dropped = Frozen({"image_id": i, "path": p, "reason": r} for i, p, r in rows if r)
     table = frame.loc[[r is None for r in reasons]].reset_index(drop=True)
     if table.empty:
         raise SkinLesionError(f"no usable images for {labels_file} (all {len(frame)} listed are missing or bad)")
@@ -234,10 +254,10 @@ def finish(
         label_counts={str(k): int(n) for k, n in table["label"].value_counts().items()},
         dropped=dropped,
         dropped_counts={str(k): int(n) for k, n in kinds.items()},
-        duplicate_rows=[],
-        extra_files=[],
+        duplicate_rows=Frozen(),
+        extra_files=Frozen(),
     )
-    table.attrs.update(attrs)
+    table.attrs.update({k: Frozen(v) if isinstance(v, list) else v for k, v in attrs.items()})
     return table
 
 

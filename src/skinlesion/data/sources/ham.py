@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from skinlesion.data import ham10000
-from skinlesion.data.sources.contract import COLUMNS, Source, clinical
+from skinlesion.data.sources.contract import COLUMNS, Frozen, Source, clinical
 from skinlesion.errors import SkinLesionError
 
 
@@ -26,29 +26,30 @@ def read_ham10000(
 ) -> pd.DataFrame:
     """The HAM10000 folder (any layout ``ham10000.find_layout`` knows) as a source table; attrs add ``layout``."""
     loaded = ham10000.load_table(folder, allow_missing=allow_missing, check=check, progress=progress)
+    info, loaded.attrs = loaded.attrs, {}  # its list of dicts would be deep-copied by every step below
     frame = loaded.rename(columns={"dx": "label", "localization": "site"})
-    if loaded.attrs["layout"] == "isic2018" and ham10000.find_layout(folder).lesion_groupings is None:
+    if info["layout"] == "isic2018" and ham10000.find_layout(folder).lesion_groupings is None:
         frame["lesion_id"] = pd.NA  # load_table's stand-in (the image id) is not a known lesion
     frame, counts = clinical(frame, {})
     frame["source"] = "ham10000"
     frame["label_set"] = "ham7"
     table = frame[[*COLUMNS, "dx_type"]].reset_index(drop=True)
-    n_dropped = len(loaded.attrs["dropped"])
-    kinds = pd.Series([d["reason"].split(" (")[0] for d in loaded.attrs["dropped"]], dtype=str).value_counts()
+    n_dropped = len(info["dropped"])
+    kinds = pd.Series([d["reason"].split(" (")[0] for d in info["dropped"]], dtype=str).value_counts()
     table.attrs = {
         "source": "ham10000",
         "label_set": "ham7",
-        "data_dir": loaded.attrs["data_dir"],
-        "labels_file": loaded.attrs["metadata"],
-        "image_dirs": loaded.attrs["image_dirs"],
-        "check": loaded.attrs["check"],
+        "data_dir": info["data_dir"],
+        "labels_file": info["metadata"],
+        "image_dirs": info["image_dirs"],
+        "check": info["check"],
         "n_listed": len(table) + n_dropped,
         "label_counts": {str(k): int(n) for k, n in table["label"].value_counts().items()},
-        "dropped": loaded.attrs["dropped"],
+        "dropped": Frozen(info["dropped"]),
         "dropped_counts": {str(k): int(n) for k, n in kinds.items()},
-        "duplicate_rows": loaded.attrs["duplicate_rows"],
-        "extra_files": loaded.attrs["extra_files"],
-        "layout": loaded.attrs["layout"],
+        "duplicate_rows": Frozen(info["duplicate_rows"]),
+        "extra_files": Frozen(info["extra_files"]),
+        "layout": info["layout"],
         **counts,
     }
     return table

@@ -18,11 +18,13 @@ import pandas as pd
 
 from skinlesion.data.sites import ISIC_GENERAL_TO_HAM
 from skinlesion.data.sources.contract import (
+    Frozen,
     Source,
     check_labels,
     clinical,
     drop_repeats,
     finish,
+    first_line,
     holds_images,
     named,
     paths_by_stem,
@@ -41,7 +43,7 @@ _TARGET = LabelSet("target", ("0", "1"), {"0": "benign", "1": "malignant"})
 def _csv(folder: Path) -> Path | None:
     for pattern in CSV_NAMES:
         found = named(folder, pattern, False)
-        if found and "image_name" in found[0].open(encoding="utf-8", errors="replace").readline():
+        if found and "image_name" in first_line(found[0]):
             return found[0]
     return None
 
@@ -108,7 +110,7 @@ def read_isic2020_csv(
         frame = frame[~frame["image_id"].isin(removed)].reset_index(drop=True)
     cols = ["image_id", "label", "target", "patient_id", "lesion_id", "age", "sex", "site"]
     frame = frame.reindex(columns=cols)
-    frame.attrs.update(duplicates_removed=removed, target_disagrees=disagree, label_field=label_field)
+    frame.attrs.update(duplicates_removed=Frozen(removed), target_disagrees=disagree, label_field=label_field)
     return frame
 
 

@@ -21,6 +21,7 @@ from skinlesion.data.sources.contract import (
     clinical,
     drop_repeats,
     finish,
+    first_line,
     holds_images,
     named,
     paths_by_stem,
@@ -36,7 +37,7 @@ RENAME = {"gender": "sex", "region": "site", "fitspatrick": "fitzpatrick"}
 
 def _metadata(folder: Path) -> Path | None:
     for found in named(folder, r"metadata\.csv", False):
-        header = found.open(encoding="utf-8", errors="replace").readline()
+        header = first_line(found)
         if "img_id" in header and "diagnostic" in header:
             return found
     return None
