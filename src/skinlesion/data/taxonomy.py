@@ -153,6 +153,8 @@ def map_labels(
     missing = [c for c in ("label", "label_set", "source") if c not in table.columns]
     if missing:
         raise SkinLesionError(f"map_labels: the table lacks column(s) {', '.join(missing)} (read it with data.sources)")
+    if table["label_set"].isna().any():
+        raise SkinLesionError(f"map_labels: {int(table['label_set'].isna().sum())} row(s) without a label_set")
     mapped = table.copy()
     if "source_label" not in mapped.columns:
         mapped["source_label"] = mapped["label"]

@@ -177,7 +177,9 @@ def drop_repeats(frame: pd.DataFrame, path: Path | str) -> tuple[pd.DataFrame, l
     return frame.loc[~repeated].reset_index(drop=True), ids
 
 
-def paths_by_stem(ids: pd.Series, image_dirs: Sequence[Path], aliases: Callable[[str], list[str]] | None = None):
+def paths_by_stem(
+    ids: pd.Series, image_dirs: Sequence[Path], aliases: Callable[[str], list[str]] | None = None
+) -> tuple[list[str], list[str]]:
     """Path of each id's file in the folders ('' if none; ``aliases(id)`` gives other stems to try), and the
     stems of image files no id uses."""
     files, _ = index_images(image_dirs)
