@@ -17,6 +17,7 @@ import json
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -200,6 +201,22 @@ class ModelService:
         return out
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What an upload may be: its bytes (the body) and its decoded pixels (the project's one limit or lower)."""
+
+    max_upload_mb: float
+    max_pixels: int
+
+    @property
+    def max_upload(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def too_large(self) -> str:
+        return f"upload is over the {self.max_upload_mb:g} MB limit; send a smaller image"
+
+
 def create_app(
     run_dir: str | Path,
     max_upload_mb: float = 20.0,
@@ -212,35 +229,17 @@ def create_app(
     (Starlette's TrustedHostMiddleware; "*" = any)."""
     return_freed_memory()
     service = ModelService(run_dir, backend)
-    max_upload = int(max_upload_mb * 1024 * 1024)
-    max_pixels = min(int(max_megapixels * 1_000_000), MAX_IMAGE_PIXELS)
-    max_megapixels = max_pixels / 1e6
+    limits = Limits(max_upload_mb, min(int(max_megapixels * 1_000_000), MAX_IMAGE_PIXELS))
     app = FastAPI(
         title="skinlesion",
         version=__version__,
         description="Dermatoscopic skin-lesion classifier (HAM10000 classes). A research tool, not a diagnosis.",
-        max_body_size=max_upload + MULTIPART_OVERHEAD,
+        max_body_size=limits.max_upload + MULTIPART_OVERHEAD,
         docs_url=None,  # served below from local Swagger UI files: /docs works offline
         redoc_url=None,  # FastAPI's ReDoc page loads its script from a CDN
     )
     app.state.service = service
-    too_large = f"upload is over the {max_upload_mb:g} MB limit; send a smaller image"
-
-    @app.exception_handler(413)
-    async def explain_413(request: Request, exc: HTTPException) -> JSONResponse:
-        # Say what the user can do. (A too-large Content-Length is answered by Starlette itself, as plain text.)
-        if exc.detail == "Content Too Large":
-            exc = HTTPException(413, too_large)
-        return await http_exception_handler(request, exc)
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        # Every page, /docs too (its Swagger UI starts from a file, not an inline script), and every asset.
-        response.headers["Content-Security-Policy"] = PAGE_CSP
-        return response
+    harden(app, limits, allowed_hosts)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -252,7 +251,46 @@ def create_app(
 
     @app.get("/api/model")
     def model_info() -> dict[str, Any]:
-        return {**service.info, "max_upload_mb": max_upload_mb, "max_megapixels": max_megapixels}
+        return {**service.info, "max_upload_mb": limits.max_upload_mb, "max_megapixels": limits.max_pixels / 1e6}
+
+    add_predict(app, service, limits)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> FileResponse:
+        # Swagger UI 5 (swagger-ui-bundle-v2): it reads the OpenAPI 3.1 schema FastAPI writes; 4.x cannot.
+        return FileResponse(STATIC / "docs.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
+    return app
+
+
+def harden(app: FastAPI, limits: Limits, allowed_hosts: Sequence[str]) -> None:
+    """413 answers that say what to do, security headers on every response, and the Host check."""
+
+    @app.exception_handler(413)
+    async def explain_413(request: Request, exc: HTTPException) -> JSONResponse:
+        # Say what the user can do. (A too-large Content-Length is answered by Starlette itself, as plain text.)
+        if exc.detail == "Content Too Large":
+            exc = HTTPException(413, limits.too_large)
+        return await http_exception_handler(request, exc)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        # Every page, /docs too (its Swagger UI starts from a file, not an inline script), and every asset.
+        response.headers["Content-Security-Policy"] = PAGE_CSP
+        return response
+
+    # A Host header we do not answer to is refused (400) before any route: a page on another site that
+    # re-points its own name at this address (DNS rebinding) cannot read the API through the browser.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+
+def add_predict(app: FastAPI, service: ModelService, limits: Limits) -> None:
+    """``POST /api/predict``: one image (and optional age / sex / site) -> the decision chain's answer."""
 
     @app.post(
         "/api/predict",
@@ -273,26 +311,14 @@ def create_app(
         if clinical and prior is None:
             raise HTTPException(422, "this model has no metadata prior; leave age, sex and site out")
         # A sync endpoint: FastAPI runs it in its threadpool, so decoding and inference never block the loop.
-        data = file.file.read(max_upload + 1)
-        if len(data) > max_upload:
-            raise HTTPException(413, too_large)
+        data = file.file.read(limits.max_upload + 1)
+        if len(data) > limits.max_upload:
+            raise HTTPException(413, limits.too_large)
         if not data:
             raise HTTPException(415, "empty upload; send a JPEG or PNG image")
         try:
-            return service.predict(data, cam, clinical or None, max_pixels)
+            return service.predict(data, cam, clinical or None, limits.max_pixels)
         except ImageTooLargeError as e:
             raise HTTPException(413, str(e).replace("uploaded bytes: ", "")) from e
         except SkinLesionError as e:
             raise HTTPException(415, "the upload is not a readable image; send a JPEG or PNG file") from e
-
-    @app.get("/docs", include_in_schema=False)
-    def docs() -> FileResponse:
-        # Swagger UI 5 (swagger-ui-bundle-v2): it reads the OpenAPI 3.1 schema FastAPI writes; 4.x cannot.
-        return FileResponse(STATIC / "docs.html", media_type="text/html")
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
-    # A Host header we do not answer to is refused (400) before any route: a page on another site that
-    # re-points its own name at this address (DNS rebinding) cannot read the API through the browser.
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
-    return app

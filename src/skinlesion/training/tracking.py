@@ -19,18 +19,12 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.errors import SkinLesionError
+from skinlesion.training.config import SELECT
 
 LOGGERS = ("tensorboard", "mlflow", "none")
 ARTIFACTS = ("config.json", "history.csv", "splits.csv")
 # history.csv columns outside the train_ / val_ families, and their group: the optimiser and the speed.
 OTHER_TAGS = {"lr": "opt/lr", "seconds": "speed/epoch_seconds", "images_per_s": "speed/train_images_per_s"}
-# --select name -> (history column, higher is better); the same table as training.loop.SELECT (a test checks).
-SELECT = {
-    "macro_f1": ("val_macro_f1", True),
-    "val_loss": ("val_loss", False),
-    "balanced_acc": ("val_balanced_acc", True),
-    "auc": ("val_macro_auc", True),
-}
 # The options a run is compared by in the HParams table (those config.json holds; the rest stay in config text).
 HPARAMS = ("recipe", "backbone", "weights", "pretrained", "img_size", "epochs", "global_batch_size", "lr",
            "weight_decay", "opt", "sched", "warmup_epochs", "head_lr_mult", "drop_rate", "loss", "class_weights",
