@@ -2,6 +2,11 @@
 
     python benchmarks/bench_infer.py [--img-size 224] [--runs 50] [--requests 200] [--duration 30]
         [--ensembles 1,3,5] [--only-ensembles]
+    python benchmarks/bench_infer.py --cpu [--rounds 3] [--eval-run RUN] [--eval-rounds 1]
+
+``--cpu``: PyTorch eager fp32, PyTorch bf16 channels_last, ONNX Runtime fp32 and INT8 side by side at batch 1 and 32
+(efficientnet_b0 at 224 px, tf_efficientnet_lite0 at 128 px), each as a share of the machine's measured matmul
+peak; with ``--eval-run`` also `evaluate --tta` wall time per backend (benchmarks/cpu_table.py).
 
 Builds an efficientnet_b0 checkpoint with random weights (speed does not depend on them) in a
 temporary run folder, exports it with ``skinlesion export``, then prints side by side:
@@ -250,6 +255,24 @@ def load_test(
     }
 
 
+def cpu_name() -> str:
+    """The CPU model and its vector extensions that matter for int8 / bf16 (Linux; 'unknown' elsewhere)."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return "unknown"
+    text = info.read_text()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return f"{name} ({' '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="efficientnet_b0")
@@ -261,7 +284,20 @@ def main() -> None:
     ap.add_argument("--cam-requests", type=int, default=20, help="requests with ?cam=true (0 to skip)")
     ap.add_argument("--ensembles", default="1,3,5", help="ensemble sizes to time ('' to skip)")
     ap.add_argument("--only-ensembles", action="store_true", help="skip the single-model and server parts")
+    ap.add_argument("--cpu", action="store_true", help="only the CPU table: 4 backends vs the machine's peak")
+    ap.add_argument("--rounds", type=int, default=3, help="with --cpu: alternating timed rounds")
+    ap.add_argument("--eval-run", help="with --cpu: also time `evaluate --tta` per backend on this run folder")
+    ap.add_argument("--eval-rounds", type=int, default=1, help="with --eval-run: rounds per backend")
     args = ap.parse_args()
+    if args.cpu:
+        from cpu_table import evaluate_times, model_table
+
+        print(f"# CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+              f"threads), onnxruntime {ort_version()}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+        model_table(args.rounds)
+        if args.eval_run:
+            evaluate_times(Path(args.eval_run), args.eval_rounds)
+        return
 
     print(
         f"# {args.backbone} at {args.img_size} px, torch {torch.__version__}, {os.cpu_count()} CPU cores, "

@@ -3,6 +3,8 @@
 
     python benchmarks/bench_train.py [--backbone efficientnet_b0] [--img-size 224] [--batch-size 32] [--iters 5]
     python benchmarks/bench_train.py --before HEAD~3 [--data-dir DIR] [--batches 15] [--workers 2] [--rounds 3]
+    python benchmarks/bench_train.py --vs-timm [--data-dir DIR] [--images 400] [--epochs 2] [--workers 2]
+        [--rounds 3] [--timm-train-py PATH] [--timm-flags "--amp --amp-dtype bfloat16 --channels-last"]
 
 "plain" = fp32, contiguous (NCHW) memory format, eager. "default" = what `skinlesion train` does by
 default: channels_last, plus bf16 autocast where the CPU (or GPU) supports it. Both run the product's own step
@@ -14,6 +16,9 @@ and the peak RSS.
 exported to a temporary folder (git archive) and both run the same `python -m skinlesion train` command (Lite0 at
 128 px, the bundled sample by default, one epoch of --batches batches), alternating round by round; each side's
 best round of training images/s (history.csv) is reported, then ``after/before: N.NN×``.
+
+``--vs-timm``: `skinlesion train` against timm's own train.py (pinned commit, the installed timm) on the same
+images, split into start-up, first epoch and steady-state epoch (benchmarks/vs_timm.py).
 """
 
 from __future__ import annotations
@@ -125,8 +130,20 @@ def main() -> None:
     p.add_argument("--data-dir", help="with --before: the data (default: the bundled sample)")
     p.add_argument("--batches", type=int, default=15, help="with --before: batches per timed epoch")
     p.add_argument("--workers", type=int, default=2, help="with --before: loader workers")
-    p.add_argument("--rounds", type=int, default=3, help="with --before: timed rounds per side")
+    p.add_argument("--rounds", type=int, default=3, help="with --before / --vs-timm: timed rounds per side")
+    p.add_argument("--vs-timm", action="store_true", help="skinlesion train vs timm's train.py (see above)")
+    p.add_argument("--images", type=int, default=400, help="with --vs-timm: images used (lesion-grouped 80/20)")
+    p.add_argument("--epochs", type=int, default=2, help="with --vs-timm: epochs")
+    p.add_argument("--timm-train-py", help="with --vs-timm: a local train.py (default: fetched at the pinned commit)")
+    p.add_argument("--timm-flags", help="with --vs-timm: timm's precision / layout flags (default: --amp "
+                   "--amp-dtype bfloat16 --channels-last)")  # fmt: skip
     a = p.parse_args()
+    if a.vs_timm:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from vs_timm import compare
+
+        compare(a)
+        return
     if a.before:
         if a.img_size == 224 and "--img-size" not in sys.argv:
             a.img_size = 128

@@ -89,6 +89,13 @@ def _scoring_args(p: argparse.ArgumentParser, batch_size: int = 64) -> None:
     _cache_args(g)
 
 
+def _backend_arg(p: argparse.ArgumentParser, default: str, auto: str) -> None:
+    """The scoring backend (inference.selection): every one feeds the same decision chain."""
+    p.add_argument("--backend", default=default, choices=["auto", "torch", "onnx", "onnx-int8"],
+                   help=f"torch: best.pt; onnx: model.onnx (`skinlesion export`); onnx-int8: model.int8.onnx "
+                   f"(`skinlesion export --int8`); {auto} (default {default})")  # fmt: skip
+
+
 def _chain_args(p: argparse.ArgumentParser, what: str) -> None:
     """The decision chain's switches (DecisionChain.switched): each turns one stored step off or changes it."""
     g = p.add_argument_group("decision chain")
@@ -225,6 +232,8 @@ def _add_evaluate(sub) -> None:
                    "AKIEC,BKL,DF,VASC) whose argmax is this command's decision (docs/usage.md#isic-submission-files)")
     _chain_args(p, "(in splits.csv or the external metadata)")
     _scoring_args(p, 64)
+    _backend_arg(p, "auto", "auto = ONNX Runtime INT8, then fp32, when an up-to-date model.int8.onnx / model.onnx "
+                 "exists and the device is the CPU, else torch")  # fmt: skip
     p.set_defaults(module="skinlesion.commands.evaluate")
 
 
@@ -312,8 +321,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--top-k", type=AT_LEAST_1, default=3, help="classes listed per image (default 3)")
     p.add_argument("--format", default="table", choices=["table", "json", "csv"], help="stdout format (default table: "
                    "class codes, fits 120 columns; full names in json)")  # fmt: skip
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                   help="torch: best.pt; onnx: model.onnx from `skinlesion export` (default torch)")
+    _backend_arg(p, "torch", "auto = the fastest up-to-date one, as evaluate")
     p.add_argument("--isic-csv", metavar="PATH", help="also write an ISIC 2018 Task 3 submission CSV (image,MEL,NV,BCC,"
                    "AKIEC,BKL,DF,VASC) whose argmax is this command's decision (docs/usage.md#isic-submission-files)")
     g = p.add_argument_group("patient metadata (the run's metadata prior)")
@@ -337,6 +345,14 @@ def _add_export(sub) -> None:
     p.add_argument("--opset", type=AT_LEAST_1, default=18, help="ONNX opset: 18 (default) up to the newest the "
                    "installed onnx defines (28 for onnx 1.23); others are refused before exporting")
     p.add_argument("--out", help="output file (default <run>/model.onnx)")
+    g = p.add_argument_group("INT8 (ONNX Runtime static quantization)")
+    g.add_argument("--int8", action="store_true", help="also write model.int8.onnx beside it: INT8 weights and "
+                   "activations calibrated on the run's training images, with its decision agreement and metric "
+                   "differences from fp32 on val (used by --backend auto when it loses at most 0.01 balanced "
+                   "accuracy)")  # fmt: skip
+    g.add_argument("--calibration-images", type=AT_LEAST_1, default=300,
+                   help="training images that set the INT8 activation ranges (default 300)")  # fmt: skip
+    _cache_args(g)  # the val images of the drift check: the run's image cache, or decoded files
     p.set_defaults(module="skinlesion.commands.export")
 
 
@@ -353,8 +369,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--allowed-hosts", nargs="+", metavar="NAME",
                    help="Host headers to answer besides localhost / the bound address / this machine's name, e.g. "
                    "lesions.example.org or '*.example.org'; '*' = any (other Host headers get 400)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
-                   help="scoring backend; auto = ONNX Runtime when an up-to-date model.onnx exists (default auto)")
+    _backend_arg(p, "auto", "auto = ONNX Runtime INT8, then fp32, when an up-to-date model.int8.onnx / model.onnx "
+                 "exists, else torch")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")
     p.set_defaults(module="skinlesion.commands.serve")

@@ -21,7 +21,8 @@ def main(args: argparse.Namespace) -> None:
     switches = (args.tta_views, args.metadata_prior, args.operating_point, args.pool_lesions)
     result = evaluate(args.run_dir, split=args.split, tta=args.tta, external=external,
                       lesion_level_scores=args.lesion_level, bootstrap=args.bootstrap, seed=args.seed,
-                      switches=switches, options=ScoringOptions.from_args(args), isic_csv=args.isic_csv)  # fmt: skip
+                      switches=switches, options=ScoringOptions.from_args(args), isic_csv=args.isic_csv,
+                      backend=getattr(args, "backend", "auto"))  # fmt: skip
     for note in result.notes:
         print(note, file=sys.stderr)
     print_summary(result, args.tta)
@@ -30,7 +31,8 @@ def main(args: argparse.Namespace) -> None:
 def print_summary(result: EvalResult, tta: bool) -> None:
     m, chain = result.metrics, result.chain
     where = m.get("split") or m.get("external")
-    print(f"{where}: {m['n_images']} images, {m['n_lesions']} lesions, temperature {chain.temperature:.3f}")
+    print(f"{where}: {m['n_images']} images, {m['n_lesions']} lesions, temperature {chain.temperature:.3f}, "
+          f"backend {m.get('backend', 'torch')}")  # fmt: skip
     if chain.metadata_prior is not None:
         print(f"metadata prior added for {m['metadata_prior']['images_with_metadata']} of {m['n_images']} images "
               "(age / sex / site known)")  # fmt: skip

@@ -1,13 +1,20 @@
-"""``skinlesion export``: best.pt -> model.onnx, written only after ONNX Runtime agrees with PyTorch."""
+"""``skinlesion export``: best.pt -> model.onnx, written only after ONNX Runtime agrees with PyTorch; with --int8
+also model.int8.onnx (static INT8), with its agreement with PyTorch and its drift from fp32 on val."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from skinlesion import fileio
 from skinlesion.errors import SkinLesionError
+from skinlesion.inference import drift
+from skinlesion.inference.int8_export import export_int8
 from skinlesion.inference.onnx_export import TOLERANCE, check_opset, export_onnx, written_opset
+from skinlesion.inference.options import ScoringOptions
+
+SAMPLE = "3 bundled HAM10000 images + 1 random-pixel image"
 
 
 def main(args: argparse.Namespace) -> None:
@@ -21,7 +28,28 @@ def main(args: argparse.Namespace) -> None:
     size_mb = target.stat().st_size / 1e6
     print(f"wrote {target} ({size_mb:.1f} MB, opset {written_opset(target)}, dynamic batch)")
     print(
-        f"check: ONNX Runtime vs PyTorch on 3 bundled HAM10000 images + 1 random-pixel image: "
+        f"check: ONNX Runtime vs PyTorch on {SAMPLE}: "
         f"max |dp| = {p_diff:.2e} (tolerance {TOLERANCE:g}), max |dlogit| = {logit_diff:.2e} "
         f"(largest |logit| {logit_scale:.3g})"
     )
+    if getattr(args, "int8", False):
+        int8(args, target)
+
+
+def int8(args: argparse.Namespace, fp32_path: Path) -> None:
+    options = ScoringOptions.from_args(args)
+    result = export_int8(args.run_dir, fp32_path, args.calibration_images, options)
+    p_diff, logit_diff, logit_scale = result.parity
+    print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB, static INT8 QDQ, per-channel weights, "
+          f"calibrated on {result.calibration_images} training images)")  # fmt: skip
+    print(f"check: INT8 vs PyTorch on {SAMPLE}: max |dp| = {p_diff:.2e}, max |dlogit| = {logit_diff:.2e} "
+          f"(largest |logit| {logit_scale:.3g})")  # fmt: skip
+    if result.drift is None:
+        print("note: the run has no labelled val or test part: INT8's drift from fp32 was not measured, so "
+              "`--backend auto` keeps to fp32 (pass --backend onnx-int8 to use it)")  # fmt: skip
+        return
+    for line in drift.describe(result.drift):
+        print(line)
+    warning = drift.warning(result.drift)
+    if warning:
+        print(warning, file=sys.stderr)

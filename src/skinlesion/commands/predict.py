@@ -23,6 +23,7 @@ from skinlesion.data.images import IMAGE_SUFFIXES
 from skinlesion.decision import lesion_pooling
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation import isic
+from skinlesion.inference import selection
 from skinlesion.inference.classifier import Classifier
 from skinlesion.model import checkpoint
 
@@ -96,14 +97,11 @@ def write_csv(frame: pd.DataFrame, classes: Sequence[str], out: TextIO | None = 
 
 
 def load_classifier(run_dir: str | Path, backend: str = "torch") -> Classifier:
-    """The run's classifier on ``backend``, warning when model.onnx is older than best.pt."""
-    classifier = Classifier.load(run_dir, backend)
-    if backend == "onnx" and classifier.backend.is_stale(Path(run_dir) / "best.pt"):
-        print(
-            f"warning: {classifier.backend.path} was exported from an older best.pt (retrained or recalibrated "
-            f"since); re-run `skinlesion export --run-dir {run_dir}`",
-            file=sys.stderr,
-        )
+    """The run's classifier on ``backend`` (auto: inference/selection.py), warning when the ONNX file asked for is
+    older than best.pt."""
+    classifier, choice = selection.load(run_dir, backend)
+    for note in choice.notes:
+        print(note, file=sys.stderr)
     return classifier
 
 
@@ -170,8 +168,9 @@ def patient_inputs(args: argparse.Namespace, files: list[Path], classifier: Clas
     if not given or not args.metadata_prior:
         return None, lesions
     if prior is None:
-        if args.backend == "onnx" and "metadata_prior" in checkpoint.read(args.run_dir):
-            raise SkinLesionError(f"model.onnx was exported before best.pt got its metadata prior; re-run `skinlesion "
+        name = getattr(classifier.backend, "path", None)
+        if name is not None and "metadata_prior" in checkpoint.read(args.run_dir):
+            raise SkinLesionError(f"{name.name} was exported before best.pt got its metadata prior; re-run `skinlesion "
                                   f"export --run-dir {args.run_dir}`")  # fmt: skip
         raise SkinLesionError(f"{'/'.join(given)} need a run with a metadata prior; run `skinlesion fit-metadata-prior "
                               f"--run-dir {args.run_dir}` (and `skinlesion export` again for --backend onnx)")
@@ -186,7 +185,7 @@ def json_document(args: argparse.Namespace, classifier: Classifier, frame: pd.Da
     skipped = [{"image": r.image, "error": r.error} for r in frame[frame["error"].notna()].itertuples()]
     return {
         "run_dir": str(args.run_dir),
-        "backend": args.backend,
+        "backend": classifier.backend.name,
         "tta": bool(args.tta),
         "tta_views": chain.tta_views if args.tta else 1,
         "temperature": chain.temperature,

@@ -67,6 +67,8 @@ def main(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     service = app.state.service
+    for note in service.notes:
+        print(note, file=sys.stderr)
     print(f"serving {service.model_id} ({service.backend}) on http://{args.host}:{args.port}/", file=sys.stderr)
     if "*" not in hosts and args.host not in LOOPBACK:
         print(f"answering to Host: {', '.join(hosts)} (add names with --allowed-hosts)", file=sys.stderr)

@@ -23,6 +23,7 @@ from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation import cross_validation, isic
 from skinlesion.evaluation.fitting import run_options
 from skinlesion.evaluation.scoring import lesion_level, predictions_frame, score
+from skinlesion.inference import selection
 from skinlesion.inference.classifier import Classifier
 from skinlesion.inference.options import ScoringOptions
 from skinlesion.inference.views import describe as describe_views
@@ -67,19 +68,23 @@ def evaluate(
     options: ScoringOptions | None = None,
     isic_csv: str | None = None,
     write: bool = True,
+    backend: str = selection.AUTO,
 ) -> EvalResult:
     """Score the run (``split``: val by default, test for a run without one, ``oof`` for a --folds run's out-of-fold
     predictions; or ``data_dir`` / ``external``: another labelled folder) and, with ``write``, write
     predictions.csv (+ predictions_tta.csv), metrics.json and classification_report.txt. ``switches``: the chain's
-    command-line switches (tta_views, metadata_prior, operating_point, pool_lesions; DecisionChain.switched)."""
+    command-line switches (tta_views, metadata_prior, operating_point, pool_lesions; DecisionChain.switched).
+    ``backend``: torch, onnx, onnx-int8 or auto (the fastest up-to-date one: inference/selection.py)."""
     run_dir = Path(run_dir)
     rules.BOOTSTRAP.check("--bootstrap", bootstrap)
     rules.SEED.check("--seed", seed)
     external = external or (ExternalSet(data_dir=data_dir) if data_dir else None)
     options = (options or ScoringOptions()).replace(tta=tta)
-    classifier = Classifier.load(run_dir, "torch", options.device).switched(*switches)
-    result = EvalResult({}, pd.DataFrame(), chain=classifier.chain)
+    loaded, choice = selection.load(run_dir, backend, options.device)
+    classifier = loaded.switched(*switches)
+    result = EvalResult({}, pd.DataFrame(), chain=classifier.chain, notes=list(choice.notes))
     table, views, offsets, source = scored_views(classifier, run_dir, split, external, options, result)
+    source = {**source, "backend": choice.backend}
     result.out_dir = run_dir / f"eval_{source['external']}" if external else run_dir
     score_all(classifier.chain, table, views, offsets, source, result, lesion_level_scores, bootstrap, seed, tta)
     if isic_csv:  # the TTA decisions with --tta, as the headline

@@ -27,7 +27,7 @@ from skinlesion.decision.chain import DecisionChain, Decisions
 from skinlesion.errors import SkinLesionError
 from skinlesion.inference.options import ScoringOptions
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "onnx-int8")  # "auto" is resolved first: inference/selection.py
 
 
 class Backend(Protocol):
@@ -40,16 +40,17 @@ class Backend(Protocol):
 
 
 def load_backend(source: str | Path, backend: str = "torch", device: str = "cpu") -> Backend:
-    """The torch (best.pt) or ONNX Runtime (model.onnx) backend of a run folder or file."""
+    """The torch (best.pt), ONNX Runtime fp32 (model.onnx) or INT8 (model.int8.onnx) backend of a run folder or
+    file."""
     if backend == "torch":
         from skinlesion.inference.torch_backend import TorchBackend
 
         return TorchBackend(source, device=device)
-    if backend == "onnx":
+    if backend in ("onnx", "onnx-int8"):
         from skinlesion.inference.onnx_backend import OnnxBackend
 
-        return OnnxBackend(source)
-    raise SkinLesionError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
+        return OnnxBackend(source, int8=backend == "onnx-int8")
+    raise SkinLesionError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
 
 
 @dataclass(frozen=True)

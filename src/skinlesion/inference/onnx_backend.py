@@ -23,9 +23,10 @@ from skinlesion.inference.views import views
 REQUIRED_KEYS = ("classes", "mean", "std", "img_size", "resize_size", "temperature", "backbone")
 
 
-def onnx_path(run_dir: str | Path) -> Path:
+def onnx_path(run_dir: str | Path, int8: bool = False) -> Path:
+    """The ONNX file of a run folder (model.onnx, or model.int8.onnx with ``int8``); a .onnx path as it is."""
     path = Path(run_dir)
-    return path if path.suffix == ".onnx" else path / "model.onnx"
+    return path if path.suffix == ".onnx" else path / ("model.int8.onnx" if int8 else "model.onnx")
 
 
 def read_metadata(session: Any, path: Path) -> dict[str, Any]:
@@ -48,6 +49,11 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
         "pool_lesions": bool(json.loads(props.get("pool_lesions", "false"))),
         "members": json.loads(props.get("members", "null")),
         "preprocessing": json.loads(props.get("preprocessing", "null")),
+        # inference/quantize.py: "int8" for model.int8.onnx, with the fp32 file it came from and its measured drift.
+        "precision": props.get("precision", "fp32"),
+        "fp32_sha256": props.get("fp32_sha256", ""),
+        "quantization": json.loads(props.get("quantization", "null")),
+        "int8_drift": json.loads(props.get("int8_drift", "null")),
     }
 
 
@@ -62,13 +68,14 @@ def providers() -> list[str]:
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, source: str | Path, threads: int | None = None):
+    def __init__(self, source: str | Path, threads: int | None = None, int8: bool = False):
         import onnxruntime as ort
 
-        self.path = onnx_path(source)
+        self.path = onnx_path(source, int8)
         if not self.path.is_file():
+            flag = " --int8" if int8 else ""
             raise SkinLesionError(
-                f"no ONNX model at {self.path}; run `skinlesion export --run-dir {self.path.parent}` first"
+                f"no ONNX model at {self.path}; run `skinlesion export{flag} --run-dir {self.path.parent}` first"
             )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -77,6 +84,7 @@ class OnnxBackend:
         except Exception as e:  # noqa: BLE001 - a corrupt file is the user's to fix
             raise SkinLesionError(f"could not load {self.path} ({e}); re-run `skinlesion export`") from e
         self.meta = read_metadata(self.session, self.path)
+        self.name = "onnx-int8" if self.meta["precision"] == "int8" else "onnx"
         self.classes: list[str] = list(self.meta["classes"])
         self.preprocessing = Preprocessing.from_meta(self.meta)
         self.normalize = self.preprocessing.normalizer("cpu")

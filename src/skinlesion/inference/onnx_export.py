@@ -125,6 +125,13 @@ def to_onnx_bytes(model: torch.nn.Module, img_size: int, opset: int) -> bytes:
     return program.model_proto.SerializeToString()
 
 
+def props_of(model_bytes: bytes) -> dict[str, str]:
+    """The metadata_props of a serialized ONNX model."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load_from_string(model_bytes).metadata_props}
+
+
 def add_metadata(model_bytes: bytes, props: dict[str, str]) -> bytes:
     import onnx
 

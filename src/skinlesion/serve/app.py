@@ -35,10 +35,9 @@ from skinlesion.classes import FULL_NAMES
 from skinlesion.data.clinical import clinical_values
 from skinlesion.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError
 from skinlesion.decision import operating_point
-from skinlesion.decision.chain import DecisionChain
 from skinlesion.errors import SkinLesionError
+from skinlesion.inference import selection
 from skinlesion.inference.classifier import Classifier
-from skinlesion.inference.onnx_backend import OnnxBackend
 from skinlesion.reporting.explain import explain
 
 STATIC = Path(__file__).with_name("static")
@@ -109,16 +108,11 @@ def headline_metrics(run_dir: Path) -> dict[str, float] | None:
     return out
 
 
-def load_classifier(run_dir: Path, backend: str) -> tuple[str, Classifier]:
-    """The backend's name and the classifier; ``auto``: ONNX Runtime when model.onnx exists and was exported from
-    the current best.pt (the session opened for that check is the one used)."""
-    onnx_file = run_dir / "model.onnx"
-    if backend == "auto" and onnx_file.is_file():
-        onnx = OnnxBackend(onnx_file)
-        if not onnx.is_stale(run_dir / "best.pt"):
-            return "onnx", Classifier(onnx, DecisionChain.from_meta(onnx.meta))
-    chosen = "torch" if backend == "auto" else backend
-    return chosen, Classifier.load(run_dir, chosen)
+def load_classifier(run_dir: Path, backend: str) -> tuple[selection.Choice, Classifier]:
+    """The backend chosen (its name and notes) and the classifier; ``auto``: ONNX Runtime INT8, then fp32, when
+    model.int8.onnx / model.onnx was exported from the current best.pt (inference/selection.py), else torch."""
+    classifier, choice = selection.load(run_dir, backend)
+    return choice, classifier
 
 
 class ModelService:
@@ -129,7 +123,8 @@ class ModelService:
         ckpt = self.run_dir / "best.pt"
         if not ckpt.is_file():
             raise SkinLesionError(f"no best.pt in {self.run_dir}; pass the --run-dir of a trained run")
-        self.backend, self.classifier = load_classifier(self.run_dir, backend)
+        choice, self.classifier = load_classifier(self.run_dir, backend)
+        self.backend, self.notes = choice.backend, choice.notes  # notes: what `skinlesion serve` prints at start
         # Grad-CAM needs gradients, so the torch model is kept even when ONNX Runtime scores.
         self.explainer = self.classifier if self.backend == "torch" else Classifier.load(self.run_dir, "torch")
         self.model_id = f"{self.run_dir.name}@{fileio.sha256_file(ckpt)[:12]}"

@@ -137,7 +137,7 @@ def train(
             handler.close()
     if d.is_main and state.best_value is not None:
         print(f"best {c.select} {state.best_value:.4f} at epoch {state.best_epoch}: {run_dir / 'best.pt'}")
-    if d.writes and (run_dir / "best.pt").is_file():
+    if last is not None and d.writes and (run_dir / "best.pt").is_file():  # a fresh run's best.pt has them already
         keep_scoring_settings(run_dir / "best.pt", t.config_out)
     return run_dir, c
 
