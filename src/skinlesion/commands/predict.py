@@ -17,7 +17,6 @@ from typing import Any, TextIO
 import pandas as pd
 from tqdm import tqdm
 
-from skinlesion.classes import FULL_NAMES
 from skinlesion.data.clinical import FIELDS, clinical_table, lesion_ids, read_metadata_csv
 from skinlesion.data.images import IMAGE_SUFFIXES
 from skinlesion.decision import lesion_pooling
@@ -41,7 +40,7 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
     return files, ignored
 
 
-def json_rows(frame: pd.DataFrame, classes: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+def json_rows(frame: pd.DataFrame, classes: Sequence[str], top_k: int, names: dict[str, str]) -> list[dict[str, Any]]:
     """The predictions of ``Classifier.predict_files`` as JSON objects (full class names, top-k with names)."""
     rows = []
     for r in frame.itertuples(index=False):
@@ -50,7 +49,7 @@ def json_rows(frame: pd.DataFrame, classes: Sequence[str], top_k: int) -> list[d
         order = sorted(classes, key=lambda c: -probs[c])[:top_k]
         row = {"image": r["image"], "prediction": r["prediction"], "prediction_name": r["prediction_name"],
                "probabilities": probs,
-               "top_k": [{"class": c, "name": FULL_NAMES.get(c, c), "probability": probs[c]}
+               "top_k": [{"class": c, "name": names[c], "probability": probs[c]}
                          for c in order]}  # fmt: skip
         if "lesion_id" in r:
             row["lesion_id"] = r["lesion_id"]
@@ -196,6 +195,7 @@ def json_document(args: argparse.Namespace, classifier: Classifier, frame: pd.Da
         # "prediction" honours these minimum sensitivities; null = the argmax.
         "operating_point": chain.operating_point,
         "classes": list(chain.classes),
-        "predictions": json_rows(read, chain.classes, min(args.top_k, len(chain.classes))),
+        "predictions": json_rows(read, chain.classes, min(args.top_k, len(chain.classes)), classifier.class_names),
+        "class_names": classifier.class_names,
         "skipped": skipped,
     }

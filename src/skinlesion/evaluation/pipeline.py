@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from skinlesion import fileio
-from skinlesion.classes import CLASSES
 from skinlesion.decision import metadata_prior, operating_point
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation import cross_validation, fitting
 from skinlesion.inference.options import ScoringOptions
-from skinlesion.model import logit_adjustment
+from skinlesion.model import checkpoint, logit_adjustment
 from skinlesion.training import distributed, loop
 from skinlesion.training.config import TrainConfig
 
@@ -64,7 +63,7 @@ def post_hoc(run_dir: Path, config: TrainConfig, options: ScoringOptions) -> Non
         else:  # e.g. one image folder without a metadata CSV: the image model is complete on its own
             print("metadata prior skipped: the training images have no age, sex or localization")
     if config.min_sensitivity:
-        targets = operating_point.parse_targets(config.min_sensitivity, CLASSES)
+        targets = operating_point.parse_targets(config.min_sensitivity, checkpoint.read(run_dir)["classes"])
         try:
             point = fitting.set_operating_point(run_dir, targets, "val", True, options)
         except SkinLesionError as e:  # e.g. no melanoma in a tiny val split: the model stays usable as it is

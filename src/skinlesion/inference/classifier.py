@@ -67,6 +67,12 @@ class Classifier:
         return list(self.chain.classes)
 
     @property
+    def class_names(self) -> dict[str, str]:
+        """Each class code's full name (the run's label set; HAM10000's for runs made before it was stored)."""
+        stored = self.backend.meta.get("class_names") or {}
+        return {c: stored.get(c) or FULL_NAMES.get(c, c) for c in self.classes}
+
+    @property
     def preprocessing(self) -> Preprocessing:
         return self.backend.preprocessing
 
@@ -160,7 +166,7 @@ class Classifier:
         classes = self.classes
         frame.loc[rows, [f"p_{c}" for c in classes]] = decided.probabilities
         frame.loc[rows, "prediction"] = decided.names
-        frame.loc[rows, "prediction_name"] = [FULL_NAMES.get(n, n) for n in decided.names]
+        frame.loc[rows, "prediction_name"] = [self.class_names[n] for n in decided.names]
         order = np.argsort(-decided.probabilities, axis=1, kind="stable")[:, :top_k]
         frame.loc[rows, "top_k"] = [";".join(classes[k] for k in row) for row in order]
 

@@ -69,6 +69,7 @@ def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
         # data.preprocessing.Preprocessing: decode, colour, resize, crop, mean / std; every backend's input.
         "preprocessing": json.dumps(preprocessing.to_dict()),
         "classes": json.dumps(list(meta["classes"])),
+        "class_names": json.dumps(meta.get("class_names")),
         "mean": json.dumps([float(v) for v in meta["mean"]]),
         "std": json.dumps([float(v) for v in meta["std"]]),
         "img_size": str(int(meta["img_size"])),

@@ -82,7 +82,7 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> t
     gallery = gallery_of(f, options)
     steps.update()
     steps.set_postfix_str("lesion grid")
-    grid_image, _ = make_grid(f.table, n_per_class=options.grid_per_class, size=options.grid_size, seed=0)
+    grid_image, _ = make_grid(f.table, options.grid_per_class, options.grid_size, 0, f.meta.get("class_names"))
     grid_path = fileio.atomic_write(f.run_dir / "figures" / "lesion_grid.png", lambda p: grid_image.save(p, "PNG"))
     # Any other PNG already in figures/ (e.g. from `skinlesion gradcam`) is embedded too.
     made = {p.resolve() for p, _ in [*figs, *gallery, (grid_path, "")]}
@@ -124,7 +124,7 @@ def page_context(f: RunFiles, classes: list[str], options: ReportOptions) -> dic
         "operating_point": operating_point.describe(m["operating_point"]) if m.get("operating_point") else None,
         "metrics": m,
         "classes": classes,
-        "per_class": per_class_rows(m, classes),
+        "per_class": per_class_rows(m, classes, f.meta.get("class_names")),
         "split_table": split_rows(f.table, classes),
         "calibration": f.calibration,
         "cam_method": options.cam_method,

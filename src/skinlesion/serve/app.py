@@ -31,7 +31,6 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from swagger_ui_bundle import swagger_ui_path
 
 from skinlesion import __version__, fileio
-from skinlesion.classes import FULL_NAMES
 from skinlesion.data.clinical import clinical_values
 from skinlesion.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError
 from skinlesion.decision import operating_point
@@ -147,7 +146,7 @@ class ModelService:
             "resize_size": self.classifier.preprocessing.resize_size,
             "preprocessing": self.classifier.preprocessing.to_dict(),
             "classes": list(chain.classes),
-            "full_names": {c: FULL_NAMES.get(c, c) for c in chain.classes},
+            "full_names": self.classifier.class_names,
             "temperature": float(chain.temperature),
             "epoch": meta.get("epoch"),
             # An ensemble's members (backbone, image size, epoch, source run, model id); None for one network.
@@ -186,7 +185,7 @@ class ModelService:
             views = gradcam_views(self.explainer, image, classes[best]) if cam else {}
         out: dict[str, Any] = {
             "prediction": classes[best],
-            "prediction_name": FULL_NAMES.get(classes[best], classes[best]),
+            "prediction_name": self.classifier.class_names[classes[best]],
             "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
             "model_id": self.model_id,
             "temperature": float(chain.temperature),
