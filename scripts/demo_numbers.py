@@ -56,13 +56,14 @@ def interval(entry: dict[str, Any]) -> list[float]:
     return [entry["value"], *entry.get("ci95", [None, None])]
 
 
-def collect(run_dir: Path, host_text: str, seconds: float | None) -> dict[str, Any]:
+def collect(run_dir: Path, host_text: str, seconds: float | None, note: str | None = None) -> dict[str, Any]:
     """What the README quotes, from the run's own files."""
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     tta = metrics.get("with_tta") or {}
     return {
         "host": host_text,
+        "note": note,
         "minutes": None if seconds is None else round(seconds / 60, 1),
         "versions": {k: config.get("versions", {}).get(k) for k in ("torch", "timm")},
         "run": {k: config.get(k) for k in ("backbone", "img_size", "epochs", "lr", "n_train", "n_val")},
@@ -92,23 +93,33 @@ def render(numbers: dict[str, Any]) -> str:
             f"; with {numbers['tta_views']}-view TTA balanced accuracy {tta['balanced_accuracy'][0]:.3f} and "
             f"macro AUC {tta['macro_auc'][0]:.3f}"
         )
-    versions = ", ".join(f"{k} {v}" for k, v in numbers["versions"].items() if v)
-    return (
-        f"*Written by `make demo` itself ([scripts/demo_numbers.py](scripts/demo_numbers.py), from the run's "
-        f"`metrics.json`; [docs/demo_numbers.json](docs/demo_numbers.json)).* Last run on {numbers['host']}"
-        + (f", {took:g} min in all" if took is not None else "")
-        + f" ({versions}). On the sample's {numbers['split']} split ({numbers['n_images']} images, "
-        f"{numbers['n_lesions']} lesions; 95 % lesion-bootstrap intervals): {scores}{tta_text}. Runs repeat exactly "
-        f"on one machine; another CPU (bf16 or not) or library build gives somewhat different numbers. Those are "
-        f"{run['n_train']} training images and {run['epochs']} epochs at {run['img_size']} px, so they say the "
-        f"pipeline works, not how good a full run is — see [Results](#results-on-real-data).\n"
+    machine = "; ".join(
+        part
+        for part in (
+            numbers["host"],
+            f"{took:g} min in all" if took is not None else None,
+            numbers.get("note"),
+            ", ".join(f"{k} {v}" for k, v in numbers["versions"].items() if v),
+        )
+        if part
     )
+    text = (
+        "*Written by `make demo` itself ([scripts/demo_numbers.py](scripts/demo_numbers.py), from the run's "
+        f"`metrics.json`; [docs/demo_numbers.json](docs/demo_numbers.json)).* Last run: {machine}. On the sample's "
+        f"{numbers['split']} split ({numbers['n_images']} images, {numbers['n_lesions']} lesions; 95 % "
+        f"lesion-bootstrap intervals): {scores}{tta_text}. Runs repeat exactly on one machine; another CPU (bf16 or "
+        f"not) or library build gives somewhat different numbers. Those are {run['n_train']} training images and "
+        f"{run['epochs']} epochs at {run['img_size']} px, so they say the pipeline works, not how good a full run is "
+        "— see [Results](#results-on-real-data)."
+    )
+    return doc_blocks.wrap(text) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, nargs="?", help="the demo's run folder (outputs/demo)")
     p.add_argument("--started", type=float, help="Unix time the demo started (for its duration)")
+    p.add_argument("--note", help="said after the host and duration, e.g. that other jobs shared the machine")
     p.add_argument("--json", type=Path, default=JSON)
     p.add_argument("--readme", type=Path, default=README)
     p.add_argument("--check", action="store_true", help="exit 1 when the README block differs from the JSON's")
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give the demo's run folder, or --check")
     config = json.loads((args.run_dir / "config.json").read_text(encoding="utf-8"))
     seconds = time.time() - args.started if args.started else None
-    numbers = collect(args.run_dir, host(config), seconds)
+    numbers = collect(args.run_dir, host(config), seconds, args.note)
     args.json.write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
     doc_blocks.fill_file(args.readme, {BLOCK: render(numbers)})
     print(f"wrote {args.json} and the demo numbers in {args.readme}:\n{render(numbers)}")

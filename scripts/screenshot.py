@@ -5,8 +5,9 @@ and save the whole page.
     .venv/bin/python scripts/screenshot.py --run-dir outputs/demo
     .venv/bin/python scripts/screenshot.py --run-dir outputs/demo --images ../shared/data/ham10000_originals/images
 
-The image is the first melanoma of the run's val split (never trained on), read from --images (default: the
-bundled sample); --image FILE picks another. Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian chromium,
+The image is a melanoma the run never trained on, from --images (default: the bundled sample): the first of the
+run's val split there, else one that the HAM10000_metadata.csv beside --images lists and the run's split does not;
+--image FILE picks another. Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian chromium,
 chromium-driver), as tests/test_browser.py does.
 """
 
@@ -83,13 +84,20 @@ def serving(run_dir: Path, timeout: float = 120) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-def first_val_melanoma(run_dir: Path, images: Path) -> Path:
+def unseen_melanoma(run_dir: Path, images: Path) -> Path:
+    """A melanoma image in ``images`` that the run never trained on: its val melanomas first, then (from the
+    HAM10000_metadata.csv beside ``images``) melanomas outside its split altogether."""
     splits = pd.read_csv(run_dir / "splits.csv")
-    for image_id in splits.loc[(splits["split"] == "val") & (splits["dx"] == "mel"), "image_id"]:
+    candidates = list(splits.loc[(splits["split"] == "val") & (splits["dx"] == "mel"), "image_id"])
+    metadata = images.parent / "HAM10000_metadata.csv"
+    if metadata.is_file():
+        table = pd.read_csv(metadata)
+        candidates += sorted(set(table.loc[table["dx"] == "mel", "image_id"]) - set(splits["image_id"]))
+    for image_id in candidates:
         for ext in (".jpg", ".jpeg", ".png"):
             if (images / f"{image_id}{ext}").is_file():
                 return images / f"{image_id}{ext}"
-    raise SystemExit(f"error: no val melanoma of {run_dir}/splits.csv in {images}; pass --image FILE")
+    raise SystemExit(f"error: no melanoma that {run_dir} never trained on in {images}; pass --image FILE")
 
 
 def shoot(url: str, image: Path, out: Path, width: int) -> None:
@@ -115,8 +123,11 @@ def shoot(url: str, image: Path, out: Path, width: int) -> None:
             wait.until(ec.visibility_of_element_located((By.ID, "prediction-name")))
             overlay = wait.until(ec.visibility_of_element_located((By.ID, "overlay")))
             wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
-            height = driver.execute_script("return document.documentElement.scrollHeight")
-            driver.set_window_size(width, height + 20)  # the whole page in one picture
+            # The whole page in one picture: the window is the page's height plus the browser's own frame.
+            height, frame = driver.execute_script(
+                "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]"
+            )
+            driver.set_window_size(width, height + frame + 16)
             time.sleep(0.5)
             out.parent.mkdir(parents=True, exist_ok=True)
             driver.get_screenshot_as_file(str(out))
@@ -128,14 +139,14 @@ def shoot(url: str, image: Path, out: Path, width: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--image", type=Path, help="the image to upload (default: the run's first val melanoma)")
+    p.add_argument("--image", type=Path, help="the image to upload (default: a melanoma the run never trained on)")
     p.add_argument("--images", type=Path, default=SAMPLE_IMAGES, help="folder to find that melanoma in")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "screenshot_serve.png")
     p.add_argument("--width", type=int, default=1000, help="browser window width in CSS pixels")
     args = p.parse_args(argv)
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         raise SystemExit(f"error: needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)")
-    image = args.image or first_val_melanoma(args.run_dir, args.images)
+    image = args.image or unseen_melanoma(args.run_dir, args.images)
     with serving(args.run_dir) as url:
         shoot(url, image, args.out, args.width)
     return 0

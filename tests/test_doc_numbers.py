@@ -80,13 +80,15 @@ def fake_run(run: Path, balanced: float = 0.5714) -> Path:
 def test_demo_numbers_come_from_the_runs_metrics_and_name_the_host(tmp_path):
     run = fake_run(tmp_path / "demo")
     numbers = demo_numbers.collect(run, "a 2-core Test CPU, fp32 (no bf16)", 151.0)
-    text = demo_numbers.render(numbers)
+    text = " ".join(demo_numbers.render(numbers).split())  # one line: the paragraph is wrapped
     assert "a 2-core Test CPU, fp32 (no bf16)" in text and "2.5 min" in text
     assert "balanced accuracy 0.571 [0.521, 0.621]" in text and "macro AUC 0.857 [0.807, 0.907]" in text
     assert "4-view TTA balanced accuracy 0.557" in text and "560 training images" in text
     # another run, another sentence: nothing in it is fixed text
-    other = demo_numbers.render(demo_numbers.collect(fake_run(tmp_path / "b", 0.6), "host B", None))
+    other = " ".join(demo_numbers.render(demo_numbers.collect(fake_run(tmp_path / "b", 0.6), "host B", None)).split())
     assert "balanced accuracy 0.600" in other and "host B" in other and "min in all" not in other
+    noted = demo_numbers.render(demo_numbers.collect(run, "host C", None, "other jobs shared it"))
+    assert "host C; other jobs shared it;" in " ".join(noted.split())
 
 
 def test_demo_numbers_writes_the_json_and_only_its_readme_block(tmp_path):
