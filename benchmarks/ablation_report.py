@@ -1,4 +1,5 @@
-"""The ablation report (outputs/ablation_report.md) from docs/ablation.csv: pure markdown rendering (no scoring, no files read here).
+"""The ablation report (outputs/ablation_report.md) from docs/ablation.csv: pure markdown rendering (no scoring,
+no files read here).
 
 The generated part (tables) and the written part (benchmarks/ablation_notes.md, appended under FINDINGS) are kept
 apart by an explicit heading. CSV lines carry a ``scoring`` column: "chain" for lines scored through skinlesion's
