@@ -115,8 +115,8 @@ def put_lines(frame: pd.DataFrame, csv: Path) -> None:
 def write_report(csv: Path, out: Path, results: Path = RESULTS, logits_dir: Path | None = None,
                  data_dir: Path | None = None) -> Path:  # fmt: skip
     """The ablation report (outputs/ablation_report.md): the CSV's tables, plus (where a row's logits are cached or
-    tracked; never computed here) the tau sweep and the winning chain line's confusion matrix, both through the chain; then the written
-    findings."""
+    tracked; never computed here) the tau sweep and the winning chain line's confusion matrix, both through the
+    chain; then the written findings."""
     from skinlesion import fileio
     from skinlesion.classes import CLASSES
 
