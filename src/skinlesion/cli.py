@@ -251,6 +251,17 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--slice-frac", type=FRACTION, default=0.1,
                    help="train-slice: fraction of train lesions (default 0.1)")  # fmt: skip
     p.add_argument("--seed", type=SEED, default=0, help="seed of the lesion folds / slice (default 0)")
+    g = p.add_argument_group("safeguards fitted on the same images (stored in best.pt; predict / serve / the API "
+                             "return them)")  # fmt: skip
+    g.add_argument("--conformal", type=FRACTION, metavar="COVERAGE", help="also fit split-conformal label sets that "
+                   "hold the true class with this probability, e.g. 0.9 (lesions as the calibration units)")
+    g.add_argument("--conformal-method", default="aps", choices=["aps", "raps"],
+                   help="APS, or RAPS (regularised: smaller sets; default aps)")  # fmt: skip
+    g.add_argument("--ood", choices=["energy", "max_logit", "max_softmax", "mahalanobis"], help="also fit an "
+                   "out-of-distribution detector: a score of the raw logits, or Mahalanobis on the pooled features; "
+                   "an image above its threshold gets no diagnosis")  # fmt: skip
+    g.add_argument("--ood-refusal", type=number(rules.Range(float, 0, 0.5, low_open=True, high_open=True)),
+                   default=0.05, help="share of in-distribution images the threshold refuses (default 0.05)")
     _scoring_args(p, 64)
     p.set_defaults(module="skinlesion.commands.calibrate")
 
@@ -273,6 +284,12 @@ def _add_operating_point(sub) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_false",
                    help="fit on single-view logits instead of the run's TTA views (default: TTA, as evaluate --tta)")
     p.add_argument("--remove", action="store_true", help="take the operating point out of best.pt instead")
+    g = p.add_argument_group("referral (refer to a dermatologist instead of naming a class)")
+    g.add_argument("--referral", type=FRACTION, metavar="ACCURACY", help="fit a referral rule on the same images: "
+                   "refer the least confident images so that the rest reach this accuracy, e.g. 0.9")  # fmt: skip
+    g.add_argument("--referral-melanoma", type=FRACTION, metavar="SENSITIVITY", help="with --referral: also refer "
+                   "images whose melanoma probability lies in the band that brings melanomas called or referred to "
+                   "this sensitivity, e.g. 0.95")  # fmt: skip
     _scoring_args(p, 64)
     p.set_defaults(module="skinlesion.commands.operating_point")
 

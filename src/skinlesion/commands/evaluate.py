@@ -10,6 +10,7 @@ from pathlib import Path
 from skinlesion.data.datasets import DataSpec
 from skinlesion.decision import lesion_pooling, operating_point
 from skinlesion.evaluation.evaluate import EvalResult, ExternalSet, evaluate
+from skinlesion.evaluation.evidence import per_class_lines
 from skinlesion.evaluation.scoring import summary_table
 from skinlesion.inference.options import ScoringOptions
 
@@ -83,4 +84,24 @@ def print_summary(result: EvalResult, tta: bool) -> None:
     for name, scored in (m.get("per_source") or {}).items():
         columns[name] = scored
     print(summary_table(columns))
-    print(f"wrote {Path(result.out_dir) / 'predictions.csv'}, metrics.json, classification_report.txt")
+    if m.get("clinical"):
+        print("\n".join(per_class_lines(m["clinical"], list(chain.classes))))
+    print_safeguards(m.get("safeguards"))
+    extra = ", subgroups.csv, risk_coverage.csv" if result.subgroups is not None else ""
+    print(f"wrote {Path(result.out_dir) / 'predictions.csv'}, metrics.json, classification_report.txt{extra}")
+
+
+def print_safeguards(found: dict | None) -> None:
+    """What the run's safeguards did on the scored images."""
+    if not found:
+        return
+    if "conformal" in found:
+        c = found["conformal"]
+        print(f"conformal sets ({found['settings']['conformal']}): coverage {c['coverage']:.3f}, mean size "
+              f"{c['mean_size']:.2f}")  # fmt: skip
+    if "ood" in found:
+        print(f"out of distribution: {found['ood']['refused']} image(s) refused ({found['ood']['rate']:.1%}; the "
+              f"threshold was set to refuse {found['ood']['target_rate']:.0%} of in-distribution images)")  # fmt: skip
+    rest = found["referred"]["accuracy_of_the_rest"]
+    print(f"referred to a dermatologist: {found['referred']['images']} ({found['referred']['rate']:.1%}); accuracy "
+          f"of the rest {'n/a' if rest is None else f'{rest:.3f}'}")  # fmt: skip

@@ -29,7 +29,7 @@ import pandas as pd
 
 from skinlesion import fileio
 from skinlesion.data.run_folder import labels_of, run_table, split_part
-from skinlesion.decision import metadata_prior, operating_point, temperature
+from skinlesion.decision import conformal, metadata_prior, ood, operating_point, referral, temperature
 from skinlesion.decision.chain import DecisionChain
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation.fitting import table_logits
@@ -168,6 +168,27 @@ def oof_offsets(fold_dirs: list[Path], table: pd.DataFrame, prior_on: bool, clas
     return offsets, metadata_prior.fit(everything[everything["split"] != "test"], classes)
 
 
+def oof_safeguards(parent: Path, config: TrainConfig, chain: DecisionChain, views: np.ndarray,
+                   offsets: np.ndarray | None, y: np.ndarray, lesions: np.ndarray) -> None:  # fmt: skip
+    """The recipe's conformal sets, referral rule and logit OOD detector, fitted on the out-of-fold predictions
+    (single view, per image) and stored in the ensemble's best.pt."""
+    decided = chain.replace(pool_lesions=False)(views[:1], offsets)
+    classes = list(chain.classes)
+    if config.conformal:
+        checkpoint.set_entry(parent, "conformal", conformal.fit(decided.probabilities, y, classes, 1 - config.conformal,
+                                                                groups=lesions, fitted_on="out-of-fold"))
+    if config.referral:
+        checkpoint.set_entry(parent, "referral", referral.fit(y, decided.probabilities, decided.labels, classes,
+                                                              target_accuracy=config.referral, fitted_on="out-of-fold"))
+    if config.ood and config.ood != "mahalanobis":
+        checkpoint.set_entry(parent, "ood", ood.fit_logits(views[0], config.ood, fitted_on="out-of-fold"))
+    elif config.ood:  # the folds' own features differ: one detector over them is not the ensemble's
+        print("out-of-distribution detector skipped: Mahalanobis needs the ensemble's own features; fit one with "
+              f"`skinlesion calibrate --run-dir {parent} --split test --ood mahalanobis` on held-out images")
+    if config.conformal or config.referral or config.ood:
+        print(f"safeguards fitted out of fold; stored in {parent / 'best.pt'}")
+
+
 def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
     kept = [v for v in values if v is not None]
     if not kept:
@@ -215,6 +236,7 @@ def build(parent: Path, fold_dirs: list[Path], config: TrainConfig) -> None:
         print(f"{operating_point.report_line(point)} (out of fold); stored in {parent / 'best.pt'}")
         chain = DecisionChain.from_meta(checkpoint.read(parent))
 
+    oof_safeguards(parent, config, chain, views, offsets, y, lesions)
     pool = lesions if chain.pool_lesions else None
     decisions = chain(views, offsets, pool)
     frame = predictions_frame(table, decisions).assign(fold=table["fold"].to_numpy())

@@ -30,6 +30,7 @@ from skinlesion.decision import lesion_pooling
 from skinlesion.decision.chain import DecisionChain, Decisions
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation import clinical_metrics, cross_validation, isic
+from skinlesion.evaluation.evidence import evidence
 from skinlesion.evaluation.fitting import run_options
 from skinlesion.evaluation.scoring import lesion_level, predictions_frame, score
 from skinlesion.inference.classifier import Classifier
@@ -48,6 +49,8 @@ class EvalResult:
     out_dir: Path = Path(".")
     chain: DecisionChain | None = None
     notes: list[str] = field(default_factory=list)  # what the command prints to stderr (overlap, ...)
+    subgroups: pd.DataFrame | None = None  # subgroups.csv: the headline metrics per sex, age band, site, source ...
+    risk_coverage: pd.DataFrame | None = None  # risk_coverage.csv: referring the least confident first
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,10 @@ def evaluate(
     result = EvalResult({}, pd.DataFrame(), chain=classifier.chain)
     table, views, offsets, source = scored_views(classifier, run_dir, split, external, options, result)
     result.out_dir = run_dir / f"eval_{source['external']}" if external else run_dir
-    score_all(classifier.chain, table, views, offsets, source, result, lesion_level_scores, bootstrap, seed, tta)
+    decisions = score_all(classifier.chain, table, views, offsets, source, result, lesion_level_scores, bootstrap,
+                          seed, tta)  # fmt: skip
+    if decisions is not None:  # the clinical evidence of a multiclass evaluation
+        add_evidence(classifier, table, views, decisions, run_options(run_dir, options), result, bootstrap, seed)
     if isic_csv:  # the TTA decisions with --tta, as the headline
         final = result.predictions_tta if tta else result.predictions
         probs = final[[f"p_{c}" for c in classifier.classes]].to_numpy()
@@ -245,11 +251,12 @@ def score_melanoma(chain: DecisionChain, table: pd.DataFrame, views: np.ndarray,
 
 def score_all(chain: DecisionChain, table: pd.DataFrame, views: np.ndarray, offsets: np.ndarray | None,
               source: dict[str, Any], result: EvalResult, lesion_level_scores: bool, bootstrap: int, seed: int,
-              tta: bool) -> None:  # fmt: skip
-    """Decisions through the chain (single view; with ``tta`` the run's views too), their metrics and report."""
+              tta: bool) -> Decisions | None:  # fmt: skip
+    """Decisions through the chain (single view; with ``tta`` the run's views too), their metrics and report; the
+    single-view decisions (None for the melanoma-vs-rest task)."""
     if source.get("task") == "melanoma":
         score_melanoma(chain, table, views, offsets, source, result, bootstrap, seed, tta)
-        return
+        return None
     y = labels_of(table, chain.classes)
     lesions = table["lesion_id"].astype(str).to_numpy()
     pooled = lesion_pooling.shared(lesions) if chain.pool_lesions else 0
@@ -284,6 +291,19 @@ def score_all(chain: DecisionChain, table: pd.DataFrame, views: np.ndarray, offs
         ly, lp, lid = lesion_level(result.predictions, list(chain.classes))
         per_lesion = Decisions(lp, chain.decide(lp), chain.classes)
         result.metrics["lesion_level"] = score(ly, per_lesion, lid, bootstrap, seed)
+    return decisions
+
+
+def add_evidence(classifier: Classifier, table: pd.DataFrame, views: np.ndarray, decisions: Decisions,
+                 options: ScoringOptions, result: EvalResult, bootstrap: int, seed: int) -> None:  # fmt: skip
+    """Clinical metrics, subgroups, risk-coverage and the safeguards' scores (evaluation/evidence.py)."""
+    guards = classifier.safeguards
+    features = classifier.features_of_table(table, options, desc="features") if guards.needs_features else None
+    guarded = guards(decisions, views[0], features) if guards.any else None
+    found = evidence(labels_of(table, classifier.classes), decisions, table, result.predictions, guarded, guards,
+                     bootstrap, seed)  # fmt: skip
+    result.metrics.update(found.metrics)
+    result.subgroups, result.risk_coverage = found.subgroups, found.risk_coverage
 
 
 def text_report(y: np.ndarray, decisions: Decisions, classes: tuple[str, ...]) -> str:
@@ -297,4 +317,7 @@ def write_outputs(result: EvalResult) -> None:
     if result.predictions_tta is not None:
         fileio.write_csv(out / "predictions_tta.csv", result.predictions_tta)
     fileio.write_json(out / "metrics.json", result.metrics)
+    for name, frame in (("subgroups.csv", result.subgroups), ("risk_coverage.csv", result.risk_coverage)):
+        if frame is not None:
+            fileio.write_csv(out / name, frame)
     fileio.write_text(out / "classification_report.txt", result.report)

@@ -86,6 +86,10 @@ def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
         "metadata_prior": json.dumps(chain.metadata_prior),
         # decision.operating_point: decide argmax(log p + "bias") ("classes" order); "null" = plain argmax.
         "operating_point": json.dumps(chain.operating_point),
+        # decision.safeguards: the referral rule, conformal label sets, out-of-distribution detector ("null": none).
+        "referral": json.dumps(meta.get("referral")),
+        "conformal": json.dumps(meta.get("conformal")),
+        "ood": json.dumps(meta.get("ood")),
         # An ensemble's members (model.ensemble: one graph, logits averaged inside it); "null" for one network.
         "members": json.dumps((meta.get("config") or {}).get("members")),
     }

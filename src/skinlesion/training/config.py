@@ -176,6 +176,15 @@ class TrainConfig:
                                          "'none' = off)", resumable=True)  # fmt: skip
     pool_lesions: bool = option(False, "post-hoc", "evaluate / predict score the images of one lesion together where "
                                 "lesion ids are given", resumable=True)  # fmt: skip
+    conformal: float | None = option(None, "post-hoc", "fit conformal label sets (APS) at this coverage on val, e.g. "
+                                     "0.9; predict / serve return each image's set", rule=rules.FRACTION,
+                                     resumable=True)  # fmt: skip
+    referral: float | None = option(None, "post-hoc", "fit a referral rule on val: the least confident images are "
+                                    "referred so that the rest reach this accuracy, e.g. 0.9", rule=rules.FRACTION,
+                                    resumable=True)  # fmt: skip
+    ood: str | None = option(None, "post-hoc", "fit an out-of-distribution detector on val (refusing 5 % of it): an "
+                             "image above its threshold gets no diagnosis",
+                             choices=("energy", "max_logit", "max_softmax", "mahalanobis"), resumable=True)
     # ---- hardware
     device: str = option("auto", "hardware", "where to train: auto = cuda, then mps, then cpu",
                          choices=("auto", "cuda", "mps", "cpu"), resumable=True)  # fmt: skip
