@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from skinlesion.classes import CLASS_INDEX
-from skinlesion.data.ham10000 import load_table
+from skinlesion.classes import CLASSES
+from skinlesion.data.datasets import DataSpec, load_dataset
 from skinlesion.data.split import read_splits
 from skinlesion.errors import SkinLesionError
 
@@ -30,9 +31,10 @@ def run_table(run_dir: Path) -> pd.DataFrame:
     if not splits_path.is_file():
         raise SkinLesionError(f"{splits_path} not found; is {run_dir} a training run folder?")
     splits = read_splits(splits_path)
-    table = load_table(data_dir=config.get("data_dir"), metadata=config.get("metadata"), images=config.get("images"))
-    # Age, sex and site come along for the metadata prior.
-    extra = [c for c in ("age", "sex", "localization") if c in table and c not in splits]
+    table = load_dataset(data_spec(config))
+    # Age, sex and site come along for the metadata prior; source, patient and skin type for subgroups.
+    extra = [c for c in ("age", "sex", "localization", "source", "source_label", "patient_id", "dx_type",
+                         "fitzpatrick") if c in table and c not in splits]  # fmt: skip
     merged = splits.merge(table[["image_id", "path", *extra]], on="image_id", how="left")
     missing = merged["path"].isna()
     if missing.any():
@@ -41,6 +43,14 @@ def run_table(run_dir: Path) -> pd.DataFrame:
             f"the data folder recorded in config.json ({config.get('data_dir')}); restore that folder"
         )
     return merged
+
+
+def data_spec(config: dict[str, Any]) -> DataSpec:
+    """Where a run's images are and how their labels were mapped, from its config.json (older runs: HAM10000)."""
+    view = type("RunOptions", (), {k: v for k, v in config.items() if isinstance(k, str) and k.isidentifier()})
+    if isinstance(config.get("classes"), list):  # written before the label set was an option
+        view.classes = "ham7"
+    return DataSpec.of(view)
 
 
 def overlap_with_training(run_dir: Path, table: pd.DataFrame) -> tuple[np.ndarray, int, int]:
@@ -71,11 +81,14 @@ def split_part(run_dir: Path, split: str) -> pd.DataFrame:
     return part
 
 
-def labels_of(table: pd.DataFrame) -> np.ndarray:
-    unknown = sorted(set(table["dx"].astype(str)) - set(CLASS_INDEX))
+def labels_of(table: pd.DataFrame, classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Class indices of the ``dx`` column in ``classes`` order; one line when a label is not one of them."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(table["dx"].astype(str)) - set(index))
     if unknown:
-        raise SkinLesionError(f"labels {unknown} are not HAM10000 classes; evaluation needs labelled images")
-    return table["dx"].map(CLASS_INDEX).to_numpy(dtype=int)
+        raise SkinLesionError(f"labels {unknown} are not classes of this run ({', '.join(classes)}); evaluation needs "
+                              "images labelled in the run's classes")  # fmt: skip
+    return table["dx"].map(index).to_numpy(dtype=int)
 
 
 def lesion_ids(table: pd.DataFrame) -> np.ndarray:

@@ -54,6 +54,8 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
         "fp32_sha256": props.get("fp32_sha256", ""),
         "quantization": json.loads(props.get("quantization", "null")),
         "int8_drift": json.loads(props.get("int8_drift", "null")),
+        "class_names": json.loads(props.get("class_names", "null")),
+        **{key: json.loads(props.get(key, "null")) for key in ("referral", "conformal", "ood")},
     }
 
 
