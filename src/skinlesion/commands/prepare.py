@@ -6,6 +6,7 @@ import argparse
 
 import pandas as pd
 
+from skinlesion import rules
 from skinlesion.classes import CLASSES
 from skinlesion.data.cache import ImageCache
 from skinlesion.data.ham10000 import LIST_MAX, load_table
@@ -39,6 +40,9 @@ def summary(table: pd.DataFrame) -> str:
     dropped = a.get("dropped", [])
     missing = [d["image_id"] for d in dropped if d["reason"] == "missing"]
     corrupt = [f"{d['image_id']}: {d['reason']}" for d in dropped if d["reason"] != "missing"]
+    sexes = table["sex"].value_counts()
+    # -5, 1e309, -inf: not ages (rules.clean_ages); counted by the loader where it cleans them, else here.
+    refused = a.get("ages_refused", rules.clean_ages(table["age"])[1])
     lines = [
         f"data:      {a.get('data_dir')} (layout: {a.get('layout')})",
         f"metadata:  {a.get('metadata')}",
@@ -47,8 +51,8 @@ def summary(table: pd.DataFrame) -> str:
         class_table(table).to_string(),
         "",
         f"images per lesion (images: lesions): {images_per_lesion(table)}",
-        f"age missing: {int(table['age'].isna().sum())}; sex: "
-        + ", ".join(f"{k} {v}" for k, v in table["sex"].value_counts().items()),
+        f"age missing: {int(table['age'].isna().sum())}; not an age (outside 0-120, taken as unknown): "
+        f"{refused}; sex: " + ", ".join(f"{k} {v}" for k, v in sexes.items()),
         f"missing files (dropped): {_listing(missing)}",
         f"corrupt files (dropped): {_listing(corrupt)}",
         f"duplicate rows in metadata (first kept): {_listing(a.get('duplicate_rows', []))}",

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from skinlesion import fileio
 from skinlesion.classes import CLASS_INDEX
 from skinlesion.data.ham10000 import load_table
 from skinlesion.data.split import read_splits
 from skinlesion.errors import SkinLesionError
 
+# Where a run's data lives (run_table, the image cache): a folder or file name, or null.
+PATH_KEYS = ("data_dir", "metadata", "images", "cache_dir")
+
 
 def read_config(run_dir: Path) -> dict[str, Any]:
+    """A run folder's config.json (size-limited, an object whose data paths are strings): one line otherwise."""
     path = Path(run_dir) / "config.json"
+    hint = "pass the folder `skinlesion train` wrote as --run-dir, or restore its config.json"
     if not path.is_file():
-        raise SkinLesionError(f"{path} not found; pass the folder `skinlesion train` wrote as --run-dir")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise SkinLesionError(f"{path} not found; {hint}")
+    config = fileio.read_json(path, hint)
+    for key in PATH_KEYS:
+        if not isinstance(config.get(key), str | None):
+            raise SkinLesionError(f"{path}: {key} must be a path or null, not {str(config[key])[:40]!r}; {hint}")
+    return config
 
 
 def run_table(run_dir: Path) -> pd.DataFrame:
