@@ -22,7 +22,9 @@ VAL_IMAGES = $$(awk -F, '$$4 == "val" {print "$(SAMPLE_DIR)/" $$1 ".jpg"}' $(DEM
 
 # Few-minute CPU demo on the bundled real sample: genuine ImageNet EfficientNet-Lite0 weights (offline).
 # The full reference recipe is EfficientNet-B0 with hub weights at 224 px for 20 epochs.
+# It ends by writing its numbers, with this machine named, into docs/demo_numbers.json and README.md.
 demo: install
+	@mkdir -p outputs && date +%s > outputs/.demo_started
 	$(CLI) prepare --img-size 128
 	rm -rf $(DEMO)
 	$(CLI) train --run-name demo --backbone tf_efficientnet_lite0 --weights lite0 --img-size 128 --epochs 5 --lr 1e-3
@@ -31,6 +33,7 @@ demo: install
 	$(CLI) report --run-dir $(DEMO)
 	$(CLI) export --run-dir $(DEMO)
 	$(CLI) predict --run-dir $(DEMO) --backend onnx --top-k 3 $(VAL_IMAGES)
+	$(PY) scripts/demo_numbers.py $(DEMO) --started $$(cat outputs/.demo_started)
 	@echo "full recipe: EfficientNet-B0, hub ImageNet weights, 224 px, 20 epochs: skinlesion train --data-dir DIR --run-name baseline_effnetb0"
 	@echo "demo finished: $(DEMO)/report.html"
 

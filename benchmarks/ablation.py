@@ -1,8 +1,8 @@
-"""Real-data ablation: train each recipe row on one fixed setting, score post-hoc variants, write docs/results.md.
+"""Real-data ablation: train each recipe row on one fixed setting, score post-hoc variants, write its report.
 
     python benchmarks/ablation.py                       # every row not yet in the CSV, one at a time
     python benchmarks/ablation.py --rows reference,regularised
-    python benchmarks/ablation.py --only-report         # regenerate docs/results.md from the CSV
+    python benchmarks/ablation.py --only-report         # regenerate outputs/ablation_report.md from the CSV
     python benchmarks/ablation.py --dry-run             # print the commands only
     python benchmarks/ablation.py --rescore             # score trained rows again from their cached logits
     python benchmarks/ablation.py --save-logits         # copy finished rows' logits to docs/ablation_logits/
@@ -47,7 +47,9 @@ import ablation_scoring  # noqa: E402
 from ablation_rows import DATA, REPO, ROWS, Row, display_command, ensure_split, finished, parse_variant, train  # noqa: E402
 
 CSV = REPO / "docs" / "ablation.csv"
-RESULTS = REPO / "docs" / "results.md"
+# The ablation's own long report (every row, every table). docs/results.md is the short page built from tracked
+# files by scripts/results_tables.py; this one is not tracked (outputs/).
+RESULTS = REPO / "outputs" / "ablation_report.md"
 NOTES = Path(__file__).with_name("ablation_notes.md")  # hand-written findings, appended to results.md
 
 
@@ -112,9 +114,9 @@ def put_lines(frame: pd.DataFrame, csv: Path) -> None:
 # ------------------------------------------------------------------------------------------------ report
 def write_report(csv: Path, out: Path, results: Path = RESULTS, logits_dir: Path | None = None,
                  data_dir: Path | None = None) -> Path:  # fmt: skip
-    """docs/results.md: the CSV's tables, plus (where a row's logits are cached or tracked; never computed here)
-    the tau sweep and the winning chain line's confusion matrix, both through the chain; then the written
-    findings."""
+    """The ablation report (outputs/ablation_report.md): the CSV's tables, plus (where a row's logits are cached or
+    tracked; never computed here) the tau sweep and the winning chain line's confusion matrix, both through the
+    chain; then the written findings."""
     from skinlesion import fileio
     from skinlesion.classes import CLASSES
 
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--csv", type=Path, default=CSV)
     p.add_argument("--results", type=Path, default=RESULTS, help="the markdown report to write")
     p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--only-report", action="store_true", help="regenerate docs/results.md from the CSV")
+    p.add_argument("--only-report", action="store_true", help="regenerate the ablation report from the CSV")
     p.add_argument("--dry-run", action="store_true", help="print each row's command and stop")
     p.add_argument("--rescore", action="store_true",
                    help="score rows again through the chain and replace their CSV lines: rows whose run folder is "

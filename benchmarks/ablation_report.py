@@ -1,4 +1,5 @@
-"""docs/results.md from docs/ablation.csv: pure markdown rendering (no scoring, no files read here).
+"""The ablation report (outputs/ablation_report.md) from docs/ablation.csv: pure markdown rendering (no scoring,
+no files read here).
 
 The generated part (tables) and the written part (benchmarks/ablation_notes.md, appended under FINDINGS) are kept
 apart by an explicit heading. CSV lines carry a ``scoring`` column: "chain" for lines scored through skinlesion's
@@ -276,7 +277,7 @@ def _section(frame: pd.DataFrame, title: str, intro: str | None, tag: str) -> li
 
 def render(frame: pd.DataFrame, confusion: str | None, rows: tuple[Row, ...] = ROWS, taus: str | None = None,
            notes: str | None = None) -> str:  # fmt: skip
-    """docs/results.md from the CSV (pure: tested on a synthetic frame). ``confusion``: the winning chain
+    """The ablation report from the CSV (pure: tested on a synthetic frame). ``confusion``: the winning chain
     line's confusion matrix (``winner``); ``taus``: the tau sweep's table; ``notes``: the written findings."""
     by_name = {r.name: r for r in rows}
     chain, old = chain_lines(frame), old_lines(frame)

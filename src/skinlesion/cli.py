@@ -20,7 +20,7 @@ from typing import Any
 
 from skinlesion import __version__, fileio, rules
 from skinlesion.errors import SkinLesionError
-from skinlesion.training.config import GROUPS, OUTPUT_KEYS, TrainConfig, field_type
+from skinlesion.training.config import DATA_OPTIONS, GROUPS, LABEL_SET_NAMES, OUTPUT_KEYS, TrainConfig, field_type
 from skinlesion.training.recipes import RECIPES
 
 
@@ -63,13 +63,13 @@ def _device_arg(p: argparse.ArgumentParser | Any, default: str | None = "auto") 
                    help="where the model runs: auto (default) = cuda, then mps, then cpu")  # fmt: skip
 
 
-def _data_args(p: argparse.ArgumentParser, required: bool = False, data_help: str = DATA_HELP) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", required=required, help=data_help)
-    g.add_argument("--metadata", help="metadata CSV (overrides the one found in --data-dir)")
-    g.add_argument("--images", help="image folder (overrides the ones found in --data-dir)")
-    g.add_argument("--allow-missing", action="store_true", help="decode-check every image and drop the missing, "
-                   "corrupt or too large ones (the same files `prepare --allow-missing` drops)")  # fmt: skip
+def _data_args(p: argparse.ArgumentParser, title: str = "data", exclude: tuple[str, ...] = ()) -> None:
+    """Which images with which labels: TrainConfig's data options (DATA_OPTIONS), the same flags everywhere."""
+    g = p.add_argument_group(title)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in DATA_OPTIONS:
+        if name not in exclude:
+            _field_option(g, fields[name])
 
 
 def _cache_args(p: argparse.ArgumentParser | Any) -> None:
@@ -147,7 +147,11 @@ def _add_synth(sub) -> None:
     p.add_argument("--n-per-class", type=number(rules.Range(int, 1, 10_000)), default=40,
                    help="images per class (default 40)")  # fmt: skip
     p.add_argument("--size", default="96x72", help="image size WxH (default 96x72)")
-    p.add_argument("--imbalance", action="store_true", help="HAM10000-like class proportions")
+    p.add_argument("--imbalance", action="store_true", help="HAM10000-like class proportions (ham10000 layout)")
+    p.add_argument("--layout", default="ham10000", choices=["ham10000", "isic2019", "isic2020", "pad-ufes-20", "csv",
+                   "imagefolder"], help="whose folder layout to copy (default ham10000)")  # fmt: skip
+    p.add_argument("--classes", default="ham7", choices=list(LABEL_SET_NAMES), help="the label set the summary "
+                   "counts in (default ham7)")  # fmt: skip
     p.add_argument("--seed", type=SEED, default=0, help="seed of the drawn images and metadata (default 0)")
     p.set_defaults(module="skinlesion.commands.synth")
 
@@ -174,6 +178,8 @@ def _field_option(group: Any, f: dataclasses.Field) -> None:
     help = meta["help"] + _recipe_default(f.name)
     if f.name == "min_sensitivity":
         _min_sensitivity_arg(group, help)
+    elif meta.get("paths"):
+        group.add_argument(*flags, dest=f.name, action="append", metavar="DIR", help=help + " (repeatable)")
     elif bool in kinds:
         group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help)
     elif tuple in kinds:
@@ -211,8 +217,12 @@ def _add_evaluate(sub) -> None:
                    help="part of the run's splits.csv to score (default val; test for a run without val, e.g. a "
                    "K-fold ensemble; oof = a --folds run's out-of-fold predictions, what cv.json reports, the "
                    "default when it has no test part)")  # fmt: skip
-    _data_args(p, data_help="score an external labelled set in this folder instead of the run's own split (default: "
-               "the run's --split; HAM10000 Kaggle layout, one image folder, or ISIC 2018 Task 3)")  # fmt: skip
+    _data_args(p, "an external labelled set to score instead of the run's own split (its labels mapped into the "
+               "run's classes)", exclude=("classes", "keep_unmapped"))  # fmt: skip
+    p.add_argument("--task", default="auto", choices=["auto", "multiclass", "melanoma"], help="external set: score "
+                   "the run's classes, or melanoma vs the rest (AUC, partial AUC, sensitivity / specificity); auto "
+                   "(default) = melanoma when the set's labels know only that, or when the run's classes would keep "
+                   "less than half of its images (ISIC 2020)")  # fmt: skip
     p.add_argument("--name", help="name of an external set (results in <run>/eval_<name>/)")
     p.add_argument("--keep-overlap", action="store_true", help="score external images the run trained on (same "
                    "image or lesion id) too, with a warning in metrics.json; by default they are left out")
@@ -241,6 +251,17 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--slice-frac", type=FRACTION, default=0.1,
                    help="train-slice: fraction of train lesions (default 0.1)")  # fmt: skip
     p.add_argument("--seed", type=SEED, default=0, help="seed of the lesion folds / slice (default 0)")
+    g = p.add_argument_group("safeguards fitted on the same images (stored in best.pt; predict / serve / the API "
+                             "return them)")  # fmt: skip
+    g.add_argument("--conformal", type=FRACTION, metavar="COVERAGE", help="also fit split-conformal label sets that "
+                   "hold the true class with this probability, e.g. 0.9 (lesions as the calibration units)")
+    g.add_argument("--conformal-method", default="aps", choices=["aps", "raps"],
+                   help="APS, or RAPS (regularised: smaller sets; default aps)")  # fmt: skip
+    g.add_argument("--ood", choices=["energy", "max_logit", "max_softmax", "mahalanobis"], help="also fit an "
+                   "out-of-distribution detector: a score of the raw logits, or Mahalanobis on the pooled features; "
+                   "an image above its threshold gets no diagnosis")  # fmt: skip
+    g.add_argument("--ood-refusal", type=number(rules.Range(float, 0, 0.5, low_open=True, high_open=True)),
+                   default=0.05, help="share of in-distribution images the threshold refuses (default 0.05)")
     _scoring_args(p, 64)
     p.set_defaults(module="skinlesion.commands.calibrate")
 
@@ -263,6 +284,12 @@ def _add_operating_point(sub) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_false",
                    help="fit on single-view logits instead of the run's TTA views (default: TTA, as evaluate --tta)")
     p.add_argument("--remove", action="store_true", help="take the operating point out of best.pt instead")
+    g = p.add_argument_group("referral (refer to a dermatologist instead of naming a class)")
+    g.add_argument("--referral", type=FRACTION, metavar="ACCURACY", help="fit a referral rule on the same images: "
+                   "refer the least confident images so that the rest reach this accuracy, e.g. 0.9")  # fmt: skip
+    g.add_argument("--referral-melanoma", type=FRACTION, metavar="SENSITIVITY", help="with --referral: also refer "
+                   "images whose melanoma probability lies in the band that brings melanomas called or referred to "
+                   "this sensitivity, e.g. 0.95")  # fmt: skip
     _scoring_args(p, 64)
     p.set_defaults(module="skinlesion.commands.operating_point")
 
@@ -542,14 +569,14 @@ def check_paths(args: argparse.Namespace) -> None:
     """The paths a command line names, checked before any work (fileio's rules): an input folder or file that is
     a link loop, unreadable or of the other kind, an output file that is a folder, an output folder that is a
     file or lies under one: one line each, nothing written."""
-    # True: a folder, False: a file, None: either (--run-dir may name a run's best.pt)
-    inputs = {"--data-dir": True, "--images": True, "--run-dir": None, "--metadata": False, "--config": False}
+    # True: a folder, False: a file, None: either (--run-dir may name a run's best.pt); repeatable ones are lists
+    inputs = {"--data-dir": True, "--images": True, "--run-dir": None, "--metadata": False, "--config": False,
+              "--labels-csv": False, "RUN_DIR": None}  # fmt: skip
     for flag, folder in inputs.items():
-        value = getattr(args, flag[2:].replace("-", "_"), None)
-        if isinstance(value, str):
-            fileio.input_path(value, flag, folder)
-    for run in getattr(args, "run_dirs", None) or ():
-        fileio.input_path(run, "RUN_DIR", None)
+        value = getattr(args, "run_dirs" if flag == "RUN_DIR" else flag[2:].replace("-", "_"), None)
+        for item in [value] if isinstance(value, str) else value if isinstance(value, list) else ():
+            if isinstance(item, str):
+                fileio.input_path(item, flag, folder)
     out = getattr(args, "out", None)
     if isinstance(out, str):
         (fileio.output_file if args.command in FILE_OUT else fileio.output_folder)(out, "--out")

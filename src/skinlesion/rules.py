@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from skinlesion.errors import SkinLesionError
 
@@ -83,19 +82,6 @@ BOOTSTRAP = Range(int, 0, 100_000)
 GRID_SIZE = Range(int, 32, 1024)
 PORT = Range(int, 1, 65535)
 AGE = Range(float, 0, 120)
-
-
-def clean_ages(values: Any) -> tuple[Any, int]:
-    """Ages read from a metadata file (a pandas Series of text or numbers) as floats, with every value that is not
-    an age (``AGE``: 0-120; -5, 1e309, -inf, 'abc') made unknown (NaN), as ``--age`` refuses them; and how many
-    such values there were (blanks, already unknown, are not counted)."""
-    import pandas as pd
-
-    text = values.astype("string").str.strip()
-    given = text.notna() & (text != "") & ~text.str.lower().isin(["nan", "na", "n/a", "unknown", "none", "null"])
-    numbers = pd.to_numeric(text.where(given), errors="coerce").astype(float)
-    ok = numbers.map(AGE.ok).astype(bool)
-    return numbers.where(ok), int((given & ~ok).sum())
 
 
 # A run name is one folder name: letters, digits, '.', '_', '-', '+', '=', '@'; not starting with a dot.

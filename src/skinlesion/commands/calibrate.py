@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from skinlesion.evaluation import fitting
+from skinlesion.decision import conformal
+from skinlesion.evaluation import fitting, safeguard_fitting
 from skinlesion.inference.options import ScoringOptions
 
 
@@ -23,3 +24,12 @@ def main(args: argparse.Namespace) -> None:
     line = fitting.refit_operating_point(run_dir, "the new temperature", options)
     if line:
         print(line)
+    for line in safeguard_fitting.refit_dependents(run_dir, "the new temperature", options):
+        print(line)
+    if args.conformal is not None:
+        fitted = safeguard_fitting.fit_conformal(run_dir, args.conformal, args.conformal_method, args.split, options)
+        print(f"{conformal.describe(fitted)}; stored in best.pt")
+    if args.ood is not None:
+        detector = safeguard_fitting.fit_ood(run_dir, args.ood, args.ood_refusal, args.split, options)
+        print(f"out-of-distribution detector ({detector['kind']}): threshold {detector['threshold']:.4g}, refusing "
+              f"{args.ood_refusal:.0%} of the {args.split} images; stored in best.pt")  # fmt: skip

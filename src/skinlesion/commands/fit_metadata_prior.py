@@ -9,7 +9,7 @@ from pathlib import Path
 from skinlesion.decision import metadata_prior
 from skinlesion.device import resolve_device
 from skinlesion.errors import SkinLesionError
-from skinlesion.evaluation import fitting
+from skinlesion.evaluation import fitting, safeguard_fitting
 from skinlesion.inference.options import ScoringOptions
 
 
@@ -26,6 +26,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"{metadata_prior.summary(model)}; stored in {run_dir / 'best.pt'} (evaluate, predict and serve use it; "
               "re-run `skinlesion export` for the ONNX backend)")  # fmt: skip
     # An operating point was set on the probabilities with the old prior (or none): set it again.
-    line = fitting.refit_operating_point(run_dir, "the metadata prior", ScoringOptions(device=str(resolve_device())))
+    options = fitting.run_options(run_dir, ScoringOptions(device=str(resolve_device())))
+    line = fitting.refit_operating_point(run_dir, "the metadata prior", options)
     if line:
+        print(line)
+    for line in safeguard_fitting.refit_dependents(run_dir, "the metadata prior", options):
         print(line)

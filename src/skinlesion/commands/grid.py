@@ -7,19 +7,16 @@ import io
 from pathlib import Path
 
 from skinlesion import fileio
-from skinlesion.classes import CLASSES
-from skinlesion.data.ham10000 import load_table
+from skinlesion.data.datasets import DataSpec, load_dataset
 from skinlesion.reporting.grid import make_grid
 
 
 def main(args: argparse.Namespace) -> None:
-    table = load_table(
-            data_dir=args.data_dir, metadata=args.metadata, images=args.images, allow_missing=args.allow_missing
-        )
+    table = load_dataset(DataSpec.of(args))
     image, tiles = make_grid(table, args.n_per_class, args.size, args.seed)
     out = Path(args.out)
     png = io.BytesIO()
     image.save(png, format="PNG")  # in memory first: a full disk's message then says how much it needs
     fileio.write_bytes(out, png.getvalue())
     shown = sum(t.image_id is not None for t in tiles)
-    print(f"wrote {out} ({image.width}x{image.height}, {shown} images, {len(CLASSES)} classes)")
+    print(f"wrote {out} ({image.width}x{image.height}, {shown} images, {table['dx'].nunique()} classes)")

@@ -17,7 +17,6 @@ from typing import Any, TextIO
 import pandas as pd
 from tqdm import tqdm
 
-from skinlesion.classes import FULL_NAMES
 from skinlesion.data.clinical import FIELDS, clinical_table, lesion_ids, read_metadata_csv
 from skinlesion.data.images import IMAGE_SUFFIXES
 from skinlesion.decision import lesion_pooling
@@ -41,7 +40,7 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
     return files, ignored
 
 
-def json_rows(frame: pd.DataFrame, classes: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+def json_rows(frame: pd.DataFrame, classes: Sequence[str], top_k: int, names: dict[str, str]) -> list[dict[str, Any]]:
     """The predictions of ``Classifier.predict_files`` as JSON objects (full class names, top-k with names)."""
     rows = []
     for r in frame.itertuples(index=False):
@@ -50,10 +49,15 @@ def json_rows(frame: pd.DataFrame, classes: Sequence[str], top_k: int) -> list[d
         order = sorted(classes, key=lambda c: -probs[c])[:top_k]
         row = {"image": r["image"], "prediction": r["prediction"], "prediction_name": r["prediction_name"],
                "probabilities": probs,
-               "top_k": [{"class": c, "name": FULL_NAMES.get(c, c), "probability": probs[c]}
+               "top_k": [{"class": c, "name": names[c], "probability": probs[c]}
                          for c in order]}  # fmt: skip
         if "lesion_id" in r:
             row["lesion_id"] = r["lesion_id"]
+        if "refer" in r:  # the run's safeguards (decision/safeguards.py)
+            row.update(refer=bool(r["refer"]), refer_reason=r["refer_reason"],
+                       prediction_set=r["prediction_set"].split(";") if isinstance(r["prediction_set"], str) else None,
+                       out_of_distribution=bool(r["out_of_distribution"]),
+                       ood_score=None if pd.isna(r["ood_score"]) else float(r["ood_score"]))  # fmt: skip
         rows.append(row)
     return rows
 
@@ -64,21 +68,31 @@ TABLE_WIDTH = 120  # the table fits a terminal this wide: short class codes, the
 def format_table(frame: pd.DataFrame, classes: Sequence[str], width: int = TABLE_WIDTH) -> str:
     """image | one probability column per class | decision | top-k codes, within ``width`` columns."""
     cells = [f"{c[:6]:>6}" for c in classes]
-    fixed = len(" ".join(cells)) + 2 + 2 + max(10, *(len(c) for c in classes)) + 2
+    fixed = len(" ".join(cells)) + 2 + 2 + max(10, *(len(c) for c in classes)) + (8 if "refer" in frame else 0) + 2
     with_top = fixed + max(len("top-k"), *(len(t) for t in frame["top_k"]))
     show_top = with_top + 12 <= width  # room for at least 12 characters of image name
     room = width - (with_top if show_top else fixed)
     names = [shorten(i, room) for i in frame["image"]]
     name_w = max(len("image"), *(len(n) for n in names))
-    pred_w = max(10, *(len(c) for c in classes))
+    pred_w = max(10, *(len(c) for c in classes)) + (8 if "refer" in frame else 0)
     head = f"{'image':<{name_w}}  {' '.join(cells)}  {'prediction':<{pred_w}}" + ("  top-k" if show_top else "")
     lines = [head.rstrip()]
     for name, r in zip(names, frame.itertuples(index=False), strict=True):
         r = r._asdict()
         probs = " ".join(f"{r[f'p_{c}']:6.3f}" for c in classes)
         top = f"  {r['top_k']}" if show_top else ""
-        lines.append(f"{name:<{name_w}}  {probs}  {r['prediction']:<{pred_w}}{top}".rstrip())
+        lines.append(f"{name:<{name_w}}  {probs}  {decision_cell(r):<{pred_w}}{top}".rstrip())
+    if "refer" in frame and frame["refer"].fillna(False).astype(bool).any():
+        lines.append("refer = refer to a dermatologist (the run's referral rule; --format json says why); "
+                     "ood = out of distribution, no diagnosis")  # fmt: skip
     return "\n".join(lines)
+
+
+def decision_cell(row: dict[str, Any]) -> str:
+    """The decided class, or why there is none to act on: ``ood`` (out of distribution), ``refer (mel)``."""
+    if row.get("out_of_distribution"):
+        return "ood"
+    return f"refer ({row['prediction']})" if row.get("refer") else str(row["prediction"])
 
 
 def shorten(text: str, room: int) -> str:
@@ -87,12 +101,13 @@ def shorten(text: str, room: int) -> str:
 
 
 def write_csv(frame: pd.DataFrame, classes: Sequence[str], out: TextIO | None = None) -> None:
+    guards = [c for c in ("refer", "refer_reason", "prediction_set", "out_of_distribution") if c in frame]
     writer = csv.writer(out or sys.stdout, lineterminator="\n")
-    writer.writerow(["image", "prediction", "prediction_name", *(f"p_{c}" for c in classes), "top_k"])
+    writer.writerow(["image", "prediction", "prediction_name", *(f"p_{c}" for c in classes), "top_k", *guards])
     for r in frame.itertuples(index=False):
         r = r._asdict()
         writer.writerow([r["image"], r["prediction"], r["prediction_name"], *(f"{r[f'p_{c}']:.6f}" for c in classes),
-                         r["top_k"]])  # fmt: skip
+                         r["top_k"], *(r[g] for g in guards)])  # fmt: skip
 
 
 def load_classifier(run_dir: str | Path, backend: str = "torch") -> Classifier:
@@ -215,6 +230,9 @@ def json_document(args: argparse.Namespace, classifier: Classifier, frame: pd.Da
         # "prediction" honours these minimum sensitivities; null = the argmax.
         "operating_point": chain.operating_point,
         "classes": list(chain.classes),
-        "predictions": json_rows(read, chain.classes, min(args.top_k, len(chain.classes))),
+        # Beside each decision: refer, the conformal set, out of distribution (null: the run has no such step).
+        "safeguards": classifier.safeguards.summary(),
+        "predictions": json_rows(read, chain.classes, min(args.top_k, len(chain.classes)), classifier.class_names),
+        "class_names": classifier.class_names,
         "skipped": skipped,
     }

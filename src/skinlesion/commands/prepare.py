@@ -1,22 +1,23 @@
-"""`skinlesion prepare`: decode-check every image, print a summary, build the image cache."""
+"""`skinlesion prepare`: decode-check every image, print a summary per source, build the image cache."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import pandas as pd
 
-from skinlesion import rules
-from skinlesion.classes import CLASSES
 from skinlesion.data.cache import ImageCache
-from skinlesion.data.ham10000 import LIST_MAX, load_table
+from skinlesion.data.datasets import DataSpec, load_dataset, summary_lines
+from skinlesion.data.ham10000 import LIST_MAX
 from skinlesion.data.preprocessing import Preprocessing
+from skinlesion.data.split import class_order
 
 
 def class_table(table: pd.DataFrame) -> pd.DataFrame:
     """Images, lesions and image share per class, plus a total row."""
     by = table.groupby("dx")
-    out = pd.DataFrame({"images": by.size(), "lesions": by["lesion_id"].nunique()}).reindex(list(CLASSES))
+    out = pd.DataFrame({"images": by.size(), "lesions": by["lesion_id"].nunique()}).reindex(class_order(table["dx"]))
     out = out.fillna(0).astype(int).rename_axis(None)
     out["share"] = (out["images"] / out["images"].sum() * 100).map(lambda s: f"{s:.1f}%")
     out.loc["total"] = [len(table), table["lesion_id"].nunique(), "100.0%"]
@@ -28,45 +29,43 @@ def images_per_lesion(table: pd.DataFrame) -> str:
     return ", ".join(f"{k}: {n}" for k, n in counts.items())
 
 
-def _listing(items: list[str]) -> str:
+def _listing(items: Any) -> str:
+    items = [str(i) for i in items]
     if not items:
         return "none"
     more = f" ... and {len(items) - LIST_MAX} more" if len(items) > LIST_MAX else ""
     return f"{len(items)} ({', '.join(items[:LIST_MAX])}{more})"
 
 
-def summary(table: pd.DataFrame) -> str:
-    a = table.attrs
-    dropped = a.get("dropped", [])
+def source_lines(a: dict[str, Any]) -> list[str]:
+    """What one source folder held and what was dropped from it."""
+    dropped = list(a.get("dropped") or ())
     missing = [d["image_id"] for d in dropped if d["reason"] == "missing"]
     corrupt = [f"{d['image_id']}: {d['reason']}" for d in dropped if d["reason"] != "missing"]
-    sexes = table["sex"].value_counts()
-    # -5, 1e309, -inf: not ages (rules.clean_ages); counted by the loader where it cleans them, else here.
-    refused = a.get("ages_refused", rules.clean_ages(table["age"])[1])
-    lines = [
-        f"data:      {a.get('data_dir')} (layout: {a.get('layout')})",
-        f"metadata:  {a.get('metadata')}",
-        f"images in: {', '.join(a.get('image_dirs', []))}",
-        "",
-        class_table(table).to_string(),
-        "",
-        f"images per lesion (images: lesions): {images_per_lesion(table)}",
-        f"age missing: {int(table['age'].isna().sum())}; not an age (outside 0-120, taken as unknown): "
-        f"{refused}; sex: " + ", ".join(f"{k} {v}" for k, v in sexes.items()),
-        f"missing files (dropped): {_listing(missing)}",
-        f"corrupt files (dropped): {_listing(corrupt)}",
-        f"duplicate rows in metadata (first kept): {_listing(a.get('duplicate_rows', []))}",
-        f"duplicate image files (first kept): {_listing(a.get('duplicate_files', []))}",
-        f"image files without a metadata row (ignored): {_listing(a.get('extra_files', []))}",
-        "rows with unknown dx: 0",
+    layout = f" (layout: {a['layout']})" if a.get("layout") else ""
+    return [
+        f"{a.get('source')}: {a.get('data_dir')}{layout}",
+        f"  labels:    {a.get('labels_file')} ({a.get('label_set')} labels)",
+        f"  images in: {', '.join(map(str, a.get('image_dirs', [])))}",
+        f"  missing files (dropped): {_listing(missing)}",
+        f"  corrupt files (dropped): {_listing(corrupt)}",
+        f"  repeated rows (first kept): {_listing(a.get('duplicate_rows', ()))}",
+        f"  image files without a row (ignored): {_listing(a.get('extra_files', ()))}",
+        f"  ages outside 0-120 or not numbers (unknown): {a.get('age_invalid', 0)}",
     ]
-    return "\n".join(lines)
+
+
+def summary(table: pd.DataFrame) -> str:
+    lines = [line for a in table.attrs.get("sources", []) for line in source_lines(a)]
+    lines += ["", class_table(table).to_string(), ""]
+    lines += [f"images per lesion (images: lesions): {images_per_lesion(table)}",
+              f"age missing: {int(table['age'].isna().sum())}; sex: "
+              + ", ".join(f"{k} {v}" for k, v in table["sex"].value_counts().items())]  # fmt: skip
+    return "\n".join([*lines, *summary_lines(table)])
 
 
 def main(args: argparse.Namespace) -> None:
-    table = load_table(
-        args.data_dir, args.metadata, args.images, allow_missing=args.allow_missing, check="full", progress=True
-    )
+    table = load_dataset(DataSpec.of(args), check="full", progress=True)
     print(summary(table))
     if args.cache:
         # The pixels of a run at --img-size (mean / std act after the cache, so any backbone's run reads it).

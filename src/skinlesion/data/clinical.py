@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from skinlesion import rules
+from skinlesion.data.sources.contract import clean_age
 from skinlesion.errors import SkinLesionError
 
 FIELDS = ("age", "sex", "localization")
@@ -17,8 +17,9 @@ SEXES = ("male", "female")
 
 
 def read_metadata_csv(csv_path: str) -> pd.DataFrame:
-    """The --metadata CSV, one row per image_id (the first where an id repeats); ages that are not ages
-    (rules.clean_ages) are unknown, their count in ``attrs["ages_refused"]``."""
+    """The --metadata CSV, one row per image_id (the first where an id repeats); ages that are not ages (out of
+    0-120, not finite, not numbers: contract.clean_age, as every reader) are unknown, counted in
+    ``attrs["ages_refused"]``."""
     path = Path(csv_path)
     if not path.is_file():
         raise SkinLesionError(f"--metadata {path} does not exist; pass a CSV of image_id, age, sex, localization")
@@ -34,7 +35,7 @@ def read_metadata_csv(csv_path: str) -> pd.DataFrame:
     given = given.drop_duplicates("image_id").reset_index(drop=True)
     refused = 0
     if "age" in given:  # -5, 1e309, -inf, 'abc': unknown, as --age would refuse them (counted for the summary)
-        given["age"], refused = rules.clean_ages(given["age"])
+        given["age"], refused, _ = clean_age(given["age"])
     given.attrs["ages_refused"] = refused
     return given
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,25 +10,28 @@ import numpy as np
 import pandas as pd
 
 from skinlesion import fileio
-from skinlesion.classes import CLASS_INDEX
-from skinlesion.data.ham10000 import load_table
+from skinlesion.classes import CLASSES
+from skinlesion.data.datasets import DataSpec, load_dataset
 from skinlesion.data.split import read_splits
 from skinlesion.errors import SkinLesionError
 
-# Where a run's data lives (run_table, the image cache): a folder or file name, or null.
-PATH_KEYS = ("data_dir", "metadata", "images", "cache_dir")
+# What a run's data options in config.json may be (data_spec, the image cache): text or null; data_dir also a list.
+TEXT_KEYS = ("data_dir", "metadata", "images", "cache_dir", "source", "classes", "keep_unmapped", "label_field")
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
-    """A run folder's config.json (size-limited, an object whose data paths are strings): one line otherwise."""
+    """A run folder's config.json: size-limited, a JSON object whose data options have their types; one line
+    otherwise (a truncated, huge or list file never reaches the code that reads it)."""
     path = Path(run_dir) / "config.json"
     hint = "pass the folder `skinlesion train` wrote as --run-dir, or restore its config.json"
     if not path.is_file():
         raise SkinLesionError(f"{path} not found; {hint}")
     config = fileio.read_json(path, hint)
-    for key in PATH_KEYS:
-        if not isinstance(config.get(key), str | None):
-            raise SkinLesionError(f"{path}: {key} must be a path or null, not {str(config[key])[:40]!r}; {hint}")
+    for key in TEXT_KEYS:
+        value = config.get(key)
+        items = value if key == "data_dir" and isinstance(value, list) else [value]
+        if not all(isinstance(v, str | None) for v in items):
+            raise SkinLesionError(f"{path}: {key} must be text or null, not {str(value)[:40]!r}; {hint}")
     return config
 
 
@@ -39,9 +43,10 @@ def run_table(run_dir: Path) -> pd.DataFrame:
     if not splits_path.is_file():
         raise SkinLesionError(f"{splits_path} not found; is {run_dir} a training run folder?")
     splits = read_splits(splits_path)
-    table = load_table(data_dir=config.get("data_dir"), metadata=config.get("metadata"), images=config.get("images"))
-    # Age, sex and site come along for the metadata prior.
-    extra = [c for c in ("age", "sex", "localization") if c in table and c not in splits]
+    table = load_dataset(data_spec(config))
+    # Age, sex and site come along for the metadata prior; source, patient and skin type for subgroups.
+    extra = [c for c in ("age", "sex", "localization", "source", "source_label", "patient_id", "dx_type",
+                         "fitzpatrick") if c in table and c not in splits]  # fmt: skip
     merged = splits.merge(table[["image_id", "path", *extra]], on="image_id", how="left")
     missing = merged["path"].isna()
     if missing.any():
@@ -50,6 +55,14 @@ def run_table(run_dir: Path) -> pd.DataFrame:
             f"the data folder recorded in config.json ({config.get('data_dir')}); restore that folder"
         )
     return merged
+
+
+def data_spec(config: dict[str, Any]) -> DataSpec:
+    """Where a run's images are and how their labels were mapped, from its config.json (older runs: HAM10000)."""
+    view = type("RunOptions", (), {k: v for k, v in config.items() if isinstance(k, str) and k.isidentifier()})
+    if isinstance(config.get("classes"), list):  # written before the label set was an option
+        view.classes = "ham7"
+    return DataSpec.of(view)
 
 
 def overlap_with_training(run_dir: Path, table: pd.DataFrame) -> tuple[np.ndarray, int, int]:
@@ -80,11 +93,14 @@ def split_part(run_dir: Path, split: str) -> pd.DataFrame:
     return part
 
 
-def labels_of(table: pd.DataFrame) -> np.ndarray:
-    unknown = sorted(set(table["dx"].astype(str)) - set(CLASS_INDEX))
+def labels_of(table: pd.DataFrame, classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Class indices of the ``dx`` column in ``classes`` order; one line when a label is not one of them."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(table["dx"].astype(str)) - set(index))
     if unknown:
-        raise SkinLesionError(f"labels {unknown} are not HAM10000 classes; evaluation needs labelled images")
-    return table["dx"].map(CLASS_INDEX).to_numpy(dtype=int)
+        raise SkinLesionError(f"labels {unknown} are not classes of this run ({', '.join(classes)}); evaluation needs "
+                              "images labelled in the run's classes")  # fmt: skip
+    return table["dx"].map(index).to_numpy(dtype=int)
 
 
 def lesion_ids(table: pd.DataFrame) -> np.ndarray:

@@ -1,7 +1,9 @@
-"""Lesion-grouped, class-stratified train/val(/test) split (scikit-learn StratifiedGroupKFold).
+"""Grouped, class-stratified train/val(/test) split (scikit-learn StratifiedGroupKFold).
 
-Every image of a lesion lands in the same part. The table is sorted by image id first, so the
-result depends only on its content and the seed, never on the CSV row order.
+Every image of a group lands in the same part: the table's ``group_id`` (data/datasets: the patient where a source
+knows patients, else the lesion, else the image) or, for a table without one, its lesion. With several sources the
+strata are class x source, so every source's classes are spread over the parts. The table is sorted by image id
+first, so the result depends only on its content and the seed, never on the CSV row order.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from skinlesion.errors import SkinLesionError
 from skinlesion.fileio import write_csv
 
 SPLIT_COLUMNS = ("image_id", "lesion_id", "dx", "split")
+OPTIONAL_COLUMNS = ("group_id", "source")  # written when the table has them; older splits.csv files lack them
 PARTS = ("train", "val", "test")
 
 
@@ -38,8 +41,8 @@ def lesion_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int
 
 
 def _held_out(table: pd.DataFrame, n_splits: int, fold: int, seed: int) -> np.ndarray:
-    """Boolean mask of fold ``fold`` of ``n_splits`` lesion-grouped stratified folds."""
-    return lesion_folds(table["dx"].to_numpy(), table["lesion_id"].to_numpy(), n_splits, seed) == fold
+    """Boolean mask of fold ``fold`` of ``n_splits`` grouped stratified folds."""
+    return lesion_folds(table["stratum"].to_numpy(), table["group"].to_numpy(), n_splits, seed) == fold
 
 
 def make_split(
@@ -66,8 +69,12 @@ def make_split(
     if missing:
         raise SkinLesionError(f"table lacks column(s) {', '.join(missing)}")
 
-    frame = table[["image_id", "lesion_id", "dx"]].astype(str)
+    extra = [c for c in OPTIONAL_COLUMNS if c in table.columns]
+    frame = table[["image_id", "lesion_id", "dx", *extra]].astype(str)
     frame = frame.sort_values(["image_id", "lesion_id"], kind="stable").reset_index(drop=True)
+    frame["group"] = frame["group_id"] if "group_id" in frame else frame["lesion_id"]
+    several = "source" in frame and frame["source"].nunique() > 1
+    frame["stratum"] = frame["dx"] + "|" + frame["source"] if several else frame["dx"]
     frame["split"] = "train"
     rest = np.ones(len(frame), dtype=bool)
     if test_frac > 0:
@@ -80,7 +87,7 @@ def make_split(
     else:
         val = _held_out(remaining, max(2, round((1 - test_frac) / val_frac)), 0, seed)
     frame.loc[remaining.index[val], "split"] = "val"
-    return frame
+    return frame[["image_id", "lesion_id", "dx", "split", *extra]]
 
 
 def read_splits(path: str | Path) -> pd.DataFrame:
@@ -98,28 +105,35 @@ def read_splits(path: str | Path) -> pd.DataFrame:
     bad_parts = sorted(set(frame["split"]) - set(PARTS))
     if bad_parts:
         raise SkinLesionError(f"{path}: unknown split value(s) {bad_parts}; allowed: {', '.join(PARTS)}")
-    bad_dx = sorted(set(frame["dx"]) - set(CLASSES))
-    if bad_dx:
-        raise SkinLesionError(f"{path}: unknown dx value(s) {bad_dx}; allowed: {', '.join(CLASSES)}")
     dups = frame["image_id"][frame["image_id"].duplicated()].tolist()
     if dups:
         raise SkinLesionError(f"{path}: image id(s) listed twice: {', '.join(dups[:10])}")
-    crossing = frame.groupby("lesion_id")["split"].nunique()
-    crossing = crossing[crossing > 1].index.tolist()
-    if crossing:
-        raise SkinLesionError(f"{path}: lesion(s) in more than one part: {', '.join(crossing[:10])}")
-    return frame[list(SPLIT_COLUMNS)]
+    for column, what in (("lesion_id", "lesion"), ("group_id", "group")):
+        if column not in frame:
+            continue
+        crossing = frame.groupby(column)["split"].nunique()
+        crossing = crossing[crossing > 1].index.tolist()
+        if crossing:
+            raise SkinLesionError(f"{path}: {what}(s) in more than one part: {', '.join(crossing[:10])}")
+    return frame[[*SPLIT_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in frame.columns)]]
 
 
 def write_splits(path: str | Path, frame: pd.DataFrame) -> Path:
-    """Write the split atomically (columns image_id, lesion_id, dx, split)."""
-    return write_csv(path, frame[list(SPLIT_COLUMNS)])
+    """Write the split atomically (columns image_id, lesion_id, dx, split, and group_id / source when known)."""
+    return write_csv(path, frame[[*SPLIT_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in frame.columns)]])
+
+
+def class_order(values: pd.Series) -> list[str]:
+    """The classes of a split in a fixed order: HAM10000's first, any other after them, sorted."""
+    present = set(values.astype(str))
+    return [c for c in CLASSES if c in present] + sorted(present - set(CLASSES))
 
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Images per class and part (rows: classes + total + lesions; columns: parts present + all)."""
     parts = [p for p in PARTS if (frame["split"] == p).any()]
-    counts = pd.crosstab(frame["dx"], frame["split"]).reindex(index=list(CLASSES), columns=parts, fill_value=0)
+    counts = pd.crosstab(frame["dx"], frame["split"]).reindex(index=class_order(frame["dx"]), columns=parts,
+                                                              fill_value=0)  # fmt: skip
     counts["all"] = counts.sum(axis=1)
     counts.loc["images"] = counts.sum(axis=0)
     lesions = frame.groupby("split")["lesion_id"].nunique().reindex(parts, fill_value=0)
@@ -131,10 +145,15 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 def format_summary(frame: pd.DataFrame) -> str:
     counts = summary(frame)
-    share = counts.loc[list(CLASSES)] / counts.loc["images"] * 100
+    classes = class_order(frame["dx"])
+    share = counts.loc[classes] / counts.loc["images"] * 100
     out = counts.astype(object)
     for part in counts.columns:
-        out.loc[list(CLASSES), part] = [
-            f"{n} ({s:.1f}%)" for n, s in zip(counts.loc[list(CLASSES), part], share[part], strict=True)
-        ]
-    return out.to_string()
+        out.loc[classes, part] = [f"{n} ({s:.1f}%)" for n, s in zip(counts.loc[classes, part], share[part],
+                                                                     strict=True)]  # fmt: skip
+    text = out.to_string()
+    if "group_id" in frame and (frame["group_id"] != frame["lesion_id"]).any():
+        groups = frame.groupby("split")["group_id"].nunique().reindex([p for p in PARTS if p in set(frame["split"])])
+        text += "\ngroups (patients / lesions / images kept whole): " + ", ".join(f"{p} {n}" for p, n in
+                                                                                 groups.items())  # fmt: skip
+    return text

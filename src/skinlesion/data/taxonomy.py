@@ -3,7 +3,7 @@
 Every source table (``data.sources``) says in its ``label_set`` column which set its ``label`` codes come from;
 ``map_labels`` turns them into one target set. A map sends a code to a target code or to None (no class of the
 target fits: the row is dropped and counted, or kept under a name of your choice). The decisions, with reasons,
-are in docs/sources.md ("How the labels map"); the tests pin each one.
+are in docs/data.md ("How the labels map"); the tests pin each one.
 """
 
 from __future__ import annotations
@@ -183,3 +183,11 @@ def map_labels(
     mapped["label"] = new.astype(str)
     mapped["label_set"] = target.name
     return mapped.reset_index(drop=True), counts
+
+
+MELANOMA_NAMES = ("mel", "melanoma")
+
+
+def melanoma_code(classes: tuple[str, ...] | list[str]) -> str | None:
+    """The class code that means melanoma in ``classes`` (mel, MEL, melanoma), or None."""
+    return next((c for c in classes if c.lower() in MELANOMA_NAMES), None)

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from skinlesion import rules
 from skinlesion.data.clinical import FIELDS  # noqa: F401 - the fields the prior reads
+from skinlesion.data.sources.contract import clean_age
 from skinlesion.errors import SkinLesionError
 
 MISSING = {"", "unknown", "nan", "none"}
@@ -36,8 +36,8 @@ def _text(values: pd.Series) -> pd.Series:
 
 
 def _decade(values: pd.Series) -> pd.Series:
-    """Age decade as text ('40' for 40-49); '' when missing or not an age (rules.clean_ages: -5, 1e309, -inf)."""
-    age, _ = rules.clean_ages(values)
+    """Age decade as text ('40' for 40-49); '' when missing or not an age (clean_age: -5, 1e309, -inf)."""
+    age, _, _ = clean_age(values)
     return pd.Series(
         np.where(age.isna(), "", (age.fillna(0) // 10 * 10).astype(int).astype(str)), index=values.index
     )
@@ -108,8 +108,6 @@ def fit(train: pd.DataFrame, classes: Sequence[str], c: float = 1.0) -> dict[str
         "c": float(c),
         "n_fit": int(len(train)),
         "n_fit_with_metadata": int(has.sum()),
-        # Ages that were not ages (out of 0-120, not finite, not numbers), taken as unknown.
-        "n_ages_refused": rules.clean_ages(train["age"])[1] if "age" in train else 0,
     }
 
 
@@ -131,10 +129,4 @@ def summary(model: Mapping[str, Any]) -> str:
     return (
         f"metadata prior fit on {model['n_fit_with_metadata']}/{model['n_fit']} training images "
         f"({len(cats['age_decade'])} age decades, {len(cats['sex'])} sexes, {len(cats['localization'])} sites)"
-        + refused_ages(model.get("n_ages_refused", 0))
     )
-
-
-def refused_ages(n: int) -> str:
-    """The summary's note on ages that were not ages ('' for none)."""
-    return f"; {n} age(s) outside 0-120 or not a number taken as unknown" if n else ""

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from skinlesion import rules
+from skinlesion.data.taxonomy import melanoma_code
 from skinlesion.errors import SkinLesionError
 
 MARGIN = 1e-6  # strictly above the tie, so the class wins the argmax
@@ -38,6 +39,11 @@ def parse_targets(specs: Sequence[str] | str | None, classes: Sequence[str]) -> 
     """'mel=0.75' (one string, comma-separated, or a list of them) -> {'mel': 0.75}, checked (rules.targets) against
     ``classes``."""
     targets = rules.targets(list(specs) if specs is not None and not isinstance(specs, str) else specs)
+    # Class codes in any letter case; "mel" names the melanoma class of any label set (MEL, melanoma).
+    codes = {c.lower(): c for c in classes}
+    melanoma = melanoma_code(list(classes))
+    targets = {codes.get(k.lower(), melanoma if k.lower() == "mel" and melanoma else k): v for k, v in
+               targets.items()}  # fmt: skip
     unknown = [name for name in targets if name not in classes]
     if unknown:
         raise SkinLesionError(f"--min-sensitivity {unknown[0]!r} is not a class of this run; {rules.TARGETS_HELP} with "

@@ -20,7 +20,7 @@ re-running with ``--resume`` trains only what is missing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,8 @@ import numpy as np
 import pandas as pd
 
 from skinlesion import fileio
-from skinlesion.classes import CLASSES
 from skinlesion.data.run_folder import labels_of, run_table, split_part
-from skinlesion.decision import metadata_prior, operating_point, temperature
+from skinlesion.decision import conformal, metadata_prior, ood, operating_point, referral, temperature
 from skinlesion.decision.chain import DecisionChain
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation.fitting import table_logits
@@ -46,8 +45,10 @@ CV_METRICS = (*SUMMARY_ROWS, "mel_recall")
 
 
 def headline(scored: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The metrics cv.json summarises, as ``{"value", "ci95"}`` entries (melanoma recall from the per-class part)."""
-    return {**{k: scored[k] for k in SUMMARY_ROWS}, "mel_recall": scored["per_class"]["mel"]["recall"]}
+    """The metrics cv.json summarises, as ``{"value", "ci95"}`` entries (melanoma recall from the per-class part,
+    where the run has a melanoma class)."""
+    mel = (scored["per_class"].get("mel") or {}).get("recall", {"value": None, "ci95": None})
+    return {**{k: scored[k] for k in SUMMARY_ROWS}, "mel_recall": mel}
 
 
 def fold_dir(parent: Path, fold: int) -> Path:
@@ -148,7 +149,8 @@ def read_oof(fold_dirs: list[Path]) -> tuple[pd.DataFrame, np.ndarray]:
     return pd.concat(tables, ignore_index=True), np.concatenate([v[:n_views] for v in logits], axis=1)
 
 
-def oof_offsets(fold_dirs: list[Path], table: pd.DataFrame, prior_on: bool) -> tuple[np.ndarray | None, Any]:
+def oof_offsets(fold_dirs: list[Path], table: pd.DataFrame, prior_on: bool, classes: Sequence[str]
+                ) -> tuple[np.ndarray | None, Any]:  # fmt: skip
     """Metadata-prior offsets of each out-of-fold row from the prior fitted on its fold's train rows, and the
     prior fitted on all non-test rows (what the ensemble keeps); (None, None) without one."""
     if not prior_on:
@@ -157,13 +159,34 @@ def oof_offsets(fold_dirs: list[Path], table: pd.DataFrame, prior_on: bool) -> t
     if not metadata_prior.known(everything[everything["split"] != "test"]).any():
         print("metadata prior skipped: the training images have no age, sex or localization")
         return None, None
-    offsets = np.zeros((len(table), len(CLASSES)))
+    offsets = np.zeros((len(table), len(classes)))
     for fold, where in enumerate(fold_dirs):
         rows = (table["fold"] == fold).to_numpy()
         part = run_table(where)
-        prior = metadata_prior.fit(part[part["split"] == "train"], CLASSES)
+        prior = metadata_prior.fit(part[part["split"] == "train"], classes)
         offsets[rows] = metadata_prior.offsets(prior, table[rows])
-    return offsets, metadata_prior.fit(everything[everything["split"] != "test"], CLASSES)
+    return offsets, metadata_prior.fit(everything[everything["split"] != "test"], classes)
+
+
+def oof_safeguards(parent: Path, config: TrainConfig, chain: DecisionChain, views: np.ndarray,
+                   offsets: np.ndarray | None, y: np.ndarray, lesions: np.ndarray) -> None:  # fmt: skip
+    """The recipe's conformal sets, referral rule and logit OOD detector, fitted on the out-of-fold predictions
+    (single view, per image) and stored in the ensemble's best.pt."""
+    decided = chain.replace(pool_lesions=False)(views[:1], offsets)
+    classes = list(chain.classes)
+    if config.conformal:
+        checkpoint.set_entry(parent, "conformal", conformal.fit(decided.probabilities, y, classes, 1 - config.conformal,
+                                                                groups=lesions, fitted_on="out-of-fold"))
+    if config.referral:
+        checkpoint.set_entry(parent, "referral", referral.fit(y, decided.probabilities, decided.labels, classes,
+                                                              target_accuracy=config.referral, fitted_on="out-of-fold"))
+    if config.ood and config.ood != "mahalanobis":
+        checkpoint.set_entry(parent, "ood", ood.fit_logits(views[0], config.ood, fitted_on="out-of-fold"))
+    elif config.ood:  # the folds' own features differ: one detector over them is not the ensemble's
+        print("out-of-distribution detector skipped: Mahalanobis needs the ensemble's own features; fit one with "
+              f"`skinlesion calibrate --run-dir {parent} --split test --ood mahalanobis` on held-out images")
+    if config.conformal or config.referral or config.ood:
+        print(f"safeguards fitted out of fold; stored in {parent / 'best.pt'}")
 
 
 def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -183,13 +206,14 @@ def build(parent: Path, fold_dirs: list[Path], config: TrainConfig) -> None:
              "recipe": config.recipe}  # fmt: skip
     ensemble_run.write(fold_dirs, parent, extra_config=about)
     table, views = read_oof(fold_dirs)
-    y, lesions = labels_of(table), table["lesion_id"].astype(str).to_numpy()
-    offsets, prior = oof_offsets(fold_dirs, table, config.metadata_prior)
+    classes = list(checkpoint.read(parent)["classes"])
+    y, lesions = labels_of(table, classes), table["lesion_id"].astype(str).to_numpy()
+    offsets, prior = oof_offsets(fold_dirs, table, config.metadata_prior, classes)
     if prior is not None:
         checkpoint.set_entry(parent, "metadata_prior", prior)
         print(f"{metadata_prior.summary(prior)}; stored in {parent / 'best.pt'}")
 
-    calibration = temperature.calibrate(CLASSES, views[0], y, lesions=lesions, method="crossfit", folds=2, seed=0,
+    calibration = temperature.calibrate(classes, views[0], y, lesions=lesions, method="crossfit", folds=2, seed=0,
                                         offsets=offsets)  # fmt: skip
     calibration.update(fit_on="out-of-fold predictions of the folds (single view)",
                        scored_on="out-of-fold predictions, 2-fold cross-fit")  # fmt: skip
@@ -201,10 +225,10 @@ def build(parent: Path, fold_dirs: list[Path], config: TrainConfig) -> None:
 
     chain = DecisionChain.from_meta(checkpoint.read(parent))
     if config.min_sensitivity:
-        targets = operating_point.parse_targets(config.min_sensitivity, CLASSES)
+        targets = operating_point.parse_targets(config.min_sensitivity, classes)
         plain = chain.replace(operating_point=None)
         point = operating_point.build(
-            plain.logits(views[:1], offsets), y, CLASSES, targets, plain.logits(views, offsets),
+            plain.logits(views[:1], offsets), y, classes, targets, plain.logits(views, offsets),
             fitted_on="out-of-fold", tta_views=views.shape[0], temperature=chain.temperature,
             metadata_prior=prior is not None,
         )  # fmt: skip
@@ -212,6 +236,7 @@ def build(parent: Path, fold_dirs: list[Path], config: TrainConfig) -> None:
         print(f"{operating_point.report_line(point)} (out of fold); stored in {parent / 'best.pt'}")
         chain = DecisionChain.from_meta(checkpoint.read(parent))
 
+    oof_safeguards(parent, config, chain, views, offsets, y, lesions)
     pool = lesions if chain.pool_lesions else None
     decisions = chain(views, offsets, pool)
     frame = predictions_frame(table, decisions).assign(fold=table["fold"].to_numpy())

@@ -78,7 +78,7 @@ def set_operating_point(
     classifier = Classifier.load(run_dir, "torch", options.device)
     chain = classifier.chain.replace(operating_point=None, pool_lesions=False)  # set per image, on p before it
     table = split_part(run_dir, split)
-    y = labels_of(table)
+    y = labels_of(table, chain.classes)
     missing = [c for c in targets if not (y == chain.classes.index(c)).any()]
     if missing:  # before the model runs over the whole split
         raise SkinLesionError(f"the {split} split has no {', '.join(missing)} image to set the operating point on")
@@ -115,7 +115,7 @@ def refit_operating_point(run_dir: Path, why: str, options: ScoringOptions | Non
 # ------------------------------------------------------------------------------------------ temperature
 def train_slice(table, frac: float, seed: int):
     """A lesion-grouped, diagnosis-stratified ``frac`` of ``table``."""
-    fold = lesion_folds(labels_of(table), lesion_ids(table), max(2, round(1 / frac)), seed)
+    fold = lesion_folds(table["dx"].astype(str).to_numpy(), lesion_ids(table), max(2, round(1 / frac)), seed)
     return table[fold == 0].reset_index(drop=True)
 
 
@@ -142,7 +142,7 @@ def calibrate(run_dir: Path, spec: CalibrationSpec | None = None, options: Scori
         return table_logits(classifier, run_dir, table, 1, options, what)[0]
 
     held = split_part(run_dir, spec.split)
-    y_held = labels_of(held)
+    y_held = labels_of(held, chain.classes)
     logits_held = logits_of(held, f"{spec.split} logits")
     offsets = chain.offsets(held)  # scored as evaluate will use them
     if spec.method == "crossfit":
@@ -151,7 +151,8 @@ def calibrate(run_dir: Path, spec: CalibrationSpec | None = None, options: Scori
         result.update(fit_on=f"{spec.split} (all lesions)", scored_on=f"{spec.split}, out of fold")
     elif spec.method == "train-slice":
         fit = train_slice(split_part(run_dir, "train"), spec.slice_frac, spec.seed)
-        result = temperature.calibrate(chain.classes, logits_of(fit, "train-slice logits"), labels_of(fit),
+        y_fit = labels_of(fit, chain.classes)
+        result = temperature.calibrate(chain.classes, logits_of(fit, "train-slice logits"), y_fit,
                                        lesions=lesion_ids(fit), method="train-slice", seed=spec.seed,
                                        offsets=offsets, logits_eval=logits_held, y_eval=y_held)  # fmt: skip
         result.update(fit_on=f"{spec.slice_frac:.0%} of train lesions (trained on)", scored_on=spec.split)

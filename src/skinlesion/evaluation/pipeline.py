@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from skinlesion import fileio
-from skinlesion.classes import CLASSES
 from skinlesion.decision import metadata_prior, operating_point
 from skinlesion.errors import SkinLesionError
-from skinlesion.evaluation import cross_validation, fitting
+from skinlesion.evaluation import cross_validation, fitting, safeguard_fitting
 from skinlesion.inference.options import ScoringOptions
-from skinlesion.model import logit_adjustment
+from skinlesion.model import checkpoint, logit_adjustment
 from skinlesion.training import distributed, loop
 from skinlesion.training.config import TrainConfig
 
@@ -64,10 +63,27 @@ def post_hoc(run_dir: Path, config: TrainConfig, options: ScoringOptions) -> Non
         else:  # e.g. one image folder without a metadata CSV: the image model is complete on its own
             print("metadata prior skipped: the training images have no age, sex or localization")
     if config.min_sensitivity:
-        targets = operating_point.parse_targets(config.min_sensitivity, CLASSES)
+        targets = operating_point.parse_targets(config.min_sensitivity, checkpoint.read(run_dir)["classes"])
         try:
             point = fitting.set_operating_point(run_dir, targets, "val", True, options)
+            print(f"{operating_point.report_line(point)}; stored in best.pt")
         except SkinLesionError as e:  # e.g. no melanoma in a tiny val split: the model stays usable as it is
             print(f"operating point skipped: {e}")
-            return
-        print(f"{operating_point.report_line(point)}; stored in best.pt")
+    safeguards(run_dir, config, options)
+
+
+def safeguards(run_dir: Path, config: TrainConfig, options: ScoringOptions) -> None:
+    """The recipe's safeguards, fitted on val after the decision chain is complete."""
+    fit = safeguard_fitting
+    steps = (("conformal sets", config.conformal, lambda: fit.fit_conformal(run_dir, config.conformal,
+                                                                            options=options)),
+             ("referral rule", config.referral, lambda: fit.fit_referral(run_dir, config.referral, options=options)),
+             ("out-of-distribution detector", config.ood, lambda: fit.fit_ood(run_dir, config.ood, options=options)))
+    for name, wanted, step in steps:
+        if not wanted:
+            continue
+        try:
+            step()
+            print(f"{name} fitted on val; stored in best.pt")
+        except SkinLesionError as e:
+            print(f"{name} skipped: {e}")

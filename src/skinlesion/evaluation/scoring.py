@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 
 from skinlesion import metrics
-from skinlesion.classes import CLASS_INDEX
 from skinlesion.decision.chain import Decisions
 
 SUMMARY_ROWS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "log_loss", "ece")
@@ -25,6 +24,8 @@ def predictions_frame(table: pd.DataFrame, decisions: Decisions) -> pd.DataFrame
             "y_pred": np.asarray(decisions.classes)[decisions.labels],
         }
     )
+    if "source" in table:  # several sources: every row says which it came from
+        frame.insert(2, "source", table["source"].astype(str).to_numpy())
     for i, c in enumerate(decisions.classes):
         frame[f"p_{c}"] = decisions.probabilities[:, i]
     return frame
@@ -37,7 +38,8 @@ def lesion_level(frame: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, n
     grouped = frame.groupby("lesion_id", sort=True)
     probs = grouped[cols].mean().to_numpy()
     truth = grouped["y_true"].agg(lambda s: s.mode().iloc[0])
-    return truth.map(CLASS_INDEX).to_numpy(dtype=int), probs, truth.index.to_numpy()
+    index = {c: i for i, c in enumerate(classes)}
+    return truth.map(index).to_numpy(dtype=int), probs, truth.index.to_numpy()
 
 
 def score(

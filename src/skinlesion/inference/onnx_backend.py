@@ -48,6 +48,8 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
         "pool_lesions": bool(json.loads(props.get("pool_lesions", "false"))),
         "members": json.loads(props.get("members", "null")),
         "preprocessing": json.loads(props.get("preprocessing", "null")),
+        "class_names": json.loads(props.get("class_names", "null")),
+        **{key: json.loads(props.get(key, "null")) for key in ("referral", "conformal", "ood")},
     }
 
 

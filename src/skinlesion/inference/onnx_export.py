@@ -69,6 +69,7 @@ def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
         # data.preprocessing.Preprocessing: decode, colour, resize, crop, mean / std; every backend's input.
         "preprocessing": json.dumps(preprocessing.to_dict()),
         "classes": json.dumps(list(meta["classes"])),
+        "class_names": json.dumps(meta.get("class_names")),
         "mean": json.dumps([float(v) for v in meta["mean"]]),
         "std": json.dumps([float(v) for v in meta["std"]]),
         "img_size": str(int(meta["img_size"])),
@@ -85,6 +86,10 @@ def metadata(meta: dict[str, Any], source_sha256: str) -> dict[str, str]:
         "metadata_prior": json.dumps(chain.metadata_prior),
         # decision.operating_point: decide argmax(log p + "bias") ("classes" order); "null" = plain argmax.
         "operating_point": json.dumps(chain.operating_point),
+        # decision.safeguards: the referral rule, conformal label sets, out-of-distribution detector ("null": none).
+        "referral": json.dumps(meta.get("referral")),
+        "conformal": json.dumps(meta.get("conformal")),
+        "ood": json.dumps(meta.get("ood")),
         # An ensemble's members (model.ensemble: one graph, logits averaged inside it); "null" for one network.
         "members": json.dumps((meta.get("config") or {}).get("members")),
     }

@@ -15,6 +15,7 @@ import torch
 from skinlesion.device import amp_dtype, autocast
 from skinlesion.inference.views import views
 from skinlesion.model import checkpoint
+from skinlesion.model.ensemble import pooled_features
 
 
 class TorchBackend:
@@ -32,6 +33,14 @@ class TorchBackend:
         self.classes: list[str] = list(self.meta["classes"])
         self.preprocessing = self.loaded.preprocessing
         self.normalize = self.preprocessing.normalizer(self.device)
+
+    @torch.inference_mode()
+    def features(self, batch: torch.Tensor) -> np.ndarray:
+        """Pooled features (N, D), float32, of a uint8 batch of centre crops (one view): the out-of-distribution
+        detector's input."""
+        x = self.normalize(batch).contiguous(memory_format=self.memory_format)
+        with autocast(self.device, self.dtype):
+            return pooled_features(self.model, x).float().cpu().numpy()
 
     @torch.inference_mode()
     def view_logits(self, batch: torch.Tensor, n_views: int = 1) -> np.ndarray:

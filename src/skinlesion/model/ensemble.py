@@ -59,6 +59,18 @@ class Ensemble(nn.Module):
         logits = [member(self.member_input(i, x)) for i, member in enumerate(self.members)]
         return torch.stack(logits).mean(0)
 
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's pooled features (before its classifier), side by side."""
+        return torch.cat([pooled_features(m, self.member_input(i, x)) for i, m in enumerate(self.members)], dim=1)
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled features a timm network's classifier reads (``forward_head(pre_logits=True)``), or an ensemble's
+    members' side by side."""
+    if isinstance(model, Ensemble):
+        return model.pooled_features(x)
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
 
 def member_spec(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """What the ensemble keeps of a member's checkpoint to rebuild and feed it."""

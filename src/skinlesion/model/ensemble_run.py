@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from skinlesion import fileio
+from skinlesion.data.datasets import DATA_OPTIONS
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.run_folder import read_config
 from skinlesion.data.split import read_splits, write_splits
@@ -25,8 +26,8 @@ from skinlesion.model import checkpoint, ensemble
 
 # A member's chain settings are not the ensemble's: the chain runs once, after the average.
 CHAIN_KEYS = ("temperature", "calibration", "metadata_prior", "operating_point")
-# Where the data lives: the ensemble reads the same images as its first member.
-DATA_KEYS = ("data_dir", "metadata", "images", "cache", "cache_dir", "allow_missing")
+# Where the data lives and how its labels map: the ensemble reads the same images as its first member.
+DATA_KEYS = (*DATA_OPTIONS, "cache", "cache_dir")
 
 
 def combined_splits(splits: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -105,7 +106,8 @@ def write(members: Sequence[str | Path], out: str | Path, extra_config: Mapping[
         **{k: first_config.get(k) for k in DATA_KEYS},
         "backbone": ensemble.ENSEMBLE,
         **checkpoint.preprocessing_entries(preprocessing),
-        "classes": classes,
+        "class_codes": classes,
+        "class_names": ckpts[0].get("class_names"),
         # TTA views and lesion pooling: the first member's, as a single run would have them.
         "tta_views": (ckpts[0].get("config") or {}).get("tta_views", 4),
         "pool_lesions": (ckpts[0].get("config") or {}).get("pool_lesions", False),
@@ -118,6 +120,7 @@ def write(members: Sequence[str | Path], out: str | Path, extra_config: Mapping[
         "members": specs,
         "num_classes": len(classes),
         "classes": classes,
+        "class_names": ckpts[0].get("class_names"),
         **checkpoint.preprocessing_entries(preprocessing),
         "temperature": 1.0,
         "epoch": None,

@@ -19,11 +19,13 @@ from skinlesion.data.run_folder import read_config, run_table
 from skinlesion.decision import operating_point
 from skinlesion.decision.chain import DecisionChain
 from skinlesion.errors import SkinLesionError
+from skinlesion.evaluation.evidence import CLINICAL
 from skinlesion.model import checkpoint
-from skinlesion.reporting import plots
+from skinlesion.reporting import clinical_plots, model_card, plots
 from skinlesion.reporting.grid import make_grid
 from skinlesion.reporting.report import (
     embed,
+    fmt,
     headline_rows,
     make_figures,
     make_gallery,
@@ -77,12 +79,13 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> t
     counts = f.table.pivot_table(index="dx", columns="split", values="image_id", aggfunc="count", fill_value=0)
     counts = counts.reindex(classes, fill_value=0)
     figs.append((plots.class_counts(counts, f.run_dir / "figures" / "class_counts.png"), "Images per class and split"))
+    figs += evidence_figures(f)
     steps.update()
     steps.set_postfix_str("Grad-CAM gallery" if options.gallery else "lesion grid")
     gallery = gallery_of(f, options)
     steps.update()
     steps.set_postfix_str("lesion grid")
-    grid_image, _ = make_grid(f.table, n_per_class=options.grid_per_class, size=options.grid_size, seed=0)
+    grid_image, _ = make_grid(f.table, options.grid_per_class, options.grid_size, 0, f.meta.get("class_names"))
     grid_path = fileio.atomic_write(f.run_dir / "figures" / "lesion_grid.png", lambda p: grid_image.save(p, "PNG"))
     # Any other PNG already in figures/ (e.g. from `skinlesion gradcam`) is embedded too.
     made = {p.resolve() for p, _ in [*figs, *gallery, (grid_path, "")]}
@@ -93,9 +96,26 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> t
     steps.update()
     steps.set_postfix_str("report.html")
     out = fileio.write_text(f.run_dir / "report.html", render(context))
+    model_card.write(f.run_dir)
     steps.update()
     steps.close()
     return out, len(context["figures"]) + len(context["gallery"]) + 1, f.metrics
+
+
+def evidence_figures(f: RunFiles) -> list[tuple[Path, str]]:
+    """The subgroup forest plot and the risk-coverage curve, from evaluate's subgroups.csv / risk_coverage.csv."""
+    figs = []
+    sub, risk = f.run_dir / "subgroups.csv", f.run_dir / "risk_coverage.csv"
+    if sub.is_file():
+        path = clinical_plots.forest_plot(pd.read_csv(sub), "balanced_accuracy", f.run_dir / "figures" /
+                                          "subgroups.png", "Balanced accuracy per subgroup (95 % intervals)")
+        figs.append((path, "Subgroups: balanced accuracy per sex, age band, body site, source ... with the whole set's "
+                     "value as the line; groups marked small have too few lesions to read"))  # fmt: skip
+    if risk.is_file():
+        path = clinical_plots.risk_coverage_plot(pd.read_csv(risk), f.run_dir / "figures" / "risk_coverage.png",
+                                                 f.meta.get("referral"))  # fmt: skip
+        figs.append((path, "Risk-coverage: referring the least confident images first, the rest's scores"))
+    return figs
 
 
 def gallery_of(f: RunFiles, options: ReportOptions) -> list[tuple[Path, str]]:
@@ -124,11 +144,34 @@ def page_context(f: RunFiles, classes: list[str], options: ReportOptions) -> dic
         "operating_point": operating_point.describe(m["operating_point"]) if m.get("operating_point") else None,
         "metrics": m,
         "classes": classes,
-        "per_class": per_class_rows(m, classes),
+        "per_class": per_class_rows(m, classes, f.meta.get("class_names")),
         "split_table": split_rows(f.table, classes),
         "calibration": f.calibration,
         "cam_method": options.cam_method,
         "config_json": json.dumps(f.config, indent=2, default=str),
     }
     context["headline_columns"], context["headline"] = headline_rows(m)
+    context.update(clinical_context(m, classes))
     return context
+
+
+def clinical_context(m: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """The clinical metrics table, melanoma's operating points and what the safeguards did, for report.html."""
+    clinical = m.get("clinical") or {}
+    rows = [{"code": c, **{k: fmt(clinical["per_class"][c].get(k)) for k in CLINICAL}}
+            for c in classes if c in clinical.get("per_class", {})]  # fmt: skip
+    mel = clinical.get("melanoma")
+    points = None
+    if mel:
+        sens = ", ".join(f"{fmt(v)} at specificity {k}" for k, v in mel["sensitivity_at_specificity"].items())
+        points = f"{mel['class']}: sensitivity {sens}."
+    found, lines = m.get("safeguards") or {}, []
+    for name, text in (found.get("settings") or {}).items():
+        if text:
+            lines.append(f"{name}: {text if isinstance(text, str) else text.get('kind')}")
+    if "conformal" in found:
+        lines.append(f"conformal sets here: coverage {found['conformal']['coverage']:.3f}, mean size "
+                     f"{found['conformal']['mean_size']:.2f}")  # fmt: skip
+    if "referred" in found:
+        lines.append(f"referred here: {found['referred']['images']} images ({found['referred']['rate']:.1%})")
+    return {"clinical": rows, "melanoma_points": points, "safeguards": lines}

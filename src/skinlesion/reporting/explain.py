@@ -25,7 +25,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from skinlesion import fileio
-from skinlesion.classes import CLASS_INDEX, FULL_NAMES
+from skinlesion.classes import FULL_NAMES
 from skinlesion.errors import SkinLesionError
 from skinlesion.inference.classifier import Classifier
 from skinlesion.model.ensemble import Ensemble
@@ -101,6 +101,7 @@ class Explanation:
     target: str
     classes: list[str]
     grid: tuple[int, int] = (0, 0)  # cells of the explained feature map (the map's real resolution)
+    names: dict[str, str] | None = None  # the classes' full names
 
     @property
     def coarse(self) -> bool:
@@ -140,8 +141,8 @@ def explain(
     it does not change the map of a given class)."""
     if method not in METHODS:
         raise SkinLesionError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
-    if target_class is not None and target_class not in CLASS_INDEX:
-        raise SkinLesionError(f"unknown --target-class {target_class!r}; choose from {', '.join(CLASS_INDEX)}")
+    if target_class is not None and target_class not in classifier.classes:
+        raise SkinLesionError(f"unknown --target-class {target_class!r}; choose from {', '.join(classifier.classes)}")
     backend, chain, preprocessing = classifier.backend, classifier.chain, classifier.preprocessing
     model = backend.model
     view = preprocessing.batch([image])  # uint8: what the network sees, and what the map is shown on
@@ -162,15 +163,16 @@ def explain(
             hook.remove()
     grid = min(grids) if grids and reshape is None else (0, 0)
     rgb = view[0].permute(1, 2, 0).numpy().astype(np.float32) / 255.0
-    return Explanation(rgb, grey, probs, predicted, target, list(chain.classes), grid)
+    return Explanation(rgb, grey, probs, predicted, target, list(chain.classes), grid, classifier.class_names)
 
 
 def title(exp: Explanation) -> str:
     top = np.argsort(exp.probs)[::-1][:3]
     top3 = ", ".join(f"{exp.classes[i]} {exp.probs[i]:.2f}" for i in top)
-    text = f"Predicted: {FULL_NAMES[exp.predicted]} ({exp.predicted})   top-3: {top3}"
+    names = exp.names or FULL_NAMES
+    text = f"Predicted: {names.get(exp.predicted, exp.predicted)} ({exp.predicted})   top-3: {top3}"
     if exp.target != exp.predicted:
-        text += f"\nmap for: {FULL_NAMES[exp.target]} ({exp.target})"
+        text += f"\nmap for: {names.get(exp.target, exp.target)} ({exp.target})"
     if min(exp.grid):
         text += f"\n{exp.resolution()}"
     return text

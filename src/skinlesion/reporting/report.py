@@ -13,7 +13,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sklearn.metrics import confusion_matrix
 
 from skinlesion import metrics
-from skinlesion.classes import CLASS_INDEX, FULL_NAMES
+from skinlesion.classes import FULL_NAMES
 from skinlesion.decision.chain import DecisionChain
 from skinlesion.inference.classifier import Classifier
 from skinlesion.model import checkpoint
@@ -55,14 +55,11 @@ def headline_rows(m: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     return list(columns), rows
 
 
-def per_class_rows(m: dict[str, Any], classes: list[str]) -> list[dict[str, Any]]:
-    rows = []
-    for c in classes:
-        pc = m["per_class"][c]
-        rows.append(
-            {"code": c, "name": FULL_NAMES[c], "support": pc["support"], **{k: fmt(pc[k]) for k in metrics.PER_CLASS}}
-        )
-    return rows
+def per_class_rows(m: dict[str, Any], classes: list[str], names: dict[str, str] | None = None
+                   ) -> list[dict[str, Any]]:  # fmt: skip
+    names = names or {}
+    return [{"code": c, "name": names.get(c) or FULL_NAMES.get(c, c), "support": m["per_class"][c]["support"],
+             **{k: fmt(m["per_class"][c][k]) for k in metrics.PER_CLASS}} for c in classes]  # fmt: skip
 
 
 def split_rows(splits: pd.DataFrame, classes: list[str]) -> list[dict[str, Any]]:
@@ -225,9 +222,10 @@ def make_figures(
     """Every metric figure, as (file, caption). ``meta``: best.pt's entries (read here when not given) for the
     learning curves' best epoch."""
     out = run_dir / "figures"
-    y = preds["y_true"].map(CLASS_INDEX).to_numpy()
+    index = {c: i for i, c in enumerate(classes)}
+    y = preds["y_true"].map(index).to_numpy()
     probs = preds[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
-    pred = preds["y_pred"].map(CLASS_INDEX).to_numpy()  # evaluate's decisions (an operating point's, if any)
+    pred = preds["y_pred"].map(index).to_numpy()  # evaluate's decisions (an operating point's, if any)
     figs = [
         (
             plots.confusion_matrix(

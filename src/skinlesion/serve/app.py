@@ -32,19 +32,19 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from swagger_ui_bundle import swagger_ui_path
 
 from skinlesion import __version__, fileio
-from skinlesion.classes import FULL_NAMES
 from skinlesion.data.clinical import clinical_values
 from skinlesion.data.images import MAX_ASPECT, MAX_IMAGE_PIXELS, ImageTooLargeError, ImageTooSmallError
 from skinlesion.decision import operating_point
 from skinlesion.decision.chain import DecisionChain
+from skinlesion.decision.safeguards import Guarded
 from skinlesion.errors import SkinLesionError
 from skinlesion.inference.classifier import Classifier
 from skinlesion.inference.onnx_backend import OnnxBackend
+from skinlesion.reporting import model_card
 from skinlesion.reporting.explain import explain
 
 STATIC = Path(__file__).with_name("static")
 MULTIPART_OVERHEAD = 64 * 1024  # boundary + part headers on top of the file itself
-LOW_CONFIDENCE_MARGIN = 0.10  # top-1 minus top-2 probability under which the page says the call is uncertain
 HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -80,6 +80,17 @@ def gradcam_views(explainer: Classifier, image: Image.Image, target_class: str) 
         "overlay": png_data_url(Image.fromarray(show_cam_on_image(exp.rgb, exp.cam, use_rgb=True))),
         "model_view": png_data_url(Image.fromarray((exp.rgb * 255).round().astype("uint8"))),
         "overlay_resolution": {"grid": list(exp.grid), "coarse": exp.coarse, "text": exp.resolution()},
+    }
+
+
+def safeguard_fields(guarded: Guarded, classes: Sequence[str]) -> dict[str, Any]:
+    """The answer's safeguards for one image: refer (and why), the conformal label set, out of distribution."""
+    return {
+        "refer": bool(guarded.refer[0]),
+        "refer_reason": guarded.reasons[0],
+        "prediction_set": guarded.set_of(0, tuple(classes)),
+        "out_of_distribution": bool(guarded.out_of_distribution[0]),
+        "ood_score": None if guarded.ood_scores is None else float(guarded.ood_scores[0]),
     }
 
 
@@ -147,7 +158,7 @@ class ModelService:
             "resize_size": self.classifier.preprocessing.resize_size,
             "preprocessing": self.classifier.preprocessing.to_dict(),
             "classes": list(chain.classes),
-            "full_names": {c: FULL_NAMES.get(c, c) for c in chain.classes},
+            "full_names": self.classifier.class_names,
             "temperature": float(chain.temperature),
             "epoch": meta.get("epoch"),
             # An ensemble's members (backbone, image size, epoch, source run, model id); None for one network.
@@ -159,6 +170,8 @@ class ModelService:
             "operating_point": None
             if point is None
             else {"min_sensitivity": point["min_sensitivity"], "text": operating_point.describe(point)},
+            # What the answer carries beside the decision (decision.safeguards); None where the run has none.
+            "safeguards": self.classifier.safeguards.summary(),
             "version": __version__,
         }
 
@@ -181,12 +194,12 @@ class ModelService:
             image = upload if isinstance(upload, Image.Image) else self.classifier.decode(
                 upload, max_pixels=max_pixels, max_aspect=MAX_ASPECT
             )
-            decisions = self.classifier.predict([image], clinical=table)
+            decisions, guarded = self.classifier.assess([image], clinical=table)
             probs, best = decisions.probabilities[0], int(decisions.labels[0])
             views = gradcam_views(self.explainer, image, classes[best]) if cam else {}
         out: dict[str, Any] = {
             "prediction": classes[best],
-            "prediction_name": FULL_NAMES.get(classes[best], classes[best]),
+            "prediction_name": self.classifier.class_names[classes[best]],
             "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
             "model_id": self.model_id,
             "temperature": float(chain.temperature),
@@ -194,9 +207,9 @@ class ModelService:
             "image": {"width": image.width, "height": image.height},
             "metadata": clinical if table is not None else None,
         }
-        # The top two classes within LOW_CONFIDENCE_MARGIN: the page flags the result as uncertain.
-        first, second = sorted(probs, reverse=True)[:2]
-        out["low_confidence"] = bool(first - second < LOW_CONFIDENCE_MARGIN)
+        out.update(safeguard_fields(guarded, classes))
+        if guarded.out_of_distribution[0]:  # no diagnosis for an image unlike the training images
+            out["prediction"], out["prediction_name"] = None, "no diagnosis: out of distribution"
         out.update(views)
         return out
 
@@ -254,6 +267,11 @@ def create_app(
         return {**service.info, "max_upload_mb": limits.max_upload_mb, "max_megapixels": limits.max_pixels / 1e6}
 
     add_predict(app, service, limits)
+
+    @app.get("/api/model-card")
+    def model_card_json() -> dict[str, Any]:
+        """What the model is for and not for, its training data, metrics with intervals, limitations, licences."""
+        return model_card.build(service.run_dir)
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> FileResponse:

@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from skinlesion import fileio
-from skinlesion.classes import CLASSES
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.device import amp_dtype
@@ -63,7 +62,8 @@ class Training:
         return {"backbone": c.backbone, **checkpoint.preprocessing_entries(self.preprocessing),
                 "model_kwargs": self.config_out["model_kwargs"], "config": self.config_out,
                 "splits_sha256": self.config_out["splits_sha256"], "recipe": c.recipe, "select": c.select,
-                "classes": list(self.classes), "num_classes": len(self.classes)}  # fmt: skip
+                "classes": list(self.classes), "num_classes": len(self.classes),
+                "class_names": self.config_out["class_names"]}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -87,14 +87,14 @@ def load_splits(
     """The image table restricted to the split, with a ``split`` column; and the split itself. With
     --allow-missing the files ``prepare`` would drop are left out (of a given split too). Every rank reads its
     own node's data folder; the split is rank 0's (made, or read from its run folder), broadcast."""
-    from skinlesion.data.ham10000 import load_table
+    from skinlesion.data.datasets import DataSpec, load_dataset, summary_lines
     from skinlesion.data.split import make_split, read_splits
 
     d = d or distributed.Dist()
-    table = load_table(c.data_dir, c.metadata, c.images, allow_missing=c.allow_missing)
-    if table.attrs["dropped"] and d.is_main:
-        print(f"dropped {len(table.attrs['dropped'])} unusable image(s) (--allow-missing); "
-              "`skinlesion prepare --allow-missing` lists them", file=sys.stderr)  # fmt: skip
+    table = load_dataset(DataSpec.of(c))
+    if d.is_main:
+        for line in summary_lines(table):
+            print(line, file=sys.stderr)
 
     def split() -> pd.DataFrame:
         if resume:
@@ -288,10 +288,12 @@ def build_stepper(c: TrainConfig, model: nn.Module, preprocessing: Preprocessing
 def build(c: TrainConfig, run_dir: Path, d: distributed.Dist, resume: bool) -> Training:
     """Data, split (written to the run folder), network, optimisation: the run before its first step. ``resume``:
     the split is the run folder's and the ImageNet weights are not loaded (last.pt has the weights)."""
+    from skinlesion.data.datasets import DataSpec, class_names, classes_of
     from skinlesion.data.split import write_splits
 
-    classes = CLASSES
     data, splits = load_splits(c, run_dir, resume, d)
+    spec = DataSpec.of(c)
+    classes = classes_of(spec, data)
     if d.writes and not (resume and (run_dir / "splits.csv").is_file()):
         write_splits(run_dir / "splits.csv", splits)
     distributed.barrier(d)
@@ -314,7 +316,8 @@ def build(c: TrainConfig, run_dir: Path, d: distributed.Dist, resume: bool) -> T
         "n_train": len(train_loader.dataset), "n_val": len(val_loader.dataset),
         "train_class_counts": dict(zip(classes, counts.tolist(), strict=True)),
         "class_weight_values": None if weights is None else dict(zip(classes, weights.tolist(), strict=True)),
-        "classes": list(classes), "splits_sha256": splits_sha, "versions": checkpoint.versions(),
+        "class_codes": list(classes), "class_names": class_names(spec, classes), "splits_sha256": splits_sha,
+        "versions": checkpoint.versions(),
     }  # fmt: skip
     return Training(c, run_dir, d, tuple(classes), preprocessing, model, step, train_loader, val_loader, batches,
                     config_out)  # fmt: skip

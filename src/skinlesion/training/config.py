@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from skinlesion import rules
+from skinlesion.classes import CLASSES
+from skinlesion.data.datasets import DATA_OPTIONS  # noqa: F401 - the data fields, shared with the CLI
 from skinlesion.errors import SkinLesionError
 
 GROUPS = {
@@ -31,11 +33,13 @@ GROUPS = {
     "tracking": "run folder and tracking",
 }
 DEFAULT_BACKBONE = "efficientnet_b0"
+SOURCE_NAMES = ("ham10000", "isic2019", "isic2020", "pad-ufes-20", "csv", "imagefolder")
+LABEL_SET_NAMES = ("ham7", "isic2019", "isic2020", "pad-ufes-20", "melanoma-binary")
 # config.json keys that describe the finished run rather than set an option (written next to TrainConfig's fields).
 OUTPUT_KEYS = frozenset({
     "resize_size", "preprocessing", "model_kwargs", "device_used", "amp_dtype", "world_size", "global_batch_size",
-    "n_train", "n_val", "train_class_counts", "class_weight_values", "classes", "splits_sha256", "versions",
-    "weights_path", "kind", "members", "split_seed",
+    "n_train", "n_val", "train_class_counts", "class_weight_values", "class_codes", "class_names", "splits_sha256",
+    "versions", "weights_path", "kind", "members", "split_seed",
 })  # fmt: skip
 SELECT = {  # --select name -> (history column, higher is better)
     "macro_f1": ("val_macro_f1", True),
@@ -46,18 +50,43 @@ SELECT = {  # --select name -> (history column, higher is better)
 
 
 def option(default: Any, group: str, help: str, *, flags: tuple[str, ...] = (), rule: rules.Range | None = None,
-           choices: tuple | None = None, resumable: bool = False, cli: bool = True) -> Any:  # fmt: skip
+           choices: tuple | None = None, resumable: bool = False, cli: bool = True,
+           paths: bool = False) -> Any:  # fmt: skip
     """A TrainConfig field with what the command line needs: its group, help, extra spellings (``flags``), the
-    range or choices a value must fall in, and whether ``--resume`` may change it."""
-    meta = dict(group=group, help=help, flags=flags, rule=rule, choices=choices, resumable=resumable, cli=cli)
+    range or choices a value must fall in, whether ``--resume`` may change it, and whether it is a list of paths
+    (a repeatable option)."""
+    meta = dict(group=group, help=help, flags=flags, rule=rule, choices=choices, resumable=resumable, cli=cli,
+                paths=paths)  # fmt: skip
     return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # ---- data
-    data_dir: str | None = option(None, "data", "HAM10000 folder (Kaggle layout, one image folder, or ISIC 2018 "
-                                  "Task 3); default: the bundled sample", resumable=True)  # fmt: skip
+    data_dir: tuple[str, ...] | None = option(
+        None, "data", "data folder: HAM10000 (any layout), ISIC 2019, ISIC 2020, PAD-UFES-20, a labels CSV folder "
+        "(--labels-csv) or one sub-folder per class; repeat it to train on several sources (each image once); "
+        "default: the bundled HAM10000 sample", resumable=True, paths=True)  # fmt: skip
+    source: str | None = option(None, "data", "read every --data-dir as this source (default: recognised per folder)",
+                                choices=SOURCE_NAMES, resumable=True)  # fmt: skip
+    classes: str = option("ham7", "data", "the label set to train in; each source's labels are mapped into it "
+                          "(docs/data.md#label-sets)", choices=LABEL_SET_NAMES)  # fmt: skip
+    keep_unmapped: str | None = option(None, "data", "keep images whose label has no class of --classes as an extra "
+                                       "class of this name (default: leave them out, counted in the summary)")
+    label_field: str | None = option(None, "data", "ISIC 2020: diagnosis (default) or target (melanoma yes / no)",
+                                     choices=("diagnosis", "target"))  # fmt: skip
+    labels_csv: str | None = option(None, "data", "a labels CSV of a folder of images (the generic source)",
+                                    resumable=True)  # fmt: skip
+    image_col: str | None = option(None, "data", "--labels-csv: the image column (file name, with or without "
+                                   "extension, or a relative path; default image_id)")  # fmt: skip
+    label_col: str | None = option(None, "data", "--labels-csv: the label column (default label)")
+    lesion_col: str | None = option(None, "data", "--labels-csv: a lesion id column (images of one lesion are kept "
+                                    "together)")  # fmt: skip
+    patient_col: str | None = option(None, "data", "--labels-csv: a patient id column (a patient's images are kept "
+                                     "together)")  # fmt: skip
+    age_col: str | None = option(None, "data", "--labels-csv: an age column (metadata prior, subgroups)")
+    sex_col: str | None = option(None, "data", "--labels-csv: a sex column")
+    site_col: str | None = option(None, "data", "--labels-csv: a body-site column")
     metadata: str | None = option(None, "data", "metadata CSV (overrides the one found in --data-dir)", resumable=True)
     images: str | None = option(None, "data", "image folder (overrides the ones found in --data-dir)", resumable=True)
     allow_missing: bool = option(False, "data", "decode-check every image and drop the missing, corrupt or too "
@@ -147,6 +176,15 @@ class TrainConfig:
                                          "'none' = off)", resumable=True)  # fmt: skip
     pool_lesions: bool = option(False, "post-hoc", "evaluate / predict score the images of one lesion together where "
                                 "lesion ids are given", resumable=True)  # fmt: skip
+    conformal: float | None = option(None, "post-hoc", "fit conformal label sets (APS) at this coverage on val, e.g. "
+                                     "0.9; predict / serve return each image's set", rule=rules.FRACTION,
+                                     resumable=True)  # fmt: skip
+    referral: float | None = option(None, "post-hoc", "fit a referral rule on val: the least confident images are "
+                                    "referred so that the rest reach this accuracy, e.g. 0.9", rule=rules.FRACTION,
+                                    resumable=True)  # fmt: skip
+    ood: str | None = option(None, "post-hoc", "fit an out-of-distribution detector on val (refusing 5 % of it): an "
+                             "image above its threshold gets no diagnosis",
+                             choices=("energy", "max_logit", "max_softmax", "mahalanobis"), resumable=True)
     # ---- hardware
     device: str = option("auto", "hardware", "where to train: auto = cuda, then mps, then cpu",
                          choices=("auto", "cuda", "mps", "cpu"), resumable=True)  # fmt: skip
@@ -194,6 +232,8 @@ class TrainConfig:
         config.json's OUTPUT_KEYS), unknown ones refused."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {str(k).replace("-", "_"): v for k, v in values.items() if str(k).replace("-", "_") not in ignore}
+        if isinstance(values.get("classes"), list):  # config.json before the class set was an option: HAM10000's
+            values["classes"] = "ham7" if tuple(values["classes"]) == CLASSES else values["classes"]
         unknown = sorted(set(values) - names)
         if unknown:
             raise SkinLesionError(f"{where}: unknown option(s) {', '.join(unknown)}; keys are `skinlesion train "
@@ -221,8 +261,10 @@ class TrainConfig:
         stamp = f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
         name = self.run_name or (f"{backbone}_cv{self.folds}_{stamp}" if self.folds and self.fold is None
                                  else f"{backbone}_{stamp}")  # fmt: skip
-        paths = {k: str(Path(getattr(self, k)).resolve()) for k in ("data_dir", "metadata", "images", "splits",
-                                                                  "cache_dir") if getattr(self, k) is not None}
+        paths: dict[str, Any] = {k: str(Path(getattr(self, k)).resolve()) for k in ("metadata", "images", "splits",
+                                 "cache_dir") if getattr(self, k) is not None}  # fmt: skip
+        if self.data_dir:
+            paths["data_dir"] = tuple(str(Path(d).resolve()) for d in self.data_dir)
         return self.replace(backbone=backbone, run_name=name, **paths)
 
     @property
@@ -252,6 +294,11 @@ def check_value(f: dataclasses.Field, value: Any) -> Any:
         if type(None) in kinds:
             return None
         raise SkinLesionError(f"{name}: a value is required")
+    if tuple in kinds and f.metadata.get("paths"):
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list | tuple) or not values or not all(isinstance(v, str) and v for v in values):
+            raise SkinLesionError(f"{name}: expected a folder or a list of folders, got {value!r}")
+        return tuple(values)
     if tuple in kinds:
         if not isinstance(value, list | tuple) or len(value) != 3:
             raise SkinLesionError(f"{name}: expected three numbers, got {value!r}")

@@ -22,13 +22,16 @@ def missing(folder: Path) -> str | None:
 
 
 def read_ham10000(
-    folder: str | Path, allow_missing: bool = False, check: str = "quick", progress: bool = False
+    folder: str | Path, allow_missing: bool = False, check: str = "quick", progress: bool = False,
+    metadata: str | Path | None = None, images: str | Path | None = None,
 ) -> pd.DataFrame:
-    """The HAM10000 folder (any layout ``ham10000.find_layout`` knows) as a source table; attrs add ``layout``."""
-    loaded = ham10000.load_table(folder, allow_missing=allow_missing, check=check, progress=progress)
+    """The HAM10000 folder (any layout ``ham10000.find_layout`` knows; ``metadata`` / ``images`` override its
+    files) as a source table; attrs add ``layout``."""
+    loaded = ham10000.load_table(folder, metadata, images, allow_missing=allow_missing, check=check,
+                                 progress=progress)  # fmt: skip
     info, loaded.attrs = loaded.attrs, {}  # its list of dicts would be deep-copied by every step below
     frame = loaded.rename(columns={"dx": "label", "localization": "site"})
-    if info["layout"] == "isic2018" and ham10000.find_layout(folder).lesion_groupings is None:
+    if info["layout"] == "isic2018" and ham10000.find_layout(info["data_dir"]).lesion_groupings is None:
         frame["lesion_id"] = pd.NA  # load_table's stand-in (the image id) is not a known lesion
     frame, counts = clinical(frame, {})
     frame["source"] = "ham10000"
@@ -68,4 +71,5 @@ HAM10000 = Source(
     missing=missing,
     reader=read_ham10000,
     shared_ids=True,
+    options=("metadata", "images"),
 )

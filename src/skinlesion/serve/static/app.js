@@ -100,9 +100,13 @@ async function predict(file) {
     setStatus(`request failed: ${err}`, true);
     return;
   }
-  $("prediction-name").textContent = body.prediction_name;
-  $("prediction").textContent = body.prediction;
-  drawBars(body.probabilities, body.prediction);
+  // Referred or out of distribution: the page says so instead of naming a class.
+  $("prediction-name").textContent = body.out_of_distribution
+    ? "No diagnosis: this does not look like a dermoscopic image the model was trained on"
+    : body.refer ? "Refer to a dermatologist" : body.prediction_name;
+  $("prediction").textContent = body.out_of_distribution || body.refer
+    ? (body.prediction ? `model's call: ${body.prediction}` : "") : body.prediction;
+  drawBars(body.probabilities, body.out_of_distribution ? null : body.prediction);
   if (body.overlay) {
     // The model's view (resized, centre-cropped) beside the map drawn on that same view: one field of view.
     $("preview").src = body.model_view;
@@ -112,16 +116,15 @@ async function predict(file) {
       body.overlay_resolution.text;
     $("overlay-figure").hidden = false;
   }
-  $("low-confidence").hidden = !body.low_confidence;
-  if (body.low_confidence) {
-    const [first, second] = Object.entries(body.probabilities).sort((a, b) => b[1] - a[1]);
-    $("low-confidence").textContent = `Low confidence: ${first[0]} (${(100 * first[1]).toFixed(0)}%) and ` +
-      `${second[0]} (${(100 * second[1]).toFixed(0)}%) are close; treat this result as uncertain.`;
+  $("low-confidence").hidden = !body.refer;
+  if (body.refer) {
+    $("low-confidence").textContent = `Refer to a dermatologist: ${body.refer_reason}.`;
   }
+  const set = body.prediction_set ? ` · plausible classes (conformal set): ${body.prediction_set.join(", ")}` : "";
   $("meta").textContent = `model ${body.model_id} · temperature ${body.temperature.toFixed(3)} · ` +
     `image ${body.image.width}×${body.image.height} px` +
     (body.metadata ? ` · metadata prior: ${Object.values(body.metadata).join(", ")}` : "") +
-    decisionNote(body.probabilities, body.prediction);
+    set + decisionNote(body.probabilities, body.prediction);
   $("result").hidden = false;
   setStatus("");
 }
