@@ -477,7 +477,7 @@ def one_line(error: SkinLesionError) -> str:
     return text
 
 
-MAX_CONFIG_BYTES = 1 << 20  # a --config file is a page of options, never megabytes
+MAX_CONFIG_BYTES = fileio.MAX_SETTINGS_BYTES  # a --config file is a page of options, never megabytes
 
 
 def _yaml_loader():
@@ -577,28 +577,93 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+# ------------------------------------------------------------------------------------- paths, before any work
+FILE_OUT = ("split", "grid", "gradcam", "export")  # commands whose --out is a file; train / ensemble / synth: a folder
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The paths a command line names, checked before any work (fileio's rules): an input folder or file that is
+    a link loop, unreadable or of the other kind, an output file that is a folder, an output folder that is a
+    file or lies under one: one line each, nothing written."""
+    # True: a folder, False: a file, None: either (--run-dir may name a run's best.pt); repeatable ones are lists
+    inputs = {"--data-dir": True, "--images": True, "--run-dir": None, "--metadata": False, "--config": False,
+              "--labels-csv": False, "RUN_DIR": None}  # fmt: skip
+    for flag, folder in inputs.items():
+        value = getattr(args, "run_dirs" if flag == "RUN_DIR" else flag[2:].replace("-", "_"), None)
+        for item in [value] if isinstance(value, str) else value if isinstance(value, list) else ():
+            if isinstance(item, str):
+                fileio.input_path(item, flag, folder)
+    out = getattr(args, "out", None)
+    if isinstance(out, str):
+        (fileio.output_file if args.command in FILE_OUT else fileio.output_folder)(out, "--out")
+    if isinstance(getattr(args, "isic_csv", None), str):
+        fileio.output_file(args.isic_csv, "--isic-csv")
+    if isinstance(getattr(args, "cache_dir", None), str):
+        fileio.output_folder(args.cache_dir, "--cache-dir")
+
+
+def remove_stale_temps(args: argparse.Namespace) -> None:
+    """Temp files a killed process left in the run folder this command uses (a checkpoint write's
+    ``.best.pt.*.tmp``): removed at the start of every command that uses the folder. (train: training/loop.py,
+    which knows the run folder; the image cache: data/cache.py, when it is opened.)"""
+    run_dir = getattr(args, "run_dir", None)
+    if isinstance(run_dir, str) and os.path.isfile(run_dir):  # a checkpoint file given as the run
+        run_dir = os.path.dirname(os.path.abspath(run_dir))
+    for folder in (run_dir, args.out if args.command == "ensemble" else None):
+        if isinstance(folder, str) and os.path.isdir(folder):
+            fileio.remove_stale_temps(folder)
+
+
+def os_error_line(e: OSError) -> str | None:
+    """The last net for a file-system error the code did not catch itself (a folder deep in a data set that cannot
+    be listed, a full disk under another library's writer): one line naming the path; None for an OSError that
+    names no path and is not a full disk (a bug: its traceback is more use)."""
+    if e.errno in fileio.DISK_FULL:
+        where = f" {e.filename}" if e.filename else " an output"
+        free = fileio.free_bytes(Path(e.filename or ".").parent)
+        have = f" ({fileio.size_text(free)} free)" if free is not None else ""
+        return f"no space left on the disk of{where}{have}; free some space or write to another folder"
+    if not e.filename:
+        return None
+    return f"cannot use {e.filename} ({e.strerror or e}); check the path and its permissions"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse(normalise_argv(sys.argv[1:] if argv is None else argv))
+        check_paths(args)
     except SkinLesionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        remove_stale_temps(args)
         importlib.import_module(args.module).main(args)
     except SkinLesionError as e:
         close_progress_bars()
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            return broken_pipe()
+        line = os_error_line(e)
+        if line is None:
+            raise
+        close_progress_bars()
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # stdout closed early (`skinlesion predict ... | head`): stop quietly, as shell tools do
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
-        except (OSError, ValueError, AttributeError):
-            pass
-        return 141
     return 0
+
+
+def broken_pipe() -> int:
+    """stdout closed early (`skinlesion predict ... | head`): stop quietly, as shell tools do."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ they load with ``torch.load(..., weights_only=True)``; ``torch_load`` reads them
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,31 +48,182 @@ def current_umask() -> int:
     return _UMASK_AT_IMPORT
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename tmp over ``path`` (same folder, so rename is atomic)."""
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def size_text(n: float) -> str:
+    """Bytes for a message: 812 bytes, 3.4 KiB, 15.5 MiB, 2.1 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """Free bytes on the file system of ``folder`` (its nearest existing ancestor), or None if unknown."""
+    folder = Path(folder)
+    for candidate in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def disk_full_error(path: str | Path, needed: int | None, written: int = 0) -> SkinLesionError:
+    """One line for a write that ran out of space: the file, what it needs (``needed``; when not known, more than
+    the ``written`` bytes it got), what is free, what to do."""
+    free = free_bytes(Path(path).parent)
+    need = f"about {size_text(needed)}" if needed else f"more than {size_text(written)}" if written else ""
+    have = [f"{size_text(free)} free"] if free is not None else []
+    told = "; ".join(have + ([f"this file alone needs {need}"] if need else []))
+    return SkinLesionError(f"no space left on the disk of {path}" + (f" ({told})" if told else "") + "; free some "
+                           "space or write to another folder, then run the command again (nothing was left "
+                           "half-written)")  # fmt: skip
+
+
+def os_error(e: OSError, path: str | Path, needed: int | None = None, written: int = 0) -> SkinLesionError:
+    """An OSError of writing ``path`` as one line that says what to do."""
+    if e.errno in DISK_FULL:
+        return disk_full_error(path, needed, written)
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+    if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+        return SkinLesionError(f"cannot write {path}: {e.strerror}{where}; pass a path in a folder you can write to")
+    if isinstance(e, IsADirectoryError):
+        return SkinLesionError(f"cannot write {path}: it is a folder; pass a file path")
+    return SkinLesionError(f"cannot write {path} ({e.strerror or e}{where}); check the path and its folder")
+
+
+def _label(what: str, path: str | Path) -> str:
+    return f"{what} {path}" if what else str(path)
+
+
+def output_parent(path: str | Path, what: str = "") -> None:
+    """Refuse, before any work, a path whose folder cannot be made: an ancestor that is a file or a link loop."""
+    for ancestor in Path(path).parents:
+        try:
+            st = os.stat(ancestor)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise SkinLesionError(f"cannot write {_label(what, path)}: its folder {ancestor} cannot be used "
+                                  f"({e.strerror}); pass another path") from e  # fmt: skip
+        if not stat.S_ISDIR(st.st_mode):
+            raise SkinLesionError(f"cannot write {_label(what, path)}: {ancestor} is a file, not a folder; pass "
+                                  "another path")  # fmt: skip
+        return
+
+
+def output_file(path: str | Path, what: str = "") -> None:
+    """A file to write: not an existing folder, its folder creatable."""
+    if os.path.isdir(path):
+        raise SkinLesionError(f"cannot write {_label(what, path)}: it is a folder; pass a file path")
+    output_parent(path, what)
+
+
+def output_folder(path: str | Path, what: str = "") -> None:
+    """A folder to write into: not an existing file, creatable."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise SkinLesionError(f"cannot write into {_label(what, path)}: it is a file, not a folder; pass a folder "
+                              "path")  # fmt: skip
+    output_parent(Path(path) / "x", what)
+
+
+def input_path(path: str | Path, what: str, folder: bool | None) -> None:
+    """A file (``folder`` False), folder (True) or either (None) to read: if it exists, it is of that kind and
+    readable (a link loop or a folder without read permission is one line here, not a traceback deep inside).
+    A missing one is left to the caller, which knows what to suggest."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:  # ELOOP, EACCES on a parent, ENAMETOOLONG ...
+        wanted = "file or folder" if folder is None else _kind(folder)
+        raise SkinLesionError(f"{what} {path} cannot be used ({e.strerror}); pass a real {wanted}") from e
+    is_folder = stat.S_ISDIR(st.st_mode)
+    if folder is not None and folder != is_folder:
+        raise SkinLesionError(f"{what} {path} is a {_kind(is_folder)}; pass a {_kind(folder)}")
+    try:
+        if is_folder:
+            with os.scandir(path) as entries:
+                next(entries, None)
+        elif stat.S_ISREG(st.st_mode):  # opened, not read: a pipe given as a file keeps its bytes
+            open(path, "rb").close()  # noqa: SIM115 - only whether it opens
+    except OSError as e:
+        raise SkinLesionError(f"{what} {path} cannot be read ({e.strerror}); check its permissions") from e
+
+
+def _kind(folder: bool) -> str:
+    return "folder" if folder else "file"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | Callable[[], int] | None = None
+                 ) -> Path:  # fmt: skip
+    """Call ``write(tmp_path)`` then rename tmp over ``path`` (same folder, so rename is atomic).
+
+    Failures are one line (SkinLesionError): ``path`` a folder, its folder not creatable or writable, the disk
+    full (naming the free space and ``needed``, the bytes the file takes, or a callable that estimates them); the
+    temp file is removed whatever happened, and a file already at ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    output_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise os_error(e, path) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
         os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
+    except OSError as e:
+        partial = tmp_path.stat().st_size if tmp_path.exists() else 0
+        tmp_path.unlink(missing_ok=True)  # first: the free space reported is what the write had
+        size = needed() if callable(needed) else needed
+        raise os_error(e, path, size, partial) from e
     finally:
         tmp_path.unlink(missing_ok=True)
     return path
 
 
-def remove_stale_temps(folder: str | Path, grace_s: float = 30.0) -> list[Path]:
+MAX_SETTINGS_BYTES = 1 << 20  # a run folder's config.json or a --config file is a page of values, never megabytes
+
+
+def read_json(path: str | Path, hint: str, max_bytes: int = MAX_SETTINGS_BYTES) -> dict[str, Any]:
+    """A small JSON object file (a run folder's config.json), read with a size limit: a missing, huge, truncated
+    or non-object file is one line ending in ``hint`` (what to do), before a byte more than the limit is read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise SkinLesionError(f"{path} is {size:,} bytes, over the {max_bytes:,} a settings file can be; {hint}")
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may grow after the stat
+        if len(data) > max_bytes:
+            raise SkinLesionError(f"{path} is over the {max_bytes:,} bytes a settings file can be; {hint}")
+        value = json.loads(data.decode("utf-8"))
+    except FileNotFoundError as e:
+        raise SkinLesionError(f"{path} not found; {hint}") from e
+    except OSError as e:
+        raise SkinLesionError(f"cannot read {path} ({e.strerror or e}); {hint}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SkinLesionError(f"{path} is not valid JSON ({first_line(e)}); {hint}") from e
+    if not isinstance(value, dict):
+        raise SkinLesionError(f"{path} holds a JSON {type(value).__name__}, not an object of settings; {hint}")
+    return value
+
+
+def remove_stale_temps(folder: str | Path, grace_s: float = 30.0, nobody_writes: bool = False) -> list[Path]:
     """Delete temp files ``atomic_write`` left in ``folder`` when a process died mid-write (``.best.pt.*.tmp``).
 
     Only files matching the temp pattern and last modified ``grace_s`` seconds before this process started
-    are removed, so a temp file that this process or another live one is writing right now is kept."""
+    are removed, so a temp file that this process or another live one is writing right now is kept; with
+    ``nobody_writes`` (the caller holds the folder's lock, so no live writer exists) every one of them."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    cutoff = _PROCESS_START - grace_s
+    cutoff = time.time() + 1 if nobody_writes else _PROCESS_START - grace_s
     removed = []
     for entry in folder.iterdir():
         if not TEMP_NAME.match(entry.name):
@@ -84,11 +238,12 @@ def remove_stale_temps(folder: str | Path, grace_s: float = 30.0) -> list[Path]:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda p: p.write_bytes(data), len(data))
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda p: p.write_bytes(data))
+    return atomic_write(path, lambda p: p.write_bytes(data), len(data))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -97,7 +252,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def write_csv(path: str | Path, frame: Any) -> Path:
     """Write a pandas DataFrame atomically (no index)."""
-    return atomic_write(path, lambda p: frame.to_csv(p, index=False))
+    return write_text(path, frame.to_csv(index=False))  # in memory first: its size is known if the disk is full
 
 
 def plain(obj: Any, where: str = "") -> Any:
@@ -145,7 +300,30 @@ def torch_save(path: str | Path, obj: Any) -> Path:
     import torch
 
     data = plain(obj)
-    return atomic_write(path, lambda p: torch.save(data, p))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a Python file: a full disk is OSError(ENOSPC), not an opaque RuntimeError
+            try:
+                torch.save(data, f)
+            except RuntimeError as e:  # torch's zip writer fails again while closing: the OSError is the cause
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
+
+    return atomic_write(path, write, lambda: tensor_bytes(data) + (1 << 16))
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in plain data (what a checkpoint file mostly is)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 # Globals an old skinlesion checkpoint (before files were plain data) may reference: NumPy values and torch's

@@ -83,6 +83,7 @@ GRID_SIZE = Range(int, 32, 1024)
 PORT = Range(int, 1, 65535)
 AGE = Range(float, 0, 120)
 
+
 # A run name is one folder name: letters, digits, '.', '_', '-', '+', '=', '@'; not starting with a dot.
 _RUN_NAME = re.compile(r"[A-Za-z0-9_+=@-][A-Za-z0-9._+=@-]{0,127}")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from skinlesion import fileio
 from skinlesion.decision import conformal
 from skinlesion.evaluation import fitting, safeguard_fitting
 from skinlesion.inference.options import ScoringOptions
@@ -14,7 +13,6 @@ from skinlesion.inference.options import ScoringOptions
 
 def main(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
-    fileio.remove_stale_temps(run_dir)  # temp files of a process that died mid-write
     options = fitting.run_options(run_dir, ScoringOptions.from_args(args))
     spec = fitting.CalibrationSpec(args.method, args.split, args.folds, args.seed, args.slice_frac)
     result = fitting.calibrate(run_dir, spec, options)

@@ -7,7 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from skinlesion import fileio
 from skinlesion.errors import SkinLesionError
 from skinlesion.inference import drift
 from skinlesion.inference.int8_export import export_int8
@@ -21,9 +20,6 @@ def main(args: argparse.Namespace) -> None:
     if args.format != "onnx":
         raise SkinLesionError(f"unsupported --format {args.format}; only onnx")
     check_opset(args.opset)  # before loading anything
-    run_dir = Path(args.run_dir)
-    if run_dir.exists():  # temp files left by a process that died mid-write
-        fileio.remove_stale_temps(run_dir if run_dir.is_dir() else run_dir.parent)
     target, p_diff, logit_diff, logit_scale = export_onnx(args.run_dir, args.out, args.opset)
     size_mb = target.stat().st_size / 1e6
     print(f"wrote {target} ({size_mb:.1f} MB, opset {written_opset(target)}, dynamic batch)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 from skinlesion import fileio
@@ -14,6 +15,8 @@ def main(args: argparse.Namespace) -> None:
     table = load_dataset(DataSpec.of(args))
     image, tiles = make_grid(table, args.n_per_class, args.size, args.seed)
     out = Path(args.out)
-    fileio.atomic_write(out, lambda p: image.save(p, format="PNG"))
+    png = io.BytesIO()
+    image.save(png, format="PNG")  # in memory first: a full disk's message then says how much it needs
+    fileio.write_bytes(out, png.getvalue())
     shown = sum(t.image_id is not None for t in tiles)
     print(f"wrote {out} ({image.width}x{image.height}, {shown} images, {table['dx'].nunique()} classes)")

@@ -122,17 +122,21 @@ def load_classifier(run_dir: str | Path, backend: str = "torch") -> Classifier:
 
 def main(args: argparse.Namespace) -> None:
     files, ignored = inputs(args.inputs)
+    if args.isic_csv:
+        check_isic_names(files)
     classifier = load_classifier(args.run_dir, args.backend).switched(
         args.tta_views, args.metadata_prior, args.operating_point, args.pool_lesions)  # fmt: skip
     chain = classifier.chain
     clinical, lesions = patient_inputs(args, files, classifier)
     frame = classifier.predict_files(files, args.batch_size, args.tta, clinical, lesions,
                                      top_k=min(args.top_k, len(chain.classes)), progress=len(files) > 1)  # fmt: skip
+    read = frame[frame["error"].isna()].reset_index(drop=True)
+    if read.empty and len(files) == 1:  # the one input's own reason is the error line
+        raise SkinLesionError(frame["error"].iloc[0])
     for error in frame["error"].dropna():
         tqdm.write(f"skipped: {error}", file=sys.stderr)
-    read = frame[frame["error"].isna()].reset_index(drop=True)
     if read.empty:
-        raise SkinLesionError(f"none of the {len(files)} input file(s) could be read as an image")
+        raise SkinLesionError(f"none of the {len(files)} input files could be read as an image (see above)")
     if args.isic_csv:
         probs = read[[f"p_{c}" for c in chain.classes]].to_numpy()
         path = isic.write_submission(args.isic_csv, [Path(i).stem for i in read["image"]],
@@ -169,6 +173,18 @@ def inputs(items: Sequence[str]) -> tuple[list[Path], list[Path]]:
     return files, ignored
 
 
+def check_isic_names(files: Sequence[Path]) -> None:
+    """An ISIC submission is UTF-8 text whose ``image`` column is the file name stem: a name that is not UTF-8
+    (bytes from another system's encoding) cannot be written there, so say so before scoring anything."""
+    for f in files:
+        try:
+            f.stem.encode("utf-8")
+        except UnicodeEncodeError:
+            name = f.name.encode("utf-8", "backslashreplace").decode()
+            raise SkinLesionError(f"--isic-csv: the file name {name} is not UTF-8, and an ISIC file is UTF-8 text; "
+                                  "rename the file") from None  # fmt: skip
+
+
 def patient_inputs(args: argparse.Namespace, files: list[Path], classifier: Classifier
                    ) -> tuple[pd.DataFrame | None, list[str | None] | None]:  # fmt: skip
     """Per-file age / sex / site for the metadata prior, and lesion ids for pooling, from --metadata / --age /
@@ -190,6 +206,9 @@ def patient_inputs(args: argparse.Namespace, files: list[Path], classifier: Clas
         raise SkinLesionError(f"{'/'.join(given)} need a run with a metadata prior; run `skinlesion fit-metadata-prior "
                               f"--run-dir {args.run_dir}` (and `skinlesion export` again for --backend onnx)")
     csv_used = csv if "--metadata" in given else None
+    if csv_used is not None and csv_used.attrs.get("ages_refused"):
+        print(f"--metadata {args.metadata}: {csv_used.attrs['ages_refused']} age(s) outside 0-120 or not a number "
+              "taken as unknown", file=sys.stderr)  # fmt: skip
     sites = prior["categories"]["localization"]
     return clinical_table(files, csv_used, args.age, args.sex, args.site, sites, args.metadata), lesions
 

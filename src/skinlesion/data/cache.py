@@ -105,6 +105,8 @@ class ImageCache:
         ids = table["image_id"].astype(str).tolist()
         paths = table["path"].astype(str).tolist()
         stats = [_stat(p) for p in paths]
+        if folder.is_dir():  # pixels of a build killed half way (one that is still writing is kept: fileio)
+            remove_stale_temps(folder)
         old = cls._load(folder)
         if old is not None and old._fresh(ids, paths, stats):
             return old
@@ -117,7 +119,7 @@ class ImageCache:
                 if old is not None and old._fresh(ids, paths, stats):
                     return old
                 if folder.is_dir():  # pixels of a build killed half way (nobody else builds: we hold the lock)
-                    remove_stale_temps(folder, grace_s=0)
+                    remove_stale_temps(folder, nobody_writes=True)
                 return cls._build(folder, ids, paths, stats, preprocessing, old, progress)
         except OSError as e:
             raise SkinLesionError(
@@ -181,6 +183,11 @@ class ImageCache:
         offsets = np.zeros(len(order), np.int64)
         folder.mkdir(parents=True, exist_ok=True)
 
+        seen = {"bytes": 0, "images": 0}  # decoded so far: a full disk's message estimates the whole file from it
+
+        def needed() -> int:
+            return seen["bytes"] * len(order) // max(1, seen["images"])
+
         def write_pixels(tmp: Path) -> None:
             pos = 0
             bar = tqdm(total=len(order), desc=f"caching images at {preprocessing.resize_size}px", unit="img",
@@ -192,6 +199,8 @@ class ImageCache:
                     decoded = dict(
                         zip(todo, pool.map(lambda i: stored_pixels(entries[i][0], preprocessing), todo), strict=True)
                     )
+                    seen["bytes"] += sum(decoded[i].size if i in decoded else old.nbytes_of(i) for i in chunk)
+                    seen["images"] += len(chunk)
                     for n, i in enumerate(chunk, start):
                         arr = old.get(i) if i in reuse else decoded[i]
                         heights[n], widths[n] = arr.shape[:2]
@@ -202,7 +211,7 @@ class ImageCache:
             bar.close()
 
         pixels_name = f"pixels-{os.urandom(6).hex()}.u8"
-        atomic_write(folder / pixels_name, write_pixels)
+        atomic_write(folder / pixels_name, write_pixels, needed)
         index = {
             "pixels": np.array(pixels_name),
             "image_id": np.array(order, dtype=str),
@@ -248,6 +257,10 @@ class ImageCache:
         """(height, width) of a cached image, without reading its pixels."""
         n = self._row[image_id]
         return int(self.index["height"][n]), int(self.index["width"][n])
+
+    def nbytes_of(self, image_id: str) -> int:
+        height, width = self.shape(image_id)
+        return height * width * 3
 
     def get(self, image_id: str) -> np.ndarray:
         """The cached (H, W, 3) uint8 pixels (a writable copy: callers may transform in place)."""

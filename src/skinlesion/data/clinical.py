@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from skinlesion.data.sources.contract import clean_age
 from skinlesion.errors import SkinLesionError
 
 FIELDS = ("age", "sex", "localization")
@@ -16,7 +17,9 @@ SEXES = ("male", "female")
 
 
 def read_metadata_csv(csv_path: str) -> pd.DataFrame:
-    """The --metadata CSV, one row per image_id (the first where an id repeats)."""
+    """The --metadata CSV, one row per image_id (the first where an id repeats); ages that are not ages (out of
+    0-120, not finite, not numbers: contract.clean_age, as every reader) are unknown, counted in
+    ``attrs["ages_refused"]``."""
     path = Path(csv_path)
     if not path.is_file():
         raise SkinLesionError(f"--metadata {path} does not exist; pass a CSV of image_id, age, sex, localization")
@@ -29,7 +32,12 @@ def read_metadata_csv(csv_path: str) -> pd.DataFrame:
             f"--metadata {path} needs an image_id column (the file name stem; it has: "
             f"{', '.join(map(str, given.columns))})"
         )
-    return given.drop_duplicates("image_id")
+    given = given.drop_duplicates("image_id").reset_index(drop=True)
+    refused = 0
+    if "age" in given:  # -5, 1e309, -inf, 'abc': unknown, as --age would refuse them (counted for the summary)
+        given["age"], refused, _ = clean_age(given["age"])
+    given.attrs["ages_refused"] = refused
+    return given
 
 
 def lesion_ids(

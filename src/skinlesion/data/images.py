@@ -1,4 +1,7 @@
-"""Opening one image the same way everywhere: EXIF orientation honoured, any mode to RGB."""
+"""Opening one image the same way everywhere: EXIF orientation honoured, any mode to RGB, and the one set of image
+rules (JPEG or PNG by content, not by name; a short side of at least MIN_IMAGE_SIDE; at most MAX_ASPECT times as
+long as wide; at most MAX_IMAGE_PIXELS), so prepare, train, evaluate, predict, gradcam, the Python API and serve
+accept and refuse the same files."""
 
 from __future__ import annotations
 
@@ -16,11 +19,33 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # tens of megapixels (ISIC 2018: <= 6,688 x 4,439 = 30 MP); anything larger is refused from the header, before
 # any pixel is decoded. `serve --max-megapixels` may only lower it for uploads.
 MAX_IMAGE_PIXELS = 50_000_000
+MAX_ASPECT = 10.0  # long side / short side: dermoscopic photos are about 4:3; a thin strip is not a lesion
+MIN_IMAGE_SIDE = 16  # short side: below it no lesion detail is left (a 1x1 image was "classified" as mel)
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: the multi-picture JPEG some cameras write
 DROP_HINT = "pass --allow-missing to drop such files (`skinlesion prepare --allow-missing` lists them)"
 
 
 class ImageTooLargeError(SkinLesionError):
-    """Over the pixel limit (decompression-bomb guard); the web app answers 413 instead of 415."""
+    """Over the pixel limit (decompression-bomb guard) or too thin a strip; the web app answers 413."""
+
+
+class ImageTooSmallError(SkinLesionError):
+    """Under the minimum short side; the web app answers 422 (an image, but not one a model can read)."""
+
+
+def check_size(
+    width: int, height: int, name: str, max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: float | None = MAX_ASPECT
+) -> None:
+    """The size rules, from the header alone: too many pixels, too thin a strip, too small a short side."""
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}; "
+                                 "downsize the image first")  # fmt: skip
+    if max_aspect is not None and max(width, height) > max_aspect * max(1, min(width, height)):
+        raise ImageTooLargeError(f"{name}: {width}x{height} pixels is longer than {max_aspect:g} times its short "
+                                 "side; crop the image to the lesion")  # fmt: skip
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ImageTooSmallError(f"{name}: {width}x{height} pixels is under the minimum of {MIN_IMAGE_SIDE} pixels "
+                                 "on the short side; use the original, full-size image")  # fmt: skip
 
 
 # Image modes PIL's reduce() averages correctly (not palette indices, not 1-bit, not 16-bit).
@@ -38,15 +63,16 @@ def shrink(im: Image.Image, min_short_side: int | None) -> Image.Image:
 def open_rgb(
     source: str | Path | bytes,
     max_pixels: int = MAX_IMAGE_PIXELS,
-    max_aspect: float | None = None,
+    max_aspect: float | None = MAX_ASPECT,
     min_short_side: int | None = None,
 ) -> Image.Image:
     """Decode ``source`` (a path or raw bytes) to an RGB PIL image with EXIF rotation applied.
 
-    Raises SkinLesionError for anything that is not a readable image, and ImageTooLargeError, from the header
-    alone and before decoding, for images above ``max_pixels`` (decompression-bomb guard) or longer than
-    ``max_aspect`` times their short side (a thin strip that resizing to the model's short side would blow up:
-    1x100000 px becomes 147x14,700,000).
+    Raises SkinLesionError for anything that is not a readable JPEG or PNG (told by its content: a GIF named
+    .jpg is refused), and from the header alone, before decoding (``check_size``): ImageTooLargeError for images
+    above ``max_pixels`` (decompression-bomb guard) or longer than ``max_aspect`` times their short side (a thin
+    strip that resizing to the model's short side would blow up: 1x100000 px becomes 147x14,700,000),
+    ImageTooSmallError for a short side under MIN_IMAGE_SIDE.
 
     ``min_short_side`` (the model's resize size): a JPEG whose short side is more than twice it is decoded at the
     smallest JPEG DCT scale (1/2, 1/4, 1/8) that still keeps twice it (PIL ``draft``), the way browsers show
@@ -61,16 +87,10 @@ def open_rgb(
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with Image.open(fp) as im:
-            if im.width * im.height > max_pixels:
-                raise ImageTooLargeError(
-                    f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,}; "
-                    "downsize the image first"
-                )
-            if max_aspect is not None and max(im.size) > max_aspect * max(1, min(im.size)):
-                raise ImageTooLargeError(
-                    f"{name}: {im.width}x{im.height} pixels is longer than {max_aspect:g} times its short side; "
-                    "crop the image to the lesion"
-                )
+            if im.format not in IMAGE_FORMATS:
+                raise SkinLesionError(f"{name}: a {im.format} image, not a JPEG or PNG (whatever its name says); "
+                                      "convert it to JPEG or PNG")  # fmt: skip
+            check_size(im.width, im.height, name, max_pixels, max_aspect)
             if min_short_side and im.format == "JPEG" and min(im.size) > 2 * min_short_side:
                 scale = min(im.size) / (2 * min_short_side)
                 im.draft("RGB", (math.ceil(im.width / scale), math.ceil(im.height / scale)))

@@ -1,7 +1,7 @@
 """The one owner of image preprocessing: how a file becomes the tensor a network sees.
 
     file / upload / PIL image
-      -- decode      open_rgb: EXIF rotation, RGB, the pixel and aspect guards; a JPEG larger than twice the
+      -- decode      open_rgb: JPEG / PNG by content, EXIF rotation, RGB, the size rules; a JPEG larger than twice the
                      resize size is decoded at a reduced DCT scale and any other large image box-averaged
       -- colour      optional colour constancy (Shades of Gray), on the decoded image
       -- resize      short side to ``resize_size`` (torchvision's uint8 bilinear resize with antialias)
@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from skinlesion.data import colour
-from skinlesion.data.images import MAX_IMAGE_PIXELS, open_rgb
+from skinlesion.data.images import MAX_ASPECT, MAX_IMAGE_PIXELS, check_size, open_rgb
 from skinlesion.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchNormalizer, resize_for, train_augmentation
 from skinlesion.errors import SkinLesionError
 
@@ -115,9 +115,12 @@ class Preprocessing:
                 f"{[round(v, 4) for v in self.mean]} std {[round(v, 4) for v in self.std]}")  # fmt: skip
 
     # ------------------------------------------------------------------------------------ decode -> pixels
-    def open(self, source: Source, max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: float | None = None) -> Image.Image:
-        """A file, upload or PIL image decoded by the one policy (PIL images are taken as decoded)."""
+    def open(self, source: Source, max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: float | None = MAX_ASPECT
+             ) -> Image.Image:  # fmt: skip
+        """A file, upload or PIL image decoded by the one policy (PIL images are taken as decoded, under the same
+        size rules: data/images.check_size)."""
         if isinstance(source, Image.Image):
+            check_size(source.width, source.height, "image", max_pixels, max_aspect)
             return source if source.mode == "RGB" else source.convert("RGB")
         reduce_to = self.resize_size if self.decode == "reduced" else None
         return open_rgb(source, max_pixels=max_pixels, max_aspect=max_aspect, min_short_side=reduce_to)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,17 +9,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from skinlesion import fileio
 from skinlesion.classes import CLASSES
 from skinlesion.data.datasets import DataSpec, load_dataset
 from skinlesion.data.split import read_splits
 from skinlesion.errors import SkinLesionError
 
+# What a run's data options in config.json may be (data_spec, the image cache): text or null; data_dir also a list.
+TEXT_KEYS = ("data_dir", "metadata", "images", "cache_dir", "source", "classes", "keep_unmapped", "label_field")
+
 
 def read_config(run_dir: Path) -> dict[str, Any]:
+    """A run folder's config.json: size-limited, a JSON object whose data options have their types; one line
+    otherwise (a truncated, huge or list file never reaches the code that reads it)."""
     path = Path(run_dir) / "config.json"
+    hint = "pass the folder `skinlesion train` wrote as --run-dir, or restore its config.json"
     if not path.is_file():
-        raise SkinLesionError(f"{path} not found; pass the folder `skinlesion train` wrote as --run-dir")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise SkinLesionError(f"{path} not found; {hint}")
+    config = fileio.read_json(path, hint)
+    for key in TEXT_KEYS:
+        value = config.get(key)
+        items = value if key == "data_dir" and isinstance(value, list) else [value]
+        if not all(isinstance(v, str | None) for v in items):
+            raise SkinLesionError(f"{path}: {key} must be text or null, not {str(value)[:40]!r}; {hint}")
+    return config
 
 
 def run_table(run_dir: Path) -> pd.DataFrame:

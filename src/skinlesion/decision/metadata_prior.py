@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.data.clinical import FIELDS  # noqa: F401 - the fields the prior reads
+from skinlesion.data.sources.contract import clean_age
 from skinlesion.errors import SkinLesionError
 
 MISSING = {"", "unknown", "nan", "none"}
@@ -35,9 +36,8 @@ def _text(values: pd.Series) -> pd.Series:
 
 
 def _decade(values: pd.Series) -> pd.Series:
-    """Age decade as text ('40' for 40-49); '' when missing or not a number."""
-    age = pd.to_numeric(values, errors="coerce")
-    age = age.where((age >= 0) & (age <= 120))  # anything else is a typo, not an age
+    """Age decade as text ('40' for 40-49); '' when missing or not an age (clean_age: -5, 1e309, -inf)."""
+    age, _, _ = clean_age(values)
     return pd.Series(
         np.where(age.isna(), "", (age.fillna(0) // 10 * 10).astype(int).astype(str)), index=values.index
     )

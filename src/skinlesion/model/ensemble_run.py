@@ -9,6 +9,7 @@ part (every non-test image trained some member) and only its shared test part is
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,18 @@ def member_record(run_dir: Path, ckpt: Mapping[str, Any], root: Path) -> dict[st
             "metrics": ckpt.get("metrics") or {}}  # fmt: skip
 
 
+def refuse_repeats(members: Sequence[Path], model_ids: Sequence[str] | None = None) -> None:
+    """One line when a member is listed twice (the same folder, or a copy: the same best.pt bytes): averaging a
+    model with itself only weights it twice."""
+    keys = model_ids if model_ids is not None else [m.resolve() for m in members]
+    first: dict[Any, Path] = {}
+    for m, key in zip(members, keys, strict=True):
+        if key in first:
+            same = "is listed twice" if model_ids is None else f"holds the same model as {first[key]}"
+            raise SkinLesionError(f"ensemble member {m} {same}; list each trained run once")
+        first[key] = m
+
+
 def write(members: Sequence[str | Path], out: str | Path, extra_config: Mapping[str, Any] | None = None) -> Path:
     """Combine ``members`` (run folders) into the ensemble run folder ``out``; best.pt is its path."""
     out = Path(out)
@@ -63,6 +76,7 @@ def write(members: Sequence[str | Path], out: str | Path, extra_config: Mapping[
     members = [Path(m) for m in members]
     if any(m.resolve() == out.resolve() for m in members):
         raise SkinLesionError(f"--out {out} is one of the members; pick a new folder")
+    refuse_repeats(members)
     ckpts = [checkpoint.read(m) for m in members]
     classes = list(ckpts[0]["classes"])
     for m, c in zip(members, ckpts, strict=True):
@@ -84,6 +98,7 @@ def write(members: Sequence[str | Path], out: str | Path, extra_config: Mapping[
                                   f"({preprocessing.describe()}); ensemble runs with the same decode and colour "
                                   "constancy")  # fmt: skip
     records = [member_record(m, c, out) for m, c in zip(members, ckpts, strict=True)]
+    refuse_repeats(members, [r["model_id"] for r in records])
     first_config = read_config(members[0])
     config = {
         "kind": "ensemble",
@@ -115,9 +130,15 @@ def write(members: Sequence[str | Path], out: str | Path, extra_config: Mapping[
         "model": ensemble.combined_state([c["model"] for c in ckpts]),
     }
     splits = combined_splits([read_splits(m / "splits.csv") for m in members])
-    out.mkdir(parents=True, exist_ok=True)
-    write_splits(out / "splits.csv", splits)
-    fileio.write_json(out / "config.json", config)
-    path = fileio.torch_save(out / "best.pt", payload)
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_splits(out / "splits.csv", splits)
+        fileio.write_json(out / "config.json", config)
+        path = fileio.torch_save(out / "best.pt", payload)
+    except BaseException:
+        if made:  # a failed write (a full disk) leaves no half ensemble folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     checkpoint.load(path)  # proves the members fit the combined state dict
     return path

@@ -3,9 +3,10 @@
 Hardening: the Host header must be one the server answers to (``allowed_hosts``); request bodies are capped
 (Content-Length checked up front, and counted while streaming: FastAPI's ``max_body_size``); images are
 decoded by content, not by the declared type (415 otherwise); pixel counts and aspect ratio are checked from
-the header before decoding (413); the model is loaded once when the app is created. Inference runs in
-FastAPI's threadpool (sync endpoints) behind a lock, decoding included, so the event loop stays free and
-concurrent requests neither oversubscribe the CPU nor hold several decoded images at once.
+the header before decoding (413), as is the minimum size (422): data/images.py's rules, the same as every
+command's; the model is loaded once when the app is created. Inference runs in FastAPI's threadpool (sync
+endpoints) behind a lock, decoding included, so the event loop stays free and concurrent requests neither
+oversubscribe the CPU nor hold several decoded images at once.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from skinlesion import __version__, fileio
 from skinlesion.data.clinical import clinical_values
-from skinlesion.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError
+from skinlesion.data.images import MAX_ASPECT, MAX_IMAGE_PIXELS, ImageTooLargeError, ImageTooSmallError
 from skinlesion.decision import operating_point
 from skinlesion.decision.safeguards import Guarded
 from skinlesion.errors import SkinLesionError
@@ -43,7 +44,6 @@ from skinlesion.reporting.explain import explain
 
 STATIC = Path(__file__).with_name("static")
 MULTIPART_OVERHEAD = 64 * 1024  # boundary + part headers on top of the file itself
-MAX_ASPECT = 10.0  # long side / short side: dermoscopic photos are about 4:3; a thin strip is not a lesion
 HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -307,7 +307,8 @@ def add_predict(app: FastAPI, service: ModelService, limits: Limits) -> None:
 
     @app.post(
         "/api/predict",
-        responses={413: {"description": "upload or pixel count too large"}, 415: {"description": "not an image"}},
+        responses={413: {"description": "upload or pixel count too large"}, 415: {"description": "not an image"},
+                   422: {"description": "image too small, or age / sex / site not valid"}},
     )
     def predict(
         file: Annotated[UploadFile, File(description="a JPEG or PNG image")],
@@ -333,5 +334,7 @@ def add_predict(app: FastAPI, service: ModelService, limits: Limits) -> None:
             return service.predict(data, cam, clinical or None, limits.max_pixels)
         except ImageTooLargeError as e:
             raise HTTPException(413, str(e).replace("uploaded bytes: ", "")) from e
+        except ImageTooSmallError as e:  # an image, but too small to hold a lesion: the same rule as every command
+            raise HTTPException(422, str(e).replace("uploaded bytes: ", "")) from e
         except SkinLesionError as e:
             raise HTTPException(415, "the upload is not a readable image; send a JPEG or PNG file") from e
