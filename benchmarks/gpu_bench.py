@@ -686,7 +686,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
     from skinlesion.inference.torch_backend import TorchBackend
 
     backend = TorchBackend(run_dir / "best.pt", device=str(device))
-    size = backend.img_size
+    size = int(backend.meta["img_size"])
     sec.data.update(run_dir=str(run_dir), img_size=size, backbone=backend.meta.get("backbone"),
                     torch_dtype=str(getattr(backend, "dtype", None) or torch.float32).removeprefix("torch."),
                     torch_memory_format=str(getattr(backend, "memory_format", torch.contiguous_format)))  # fmt: skip

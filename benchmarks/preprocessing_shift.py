@@ -3,7 +3,7 @@ through the product's path (``Classifier.view_logits_of_table``: the one Preproc
 cache as it was before (PIL bilinear resize of the decoded image when larger than the resize size, then the same
 crop and normalisation), side by side, through the same decision chain.
 
-    python benchmarks/preprocessing_shift.py outputs/demo [--tta]
+    python benchmarks/preprocessing_shift.py RUN [--tta] [--json docs/measured/preprocessing_shift.json]
 
 Prints the largest probability difference, how many decisions differ, and balanced accuracy / macro AUC both ways
 with the paired lesion-bootstrap difference. The "before" path is re-written here on purpose: it is the baseline
@@ -13,7 +13,7 @@ being compared, not a product path.
 from __future__ import annotations
 
 import argparse
-import platform
+import json
 import sys
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from skinlesion.inference.classifier import Classifier
 from skinlesion.inference.options import ScoringOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired_scoring import compare, print_rows  # noqa: E402
+from paired_scoring import compare, host, print_rows  # noqa: E402
 
 
 def old_cache_pixels(classifier: Classifier, path: str) -> torch.Tensor:
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--tta", action="store_true")
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--json", type=Path, help="also write the result here (scripts/results_tables.py renders it)")
     args = p.parse_args()
     classifier = Classifier.load(args.run_dir)
     table = split_part(args.run_dir, "val")
@@ -60,12 +61,18 @@ def main() -> None:
     chain, offsets = classifier.chain, classifier.chain.offsets(table)
     pool = lesions if chain.pool_lesions else None
     a, b = chain(now, offsets, pool), chain(before, offsets, pool)
-    print(f"host {platform.processor() or platform.machine()}; {args.run_dir}: {len(y)} val images, "
-          f"{'TTA ' + str(n_views) + ' views' if args.tta else 'single view'}")
-    print(f"max |p(now) - p(before)| = {np.abs(a.probabilities - b.probabilities).max():.4f}; decisions differing: "
-          f"{int((a.labels != b.labels).sum())} of {len(y)}")  # fmt: skip
+    differ, max_dp = int((a.labels != b.labels).sum()), float(np.abs(a.probabilities - b.probabilities).max())
+    views = f"TTA {n_views} views" if args.tta else "single view"
+    print(f"host {host()}; {args.run_dir}: {len(y)} val images, {views}")
+    print(f"max |p(now) - p(before)| = {max_dp:.4f}; decisions differing: {differ} of {len(y)}")
     rows = compare(y, lesions, (a.probabilities, a.labels), [(b.probabilities, b.labels)], args.bootstrap)
     print_rows(rows, "now", "before")
+    if args.json:
+        result = {"host": host(), "run": args.run_dir.name, "n_images": len(y), "views": views, "max_abs_dp": max_dp,
+                  "decisions_differ": differ, "bootstrap": args.bootstrap, "rows": rows}  # fmt: skip
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

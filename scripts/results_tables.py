@@ -9,7 +9,8 @@ blocks of docs/results.md and README.md's results table. Nothing here trains or 
 
 Sources: docs/ablation.csv (`python benchmarks/ablation.py`: chain-scored lines only), docs/cv5_improved/*.json
 (`skinlesion train --folds 5`, `skinlesion evaluate`, benchmarks/cv_ensemble.py, benchmarks/paired_runs.py),
-docs/results_tau_sweep.csv and docs/results_confusion.csv (--from-logits).
+docs/results_tau_sweep.csv and docs/results_confusion.csv (--from-logits), docs/measured/*.json (the benchmark that
+wrote each one is named in its block).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CV = DOCS / "cv5_improved"
 ABLATION = DOCS / "ablation.csv"
 TAU_CSV = DOCS / "results_tau_sweep.csv"
 CONFUSION_CSV = DOCS / "results_confusion.csv"
+MEASURED = DOCS / "measured"  # one JSON per measuring command (benchmarks/preprocessing_shift.py --json, ...)
 RESULTS = DOCS / "results.md"
 README = doc_blocks.REPO / "README.md"
 SHIPPED = "tta8+la+meta+op+pool"  # what `evaluate --tta` gives with every post-hoc step of --recipe improved
@@ -257,6 +259,23 @@ def readme_table(metrics: dict[str, Any], chain: pd.DataFrame, host: str) -> str
     return wrap(intro) + "\n\n" + table(head, rows) + "\n" + wrap(outro) + "\n"
 
 
+def paired(row: dict[str, Any]) -> str:
+    """A paired difference with its interval (bold when it excludes 0)."""
+    return signed(row["diff"], *row["diff_ci95"])
+
+
+def preprocessing_shift(shift: dict[str, Any]) -> str:
+    """benchmarks/preprocessing_shift.py --json: one preprocessing vs the old cache's PIL resize, same network."""
+    rows = shift["rows"]
+    return wrap(
+        f"Measured on `{shift['run']}` ({shift['n_images']:,} val images, {shift['views']}; "
+        f"{host_text(shift['host'])}): max |Δp| {shift['max_abs_dp']:.3f}, {shift['decisions_differ']} of "
+        f"{shift['n_images']:,} decisions differ; one preprocessing minus the old cache, paired lesion bootstrap "
+        f"({shift['bootstrap']:,} resamples): balanced accuracy {paired(rows['balanced_accuracy'])}, macro AUC "
+        f"{paired(rows['macro_auc'])}, melanoma recall {paired(rows['mel_recall'])}."
+    ) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ all blocks
 def host_text(raw: str) -> str:
     """benchmarks' "node: CPU model, avx512_bf16 yes|no" as words."""
@@ -281,6 +300,7 @@ def results_blocks() -> dict[str, str]:
         "results-chain-deltas": delta_table(chain),
         "results-tau": tau_table(pd.read_csv(TAU_CSV)),
         "results-confusion": confusion_table(pd.read_csv(CONFUSION_CSV)),
+        "preprocessing-shift": preprocessing_shift(json.loads((MEASURED / "preprocessing_shift.json").read_text())),
     }
 
 

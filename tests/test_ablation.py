@@ -138,7 +138,7 @@ def test_rows_on_another_split_train_on_it_and_pair_with_its_reference():
 def test_the_operating_point_is_the_recipes():
     from skinlesion.training.recipes import IMPROVED
 
-    assert rows.OPERATING_POINT == IMPROVED["min_sensitivity"]
+    assert rows.OPERATING_POINT == IMPROVED.min_sensitivity
 
 
 # ------------------------------------------------------------------------------------------ scoring (chain)

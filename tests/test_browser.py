@@ -180,7 +180,8 @@ def test_docs_renders_every_operation_offline(browser, server_url):
          block.find_element(By.CSS_SELECTOR, ".opblock-summary-path").get_attribute("data-path"))
         for block in browser.find_elements(By.CSS_SELECTOR, ".opblock")
     }  # fmt: skip
-    assert drawn == {("post", "/api/predict"), ("get", "/api/health"), ("get", "/api/model")}
+    assert drawn == {("post", "/api/predict"), ("get", "/api/health"), ("get", "/api/model"),
+                     ("get", "/api/model-card")}  # fmt: skip
     assert browser.find_element(By.CSS_SELECTOR, ".info .title").text.startswith("skinlesion")
 
     browser.find_element(By.CSS_SELECTOR, ".opblock-post .opblock-summary").click()

@@ -123,14 +123,16 @@ def test_every_consumer_gives_the_same_probabilities_and_decisions(full_run, tmp
         rows = json.loads(capsys.readouterr().out)["predictions"]
         got = np.array([[r["probabilities"][c] for c in CLASSES] for r in rows])
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=backend)
-        firm = decisive(chain, expected) if backend == "onnx" else np.ones(len(decided), bool)
+        # evaluate reads the image cache, predict the files: one preprocessing, equal within 1e-5, so an image
+        # within that of the operating point's tie may go either way on either backend.
+        firm = decisive(chain, expected)
         assert firm.mean() > 0.9
         assert [r["prediction"] for r, f in zip(rows, firm, strict=True) if f] == np.asarray(decided)[firm].tolist()
 
     for source in (full_run, full_run / "model.onnx"):
         api = skinlesion.load(source).predict(files, tta=True, clinical=table, lesion_ids=table["lesion_id"].tolist())
         np.testing.assert_allclose(api.probabilities, expected, atol=1e-5, err_msg=str(source))
-        firm = decisive(chain, expected) if source.suffix == ".onnx" else np.ones(len(decided), bool)
+        firm = decisive(chain, expected)
         assert np.asarray(api.names)[firm].tolist() == np.asarray(decided)[firm].tolist()
 
 

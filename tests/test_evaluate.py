@@ -44,7 +44,7 @@ def evaluated(tiny_run, tmp_path_factory):
 
 def test_predictions_csv(evaluated):
     preds = pd.read_csv(evaluated / "predictions.csv", dtype=str)
-    assert list(preds.columns) == ["image_id", "lesion_id", "y_true", "y_pred", *P_COLS]
+    assert list(preds.columns) == ["image_id", "lesion_id", "source", "y_true", "y_pred", *P_COLS]
     splits = pd.read_csv(evaluated / "splits.csv", dtype=str)
     val = splits[splits["split"] == "val"]
     assert sorted(preds["image_id"]) == sorted(val["image_id"])

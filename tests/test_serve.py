@@ -155,7 +155,7 @@ def test_a_thin_strip_is_refused_from_its_header_before_any_resize(client, monke
 
 
 def test_decoding_happens_inside_the_one_request_at_a_time_lock(client, monkeypatch):
-    from skinlesion.inference import classifier as module  # uploads are decoded by Classifier.decode
+    from skinlesion.data import preprocessing as module  # uploads are decoded by the run's Preprocessing
 
     service = client.app.state.service
     held = []

@@ -43,7 +43,7 @@ def test_tiny_run_is_the_run_folder_contract(tiny_run):
     assert (h["images_per_s"] > 0).all() and (h["lr"] > 0).all()
 
     splits = pd.read_csv(tiny_run / "splits.csv")
-    assert list(splits.columns) == ["image_id", "lesion_id", "dx", "split"]
+    assert list(splits.columns) == ["image_id", "lesion_id", "dx", "split", "group_id", "source"]
     assert set(splits["split"]) == {"train", "val"}
     assert not set(splits.query("split == 'train'").lesion_id) & set(splits.query("split == 'val'").lesion_id)
 
@@ -282,12 +282,12 @@ def test_a_kill_at_any_write_resumes_to_the_same_history(synth_dir, tmp_path, mo
 
 def test_resume_on_a_machine_that_needs_fp16_and_a_grad_scaler(synth_dir, tmp_path, monkeypatch, capsys):
     """A run started in bf16 / fp32 (empty scaler state) resumed where AMP means fp16 + GradScaler (an older GPU)."""
-    import skinlesion.training.loop as loop
+    import skinlesion.training.builders as builders
 
     flags = [*FAST, "--epochs", "2", "--max-train-batches", "2"]
     assert train(synth_dir, tmp_path, "moved", *flags, "--stop-after-epochs", "1") == 0
     assert checkpoint.read(tmp_path / "moved" / "last.pt")["scaler"] in ({}, None)
-    monkeypatch.setattr(loop, "amp_dtype", lambda device: torch.float16)  # what a V100 / T4 gets
+    monkeypatch.setattr(builders, "amp_dtype", lambda device: torch.float16)  # what a V100 / T4 gets
     assert train(synth_dir, tmp_path, "moved", "--resume") == 0
     assert "the scaler starts fresh" in capsys.readouterr().err
     assert history(tmp_path / "moved")["epoch"].tolist() == [1, 2]

@@ -182,7 +182,7 @@ def _field_option(group: Any, f: dataclasses.Field) -> None:
     value (and ``--resume`` knows what was given)."""
     meta, kinds = f.metadata, field_type(f.name)
     flags = (f"--{f.name.replace('_', '-')}", *meta["flags"])
-    help = meta["help"] + _recipe_default(f.name)
+    help = (meta["help"] + _recipe_default(f.name)).replace("%", "%%")  # argparse formats help with %
     if f.name == "min_sensitivity":
         _min_sensitivity_arg(group, help)
     elif meta.get("paths"):

@@ -53,7 +53,7 @@ def json_rows(frame: pd.DataFrame, classes: Sequence[str], top_k: int, names: di
                "top_k": [{"class": c, "name": names[c], "probability": probs[c]}
                          for c in order]}  # fmt: skip
         if "lesion_id" in r:
-            row["lesion_id"] = r["lesion_id"]
+            row["lesion_id"] = r["lesion_id"] if isinstance(r["lesion_id"], str) else None  # NaN is not JSON
         if "refer" in r:  # the run's safeguards (decision/safeguards.py)
             row.update(refer=bool(r["refer"]), refer_reason=r["refer_reason"],
                        prediction_set=r["prediction_set"].split(";") if isinstance(r["prediction_set"], str) else None,

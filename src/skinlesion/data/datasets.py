@@ -180,7 +180,7 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
     a = table.attrs
     lines = []
     for s in a.get("sources", []):
-        counts = table[table["source"] == s.get("source")]["dx"].value_counts()
+        counts = table[table["source"] == s.get("source")]["dx"].value_counts().sort_index()  # stable, by code
         kept = ", ".join(f"{k} {n}" for k, n in counts.items())
         lines.append(f"{s.get('source')}: {int(counts.sum()):,} images in {a.get('label_set')} classes ({kept}) from "
                      f"{s.get('data_dir')}")  # fmt: skip

@@ -191,13 +191,16 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
 
 def set_entry(path: str | Path, key: str, value: Any) -> None:
     """Store ``value`` under ``key`` in an existing checkpoint (atomic rewrite); None removes the key.
-    A value with a ``classes`` list must list the checkpoint's classes in its order."""
+    A value with a ``classes`` list (or, like the config, ``class_codes``) must list the checkpoint's classes in
+    its order."""
     file = checkpoint_file(path)
     ckpt = read(file)
     if value is None:
         ckpt.pop(key, None)
     else:
-        if "classes" in value and list(value["classes"]) != list(ckpt["classes"]):
+        found = value if isinstance(value, dict) else {}
+        codes = found.get("classes") if isinstance(found.get("classes"), list | tuple) else found.get("class_codes")
+        if codes is not None and list(codes) != list(ckpt["classes"]):
             raise SkinLesionError(f"{key} and checkpoint disagree on the class order")
         ckpt[key] = value
     fileio.torch_save(file, ckpt)
