@@ -276,6 +276,72 @@ def preprocessing_shift(shift: dict[str, Any]) -> str:
     ) + "\n"
 
 
+def colour_constancy(val: dict[str, Any], external: dict[str, Any]) -> str:
+    """benchmarks/paired_runs.py (HAM val) and paired_external.py (ISIC 2020): Shades of Gray minus none."""
+    head = ["scored on", "metric", "`--color-constancy none`", "`shades-of-gray`", "difference [paired 95 %]"]
+    rows = [[f"HAM10000 val ({val['n_images']:,}, TTA)", LABELS[k], f"{r['reference_mean']:.3f}",
+             f"{r['candidate']:.3f}", paired(r)] for k, r in val["rows"].items()
+            if k in ("balanced_accuracy", "macro_auc", "mel_recall")]  # fmt: skip
+    names = {"auc": "melanoma AUC", "auc_80": "melanoma partial AUC (sens ≥ 0.8)"}
+    where = f"ISIC 2020 subset ({external['n_images']:,}, {external['n_positive']} melanomas)"
+    rows += [[where, names[k], f"{r['reference']:.3f}", f"{r['candidate']:.3f}", paired(r)]
+             for k, r in external["rows"].items()]  # fmt: skip
+    return table(head, rows) + "\n" + wrap(f"Host: {host_text(val['host'])}. Intervals: {external['bootstrap']:,} "
+                                            f"paired resamples of lesions (HAM) / {external['grouped_by']} (ISIC "
+                                            "2020).") + "\n"  # fmt: skip
+
+
+def interval(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "–"
+    lo_hi = entry.get("ci95")
+    return f"{entry['value']:.3f}" + (f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi and lo_hi[0] is not None else "")
+
+
+def clinical_table(metrics: dict[str, Any]) -> str:
+    """evaluate's metrics.json `clinical`: per class sensitivity ... average precision, with intervals."""
+    keys = ("sensitivity", "specificity", "ppv", "npv", "auc", "auc_80", "average_precision")
+    head = ["class", "n", *("pAUC (sens ≥ 0.8)" if k == "auc_80" else k.replace("_", " ") for k in keys)]
+    per_class = metrics["clinical"]["per_class"]
+    rows = [[c, str(v["positives"]), *(interval(v.get(k)) for k in keys)] for c, v in per_class.items()]
+    mel = metrics["clinical"].get("melanoma") or {}
+    at = lambda kind: ", ".join(f"{lvl}: {interval(e)}" for lvl, e in (mel.get(kind) or {}).items())  # noqa: E731
+    text = (f"Melanoma sensitivity at specificity {at('sensitivity_at_specificity')}; specificity at sensitivity "
+            f"{at('specificity_at_sensitivity')}.")  # fmt: skip
+    return table(head, rows) + "\n" + wrap(text) + "\n"
+
+
+def safeguards_text(metrics: dict[str, Any], external: dict[str, Any]) -> str:
+    """What the fitted safeguards did on HAM val (in-sample: they were fitted there) and on ISIC 2020."""
+    lines = []
+    for where, m in (("HAM10000 val", metrics), ("ISIC 2020 subset", external)):
+        g = m.get("safeguards") or {}
+        parts = []
+        if "conformal" in g:
+            parts.append(f"conformal sets cover the true class for {g['conformal']['coverage']:.3f} of images "
+                         f"(mean size {g['conformal']['mean_size']:.2f})")  # fmt: skip
+        if "referred" in g:
+            rest = g["referred"]["accuracy_of_the_rest"]
+            parts.append(f"{g['referred']['rate']:.1%} referred" + (f", accuracy of the rest {rest:.3f}" if rest
+                                                                     is not None else ""))  # fmt: skip
+        if "ood" in g:
+            ood = g["ood"]
+            parts.append(f"{ood['rate']:.1%} refused as out of distribution (target {ood['target_rate']:.0%})")
+        lines.append(f"- **{where}** ({m['n_images']:,} images): " + "; ".join(parts) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def ood_table(check: dict[str, Any]) -> str:
+    """benchmarks/ood_check.py --json: per detector, AUROC of held-out val vs non-dermoscopy pictures and the share
+    of each kind of image its threshold (fitted to refuse 5 % of the other val half) refuses."""
+    head = ["detector", "AUROC (val vs non-dermoscopy)", "val refused", "non-dermoscopy refused",
+            "ISIC 2020 refused"]  # fmt: skip
+    rows = [[f"`{r['detector']}`", f"{r['auroc']:.3f}", f"{r['val_refused']:.1%}", f"{r['non_dermoscopy_refused']:.1%}",
+             f"{r['other_source_refused']:.1%}" if "other_source_refused" in r else "–"] for r in check["rows"]]
+    return table(head, rows) + "\n" + wrap(f"{len(check['ood_images'])} non-dermoscopy pictures available offline "
+                                            "(data/ood_images.py).") + "\n"  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ all blocks
 def host_text(raw: str) -> str:
     """benchmarks' "node: CPU model, avx512_bf16 yes|no" as words."""
@@ -300,8 +366,19 @@ def results_blocks() -> dict[str, str]:
         "results-chain-deltas": delta_table(chain),
         "results-tau": tau_table(pd.read_csv(TAU_CSV)),
         "results-confusion": confusion_table(pd.read_csv(CONFUSION_CSV)),
-        "preprocessing-shift": preprocessing_shift(json.loads((MEASURED / "preprocessing_shift.json").read_text())),
+        "preprocessing-shift": preprocessing_shift(measured("preprocessing_shift.json")),
+        "colour-constancy": colour_constancy(measured("colour_constancy_ham_val.json"),
+                                             measured("colour_constancy_isic2020.json")),  # fmt: skip
+        "clinical-val": clinical_table(measured("clinical_val_metrics.json")),
+        "safeguards": safeguards_text(measured("clinical_val_metrics.json"),
+                                      measured("clinical_isic2020_metrics.json")),  # fmt: skip
+        "ood-check": ood_table(measured("ood_check.json")),
     }
+
+
+def measured(name: str) -> dict[str, Any]:
+    """A JSON a measuring command wrote into docs/measured/ (each block names its command)."""
+    return json.loads((MEASURED / name).read_text(encoding="utf-8"))
 
 
 def readme_blocks() -> dict[str, str]:

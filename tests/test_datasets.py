@@ -57,6 +57,9 @@ def test_several_sources_train_together_with_a_source_column(multi_run, capsys):
     for name, scored in metrics["per_source"].items():
         assert scored["n_images"] == int((predictions["source"] == name).sum())
     assert "isic2020" in capsys.readouterr().out
+    # patients are the bootstrap's units where a source knows them: predictions.csv says which
+    patients = predictions.loc[predictions["source"] != "ham10000", "group_id"]
+    assert len(patients) and patients.str.startswith("patient:").all()
 
 
 def test_pad_ufes_labels_map_into_ham7(folders):
@@ -134,3 +137,18 @@ def test_a_ham_run_is_scored_melanoma_vs_rest_on_real_isic_2020(tiny_run, shared
 
     assert auc == pytest.approx(roc_auc_score(predictions["y_true"] == "mel", predictions["p_mel"]))
     assert np.isin(predictions["y_true"], ["mel", "other"]).all()
+
+
+def test_a_run_folder_from_before_label_sets_still_reads(tmp_path):
+    """config.json of runs made before the class set was an option lists the class codes under ``classes``."""
+    import json
+
+    from skinlesion.data.run_folder import read_config
+    from skinlesion.errors import SkinLesionError
+
+    codes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    (tmp_path / "config.json").write_text(json.dumps({"classes": codes, "data_dir": None}))
+    assert read_config(tmp_path)["classes"] == codes
+    (tmp_path / "config.json").write_text(json.dumps({"classes": [1, 2]}))
+    with pytest.raises(SkinLesionError, match="classes must be text or null"):
+        read_config(tmp_path)

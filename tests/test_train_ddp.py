@@ -28,7 +28,8 @@ def test_two_process_ddp_run(synth_dir, tiny_run, tmp_path):
     def files(folder):
         return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
-    assert files(run) == files(tiny_run)
+    # What a one-process training run writes (tiny_run may have gained evaluate's files from other tests).
+    assert files(run) == ["best.pt", "config.json", "history.csv", "last.pt", "splits.csv", "tensorboard"]
     assert proc.stdout.count("epoch 2/2") == 1  # rank 0 alone reports (and writes)
     h = pd.read_csv(run / "history.csv")
     assert list(h.columns) == list(pd.read_csv(tiny_run / "history.csv").columns)

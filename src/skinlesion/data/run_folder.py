@@ -15,7 +15,8 @@ from skinlesion.data.datasets import DataSpec, load_dataset
 from skinlesion.data.split import read_splits
 from skinlesion.errors import SkinLesionError
 
-# What a run's data options in config.json may be (data_spec, the image cache): text or null; data_dir also a list.
+# What a run's data options in config.json may be (data_spec, the image cache): text or null; data_dir and
+# (before label sets) classes also a list.
 TEXT_KEYS = ("data_dir", "metadata", "images", "cache_dir", "source", "classes", "keep_unmapped", "label_field")
 
 
@@ -29,7 +30,8 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     config = fileio.read_json(path, hint)
     for key in TEXT_KEYS:
         value = config.get(key)
-        items = value if key == "data_dir" and isinstance(value, list) else [value]
+        # data_dir: one folder or several; classes: a label-set name, or (runs before label sets) the codes
+        items = value if key in ("data_dir", "classes") and isinstance(value, list) else [value]
         if not all(isinstance(v, str | None) for v in items):
             raise SkinLesionError(f"{path}: {key} must be text or null, not {str(value)[:40]!r}; {hint}")
     return config

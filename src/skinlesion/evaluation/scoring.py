@@ -26,6 +26,8 @@ def predictions_frame(table: pd.DataFrame, decisions: Decisions) -> pd.DataFrame
     )
     if "source" in table:  # several sources: every row says which it came from
         frame.insert(2, "source", table["source"].astype(str).to_numpy())
+    if "group_id" in table and (table["group_id"].astype(str) != frame["lesion_id"]).any():
+        frame.insert(2, "group_id", table["group_id"].astype(str).to_numpy())  # patients: the bootstrap's units
     for i, c in enumerate(decisions.classes):
         frame[f"p_{c}"] = decisions.probabilities[:, i]
     return frame
