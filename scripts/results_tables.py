@@ -287,8 +287,8 @@ def colour_constancy(val: dict[str, Any], external: dict[str, Any]) -> str:
     rows += [[where, names[k], f"{r['reference']:.3f}", f"{r['candidate']:.3f}", paired(r)]
              for k, r in external["rows"].items()]  # fmt: skip
     return table(head, rows) + "\n" + wrap(f"Host: {host_text(val['host'])}. Intervals: {external['bootstrap']:,} "
-                                            f"paired resamples of lesions (HAM) / {external['grouped_by']} (ISIC "
-                                            "2020).") + "\n"  # fmt: skip
+                                            f"paired resamples of lesions (HAM) / patients (ISIC 2020, "
+                                            f"{external['grouped_by']}).") + "\n"  # fmt: skip
 
 
 def interval(entry: dict[str, Any] | None) -> str:
@@ -312,9 +312,10 @@ def clinical_table(metrics: dict[str, Any]) -> str:
 
 
 def safeguards_text(metrics: dict[str, Any], external: dict[str, Any]) -> str:
-    """What the fitted safeguards did on HAM val (in-sample: they were fitted there) and on ISIC 2020."""
+    """What the fitted safeguards did on HAM val (in-sample: they were fitted there), and the run's melanoma
+    ranking on ISIC 2020 (evaluate's melanoma-vs-rest task; its refusals are in the OOD table)."""
     lines = []
-    for where, m in (("HAM10000 val", metrics), ("ISIC 2020 subset", external)):
+    for where, m in (("HAM10000 val", metrics),):
         g = m.get("safeguards") or {}
         parts = []
         if "conformal" in g:
@@ -328,6 +329,11 @@ def safeguards_text(metrics: dict[str, Any], external: dict[str, Any]) -> str:
             ood = g["ood"]
             parts.append(f"{ood['rate']:.1%} refused as out of distribution (target {ood['target_rate']:.0%})")
         lines.append(f"- **{where}** ({m['n_images']:,} images): " + "; ".join(parts) + ".")
+    single, tta = external["melanoma"], (external.get("with_tta") or {}).get("melanoma") or {}
+    lines.append(f"- **ISIC 2020 subset** ({external['n_images']:,} images, {external['n_melanomas']} melanomas, "
+                 f"{external['n_groups']} patients): melanoma AUC {interval(single['auc'])} single view, "
+                 f"{interval(tta.get('auc'))} TTA; sensitivity of the decision {interval(single['sensitivity'])} at "
+                 f"specificity {interval(single['specificity'])}.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -122,3 +122,22 @@ def test_report_writes_the_model_card(guarded_run, capsys):
     assert "Clinical metrics" in html and "Safeguards" in html and "subgroups.png" in str(
         list((guarded_run / "figures").glob("*.png")))  # fmt: skip
     assert np.isfinite(card["metrics"]["balanced_accuracy"]["value"])
+
+
+def test_auto_backend_keeps_to_torch_when_the_detector_reads_features(guarded_run, tmp_path, capsys):
+    """A Mahalanobis detector needs pooled features, which the ONNX file does not give: `auto` passes the ONNX
+    export over (with a note) instead of failing at start; energy-only runs still get ONNX Runtime."""
+    from skinlesion.inference import selection
+
+    run = tmp_path / "maha"
+    shutil.copytree(guarded_run, run)
+    assert main(["export", "--run-dir", str(run)]) == 0
+    assert selection.choose(run, "auto").backend == "onnx"  # energy: logits suffice
+    assert main(["calibrate", "--run-dir", str(run), "--ood", "mahalanobis"]) == 0
+    assert main(["export", "--run-dir", str(run)]) == 0
+    choice = selection.choose(run, "auto")
+    assert choice.backend == "torch" and any("pooled features" in n for n in choice.notes)
+    capsys.readouterr()
+    assert main(["predict", "--run-dir", str(run), "--format", "json", *map(str, val_images(run, 2))]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["backend"] == "torch" and all(isinstance(r["out_of_distribution"], bool) for r in doc["predictions"])

@@ -97,6 +97,8 @@ def auto(run_dir: Path, sha_of_best) -> Choice:
             continue
         props = onnx_props(file)
         note = stale_note(run_dir, file, props.get("source_sha256", ""), sha_of_best())
+        if note is None and (json.loads(props.get("ood", "null")) or {}).get("kind") == "mahalanobis":
+            note = f"{file}: the run's out-of-distribution check reads pooled features, which only torch gives"
         if note is None and name == "onnx-int8":
             measured = json.loads(props.get("int8_drift", "null"))
             if not drift.acceptable(measured):
