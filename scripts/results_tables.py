@@ -286,9 +286,8 @@ def colour_constancy(val: dict[str, Any], external: dict[str, Any]) -> str:
     where = f"ISIC 2020 subset ({external['n_images']:,}, {external['n_positive']} melanomas)"
     rows += [[where, names[k], f"{r['reference']:.3f}", f"{r['candidate']:.3f}", paired(r)]
              for k, r in external["rows"].items()]  # fmt: skip
-    return table(head, rows) + "\n" + wrap(f"Host: {host_text(val['host'])}. Intervals: {external['bootstrap']:,} "
-                                            f"paired resamples of lesions (HAM) / patients (ISIC 2020, "
-                                            f"{external['grouped_by']}).") + "\n"  # fmt: skip
+    return table(head, rows) + "\n" + wrap(f"Host: {host_text(val['host'])}; {external['bootstrap']:,} paired "
+                                            "resamples of lesions (HAM) or patients (ISIC 2020).") + "\n"  # fmt: skip
 
 
 def interval(entry: dict[str, Any] | None) -> str:
