@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from skinlesion.data.ham10000 import sample_dir
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.fileio import torch_load, torch_save
 from skinlesion.inference.classifier import Classifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from preprocessing_shift import old_cache_pixels  # noqa: E402  (the pre-issue-25 cache path, one copy)
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
@@ -123,16 +127,7 @@ def test_the_old_cache_resize_would_have_been_caught(real_folder, tmp_path, size
     prep: Preprocessing = model.preprocessing
     files = sorted((real_folder / "images").iterdir())
     ours = model.backend.view_logits(prep.batch(files))
-    old = []
-    for f in files:
-        image = prep.open(f)
-        w, h = image.size
-        if min(w, h) > prep.resize_size:
-            long = int(prep.resize_size * max(w, h) / min(w, h))
-            image = image.resize((prep.resize_size, long) if w <= h else (long, prep.resize_size),
-                                 Image.Resampling.BILINEAR, reducing_gap=None)  # fmt: skip
-        old.append(prep.crop(prep.finish(np.asarray(image))))
-    theirs = model.backend.view_logits(torch.stack(old))
+    theirs = model.backend.view_logits(torch.stack([old_cache_pixels(model, f) for f in files]))
     p, q = model.chain(ours).probabilities, model.chain(theirs).probabilities
     assert np.abs(p - q).max() > 5e-5, np.abs(p - q).max()
 
