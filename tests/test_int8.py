@@ -192,3 +192,55 @@ def test_int8_path_and_calibration_sample(onnx_run):
     assert set(a["split"]) == {"train"}
     everything = quantize.calibration_table(onnx_run, 10_000)
     assert len(everything) == (pd.read_csv(onnx_run / "splits.csv")["split"] == "train").sum()
+
+
+def test_stem_and_first_convolution_and_classifier_stay_fp32(int8_run):
+    """kept_in_fp32 on a real efficientnet_b0 graph: the stem, the depthwise convolution its SiLU feeds, the classifier;
+    in the written int8 file exactly those read plain fp32 weights, every other convolution int8 ones."""
+    run, _ = int8_run
+    fp32 = onnx.load(str(run / "model.onnx")).graph
+    kept = quantize.kept_in_fp32(run / "model.onnx")
+    by_name = {n.name: n for n in fp32.node}
+    shapes = {t.name: list(t.dims) for t in fp32.initializer}
+    convs = [n for n in fp32.node if n.op_type == "Conv"]
+    stem, first = convs[0], convs[1]
+    assert shapes[stem.input[1]][1] == 3 and next(a.i for a in first.attribute if a.name == "group") > 1
+    assert kept == [stem.name, first.name] + [n.name for n in fp32.node if n.op_type == "Gemm"]
+    assert by_name[kept[-1]].op_type == "Gemm"
+
+    int8 = onnx.load(str(run / "model.int8.onnx")).graph
+    plain = {t.name for t in int8.initializer}
+    fp32_weights = {n.name for n in int8.node if n.op_type in ("Conv", "Gemm") and n.input[1] in plain}
+    assert fp32_weights == set(kept)
+    assert sum(n.op_type == "Conv" for n in int8.node) == len(convs)
+
+
+def test_bias_correction_removes_the_mean_logit_shift(int8_run):
+    """correct_bias: after it the INT8 graph's mean logit shift from fp32 on the calibration images is ~0; a graph
+    given an artificial shift of +0.5 on one class gets it taken back out."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    run, _ = int8_run
+    files = quantize.calibration_table(run, 40)["path"].tolist()
+    preprocessing = checkpoint.load(run).preprocessing
+
+    def batches():
+        return quantize.calibration_batches(files, preprocessing)
+
+    def mean_shift(model: bytes) -> np.ndarray:
+        a, b = (ort.InferenceSession(m, providers=["CPUExecutionProvider"]) for m in (str(run / "model.onnx"), model))
+        diffs = [b.run(None, {"input": x})[0] - a.run(None, {"input": x})[0] for x in batches()]
+        return np.concatenate(diffs).mean(0)
+
+    written = onnx.load(str(run / "model.int8.onnx"))
+    written.ClearField("metadata_props")
+    assert np.abs(mean_shift(written.SerializeToString())).max() < 1e-3
+    gemm = next(n for n in written.graph.node if n.op_type == "Gemm")
+    bias = next(t for t in written.graph.initializer if t.name == gemm.input[2])
+    shifted = numpy_helper.to_array(bias).copy()
+    shifted[4] += 0.5
+    bias.CopyFrom(numpy_helper.from_array(shifted, bias.name))
+    assert mean_shift(written.SerializeToString())[4] == pytest.approx(0.5, abs=1e-3)
+    corrected = quantize.correct_bias(written.SerializeToString(), run / "model.onnx", batches(), "input")
+    assert np.abs(mean_shift(corrected)).max() < 1e-3
