@@ -40,6 +40,32 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def ort_gemm_peaks(n: int = 2048, reps: int = 5) -> tuple[float, float]:
+    """ONNX Runtime's GOP/s on one n x n product in fp32 (MatMul) and in u8 x s8 (MatMulInteger, the kernel behind
+    INT8 convolutions): their ratio is the most INT8 can gain over fp32 on this CPU (VNNI / AMX raise it)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    peaks = []
+    for op, a_type, y_type, a, w in (
+        ("MatMul", TensorProto.FLOAT, TensorProto.FLOAT, rng.standard_normal((n, n), np.float32),
+         rng.standard_normal((n, n), np.float32)),
+        ("MatMulInteger", TensorProto.UINT8, TensorProto.INT32, rng.integers(0, 255, (n, n), np.uint8),
+         rng.integers(-64, 64, (n, n), np.int8)),
+    ):  # fmt: skip
+        graph = helper.make_graph([helper.make_node(op, ["A", "W"], ["Y"])], op,
+                                  [helper.make_tensor_value_info("A", a_type, [n, n])],
+                                  [helper.make_tensor_value_info("Y", y_type, [n, n])],
+                                  [numpy_helper.from_array(w, "W")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session.run(None, {"A": a})
+        best = min(_seconds(lambda s=session, a=a: s.run(None, {"A": a})) for _ in range(reps))
+        peaks.append(2 * n**3 / best / 1e9)
+    return peaks[0], peaks[1]
+
+
 def model_gflops(model: torch.nn.Module, img_size: int) -> float:
     """GFLOPs of one image through ``model`` (2 per multiply-add, as torch counts them)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -58,10 +84,11 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 def runners(run_dir: Path, img_size: int) -> dict[str, Callable[[np.ndarray], object]]:
     """One callable per backend, each scoring a normalised float batch (numpy)."""
-    from skinlesion.device import autocast
+    from skinlesion.device import autocast, retain_freed_memory
     from skinlesion.inference.onnx_backend import OnnxBackend
     from skinlesion.model import checkpoint
 
+    retain_freed_memory()  # as the product's TorchBackend does on the CPU (ONNX Runtime has its own arena)
     model = checkpoint.load(run_dir).model.float().eval()
     model_cl = checkpoint.load(run_dir).model.float().eval().to(memory_format=torch.channels_last)
     fp32, int8 = OnnxBackend(run_dir).session, OnnxBackend(run_dir, int8=True).session
@@ -129,6 +156,9 @@ def model_table(rounds: int) -> None:
         peak = max(peak, matmul_peak_gflops())  # measured between the models too: on a shared machine, the best
     print(f"\n## CPU inference vs the machine's peak: fp32 matmul peak {peak:.1f} GFLOP/s (torch.mm 2048, best of "
           f"{len(MODELS) + 1} measurements, {torch.get_num_threads()} threads)")  # fmt: skip
+    ort_fp32, ort_int8 = ort_gemm_peaks()
+    print(f"ONNX Runtime 2048 x 2048 product: fp32 {ort_fp32:.1f} GFLOP/s, u8 x s8 {ort_int8:.1f} GOP/s: INT8 can "
+          f"gain at most {ort_int8 / ort_fp32:.2f}x over fp32 on this CPU")  # fmt: skip
     for (backbone, size), (gflops, speed) in measured.items():
         print(f"\n### {backbone} at {size} px: {gflops:.3f} GFLOPs per image; best of {rounds} alternating rounds")
         print(f"{'backend':28}{'b1 img/s':>10}{'b32 img/s':>11}{'b32 % of peak':>15}{'b32 vs ORT fp32':>17}")

@@ -28,6 +28,7 @@ from skinlesion.data.run_folder import (
 from skinlesion.data.taxonomy import melanoma_code
 from skinlesion.decision import lesion_pooling
 from skinlesion.decision.chain import DecisionChain, Decisions
+from skinlesion.device import retain_freed_memory
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation import clinical_metrics, cross_validation, isic
 from skinlesion.evaluation.evidence import evidence
@@ -97,6 +98,8 @@ def evaluate(
     rules.SEED.check("--seed", seed)
     external = external or (ExternalSet(DataSpec((data_dir,))) if data_dir else None)
     options = (options or ScoringOptions()).replace(tta=tta)
+    if (options.device or "cpu") == "cpu":
+        retain_freed_memory()  # a batch job: PyTorch eager re-faulted its activations every batch (2x slower)
     loaded, choice = selection.load(run_dir, backend, options.device)
     classifier = loaded.switched(*switches)
     result = EvalResult({}, pd.DataFrame(), chain=classifier.chain, notes=list(choice.notes))

@@ -64,6 +64,9 @@ def return_freed_memory() -> None:
         return
     libc.mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD (also turns off its dynamic raising)
     libc.mallopt(-8, 2)  # M_ARENA_MAX
+    # Undo device.retain_freed_memory where a batch job ran in this process first (the Python API, tests).
+    libc.mallopt(-4, 65536)  # M_MMAP_MAX: glibc's default
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: glibc's default
 
 
 def gradcam_views(explainer: Classifier, image: Image.Image, target_class: str) -> dict[str, Any]:

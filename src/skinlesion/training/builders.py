@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from skinlesion import fileio
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.preprocessing import Preprocessing
-from skinlesion.device import amp_dtype
+from skinlesion.device import amp_dtype, retain_freed_memory
 from skinlesion.errors import SkinLesionError
 from skinlesion.model import checkpoint
 from skinlesion.model import factory as models
@@ -299,6 +299,8 @@ def build(c: TrainConfig, run_dir: Path, d: distributed.Dist, resume: bool) -> T
     distributed.barrier(d)
     splits_sha = distributed.from_main(d, lambda: fileio.sha256_file(run_dir / "splits.csv"))
 
+    if d.device.type == "cpu":
+        retain_freed_memory()  # the model's steps run on this process's malloc: no page faults per step
     model, model_kwargs = build_model(c, len(classes), load_weights=not resume)
     preprocessing = preprocessing_of(c, model)
     cache = image_cache(c, data, preprocessing, d)
