@@ -58,6 +58,9 @@ def test_int8_file_is_quantized_traceable_and_carries_its_drift(int8_run):
     assert measured["split"] == "val" and measured["images"] == len(split_part(run, "val"))
     assert set(measured["metrics"]) == {"balanced_accuracy", "macro_auc", "mel_recall"}
     assert f"INT8 vs fp32 on val ({measured['images']} images" in printed
+    speed = json.loads(props["int8_speed"])
+    assert (f"speed on this CPU at batch 32: fp32 {speed['fp32_img_s']:.1f} img/s, INT8 {speed['int8_img_s']:.1f} "
+            "img/s") in printed  # fmt: skip
     assert "wrote" in printed and "model.int8.onnx" in printed and "calibrated on 40 training images" in printed
 
 
@@ -100,6 +103,14 @@ def test_auto_picks_the_fastest_up_to_date_backend(int8_run, tmp_path):
     src, _ = int8_run
     run = tmp_path / "run"
     shutil.copytree(src, run)
+    speed = json.loads(props_of((run / "model.int8.onnx").read_bytes())["int8_speed"])
+    assert speed["batch"] == 32 and speed["fp32_img_s"] > 0 and speed["int8_img_s"] > 0 and speed["cpu"]
+    # Measured slower than fp32 on this CPU at export: auto keeps to fp32 and says so; by name it is used.
+    with_props(run / "model.int8.onnx", int8_speed=json.dumps({**speed, "fp32_img_s": 100.0, "int8_img_s": 88.0}))
+    choice = selection.choose(run)
+    assert choice.backend == "onnx" and any("0.88x model.onnx's speed" in n for n in choice.notes)
+    assert selection.choose(run, "onnx-int8").backend == "onnx-int8"
+    with_props(run / "model.int8.onnx", int8_speed=json.dumps({**speed, "fp32_img_s": 100.0, "int8_img_s": 150.0}))
     assert selection.choose(run).backend == "onnx-int8"
     assert selection.choose(run, device="cuda").backend == "torch"
     assert selection.choose(run, "onnx").backend == "onnx"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from skinlesion.errors import SkinLesionError
-from skinlesion.inference import drift
+from skinlesion.inference import drift, selection
 from skinlesion.inference.int8_export import export_int8
 from skinlesion.inference.onnx_export import TOLERANCE, check_opset, export_onnx, written_opset
 from skinlesion.inference.options import ScoringOptions
@@ -40,6 +40,12 @@ def int8(args: argparse.Namespace, fp32_path: Path) -> None:
           f"calibrated on {result.calibration_images} training images)")  # fmt: skip
     print(f"check: INT8 vs PyTorch on {SAMPLE}: max |dp| = {p_diff:.2e}, max |dlogit| = {logit_diff:.2e} "
           f"(largest |logit| {logit_scale:.3g})")  # fmt: skip
+    fast = result.speed
+    print(f"speed on this CPU at batch {fast['batch']}: fp32 {fast['fp32_img_s']:.1f} img/s, INT8 "
+          f"{fast['int8_img_s']:.1f} img/s ({fast['int8_img_s'] / fast['fp32_img_s']:.2f}x)")  # fmt: skip
+    if not selection.faster(fast):
+        print("note: INT8 is not faster than fp32 on this CPU, so `--backend auto` keeps to fp32 here (pass "
+              "--backend onnx-int8 to use it)", file=sys.stderr)  # fmt: skip
     if result.drift is None:
         print("note: the run has no labelled val or test part: INT8's drift from fp32 was not measured, so "
               "`--backend auto` keeps to fp32 (pass --backend onnx-int8 to use it)")  # fmt: skip

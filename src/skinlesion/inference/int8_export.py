@@ -24,6 +24,7 @@ class Int8Export:
     parity: tuple[float, float, float]  # max |dp|, max |dlogit|, largest |logit| vs PyTorch on the sample inputs
     drift: dict[str, Any] | None  # drift.measure's report; None when the run has no labelled val / test part
     calibration_images: int
+    speed: dict[str, Any]  # quantize.measure_speed: fp32 and INT8 images/s on this CPU
 
 
 def export_int8(
@@ -34,8 +35,8 @@ def export_int8(
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> Int8Export:
-    """Quantize the run's model.onnx (``fp32_path``), compare it with PyTorch and with fp32, write model.int8.onnx
-    beside it (atomically, drift in its metadata)."""
+    """Quantize the run's model.onnx (``fp32_path``), compare it with PyTorch and with fp32, time both on this CPU,
+    write model.int8.onnx beside it (atomically, drift and speed in its metadata)."""
     run_dir = Path(run_dir)
     run_folder = run_dir if run_dir.is_dir() else run_dir.parent
     fp32_path = Path(fp32_path) if fp32_path else run_folder / "model.onnx"
@@ -51,5 +52,6 @@ def export_int8(
             fp32, int8 = (Classifier(b, DecisionChain.from_meta(b.meta)) for b in
                           (OnnxBackend(fp32_path), OnnxBackend(candidate)))  # fmt: skip
             measured = drift.measure(run_folder, fp32, int8, split, options, bootstrap, seed)
-    target = quantize.write(quantize.int8_path(fp32_path), int8_bytes, measured)
-    return Int8Export(target, parity, measured, calibrated)
+    speed = quantize.measure_speed(fp32_path, int8_bytes, loaded.preprocessing.img_size)
+    target = quantize.write(quantize.int8_path(fp32_path), int8_bytes, measured, speed)
+    return Int8Export(target, parity, measured, calibrated, speed)

@@ -27,6 +27,7 @@ from skinlesion.errors import SkinLesionError
 INT8_SUFFIX = ".int8.onnx"
 CALIBRATION_IMAGES = 300  # a few hundred images fix the activation ranges; more only costs time
 CALIBRATION_BATCH = 32
+SPEED_BATCH = 32  # the batch evaluate and predict score with
 # reduce_range: 7-bit weights. AVX2 / AVX-512 CPUs without VNNI multiply u8 x s8 pairs into saturating 16-bit
 # sums (VPMADDUBSW); 7-bit weights keep every pair sum in range, so a file made here is exact on any x86 CPU.
 REDUCE_RANGE = True
@@ -204,10 +205,51 @@ def quantize_run(
     return add_metadata(graph, metadata), len(table)
 
 
-def write(target: str | Path, model_bytes: bytes, drift: dict[str, Any] | None = None) -> Path:
-    """Write model.int8.onnx atomically, with the measured drift (``drift.measure``) in its metadata."""
+def measure_speed(fp32_path: Path, int8_bytes: bytes, img_size: int, batch: int = SPEED_BATCH,
+                  rounds: int = 3) -> dict[str, Any]:  # fmt: skip
+    """Images/s of model.onnx and the INT8 graph on this CPU at ``batch`` (the best of ``rounds`` alternating runs:
+    another job only slows a run down). INT8 is not faster everywhere: without VNNI ONNX Runtime's u8 x s8 kernel
+    gains at most ~1.1-1.2x over fp32, and a network whose activations (SiLU, squeeze-excitation) stay fp32 between
+    quantize / dequantize pairs ends up slower (efficientnet_b0 at 224 px: 0.88x on an AVX2 host)."""
+    import time
+
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((batch, 3, img_size, img_size)).astype(np.float32)
+    sessions = {name: ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+                for name, model in (("fp32", str(fp32_path)), ("int8", int8_bytes))}  # fmt: skip
+    best = dict.fromkeys(sessions, 0.0)
+    for session in sessions.values():  # warm-up
+        session.run(None, {session.get_inputs()[0].name: x})
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, {session.get_inputs()[0].name: x})
+            best[name] = max(best[name], batch / (time.perf_counter() - start))
+    return {"batch": batch, "fp32_img_s": round(best["fp32"], 1), "int8_img_s": round(best["int8"], 1),
+            "cpu": cpu_model()}  # fmt: skip
+
+
+def cpu_model() -> str:
+    """This CPU's model name (Linux; the platform's processor string elsewhere)."""
+    import platform
+
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def write(target: str | Path, model_bytes: bytes, drift: dict[str, Any] | None = None,
+          speed: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write model.int8.onnx atomically, with the measured drift (``drift.measure``) and speed (``measure_speed``)
+    in its metadata."""
     from skinlesion.inference.onnx_export import add_metadata, props_of
 
-    if drift is not None:
-        model_bytes = add_metadata(model_bytes, {**props_of(model_bytes), "int8_drift": json.dumps(drift)})
+    extra = {"int8_drift": drift, "int8_speed": speed}
+    measured = {key: json.dumps(value) for key, value in extra.items() if value is not None}
+    if measured:
+        model_bytes = add_metadata(model_bytes, {**props_of(model_bytes), **measured})
     return fileio.write_bytes(target, model_bytes)

@@ -1,7 +1,8 @@
 """Which backend scores a run: the one asked for, or (``auto``) the fastest up-to-date one.
 
 ``auto`` on the CPU: ONNX Runtime INT8 (model.int8.onnx) when it was made from the current best.pt and its drift
-measured at export lost at most ``drift.MAX_BALANCED_ACCURACY_DROP`` balanced accuracy; else ONNX Runtime fp32
+measured at export lost at most ``drift.MAX_BALANCED_ACCURACY_DROP`` balanced accuracy and it ran faster than
+model.onnx when export timed both on the CPU; else ONNX Runtime fp32
 (model.onnx) when made from the current best.pt; else PyTorch. On a GPU (or MPS) ``auto`` is PyTorch. Every backend
 feeds the same ``DecisionChain``. A stale file asked for by name is used, with a warning.
 """
@@ -12,6 +13,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from skinlesion import fileio
 from skinlesion.errors import SkinLesionError
@@ -106,10 +108,19 @@ def auto(run_dir: Path, sha_of_best) -> Choice:
                 why = ("was not checked on labelled images at export" if drop is None else
                        f"lost {drop:.3f} balanced accuracy at export (over {drift.MAX_BALANCED_ACCURACY_DROP})")
                 note = f"{file} {why}; pass --backend onnx-int8 to use it anyway"
+        if note is None and name == "onnx-int8" and not faster(json.loads(props.get("int8_speed", "null"))):
+            speed = json.loads(props["int8_speed"])
+            note = (f"{file}: at export it ran at {speed['int8_img_s'] / speed['fp32_img_s']:.2f}x model.onnx's "
+                    f"speed on this CPU ({speed['cpu']}); pass --backend onnx-int8 to use it anyway")  # fmt: skip
         if note is None:
             return Choice(name, (*notes, *int8_note(file, props)))
         notes.append(f"note: not using {note}")
     return Choice("torch", tuple(notes))
+
+
+def faster(speed: dict[str, Any] | None) -> bool:
+    """Whether INT8 ran faster than fp32 when export timed both (True when it was not timed: older files)."""
+    return speed is None or speed["int8_img_s"] > speed["fp32_img_s"]
 
 
 def load(run_dir: str | Path, backend: str = AUTO, device: str = "cpu") -> tuple[Classifier, Choice]:
