@@ -107,6 +107,28 @@ def test_every_command_takes_an_ensemble(ensemble_dir, synth_dir, capsys):
         "efficientnet_b0", "efficientnet_b0", "mobilenetv3_small_050"]  # fmt: skip
 
 
+def test_an_ensemble_quantizes_as_one_graph(ensemble_dir, synth_dir, capsys):
+    """export --int8 on a 3-member ensemble (two backbones, two input sizes): one INT8 graph in which each member's
+    stem, first convolution and classifier stay fp32, scored through the same chain as fp32."""
+    import onnx
+
+    from skinlesion.inference import quantize
+
+    run = str(ensemble_dir)
+    assert main(["export", "--run-dir", run, "--int8", "--calibration-images", "20"]) == 0
+    assert "INT8 vs fp32 on val" in capsys.readouterr().out
+    kept = quantize.kept_in_fp32(ensemble_dir / "model.onnx")
+    graph = onnx.load(str(ensemble_dir / "model.int8.onnx")).graph
+    plain = {t.name for t in graph.initializer}
+    fp32 = [n for n in graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in plain]
+    assert {n.name for n in fp32} == set(kept)
+    assert sum(n.op_type == "Gemm" for n in fp32) == 3 and sum(n.op_type == "Conv" for n in fp32) == 6
+    files = images(synth_dir, 4)
+    assert main(["predict", "--run-dir", run, *files, "--format", "json", "--backend", "onnx-int8"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["backend"] == "onnx-int8" and len(doc["predictions"]) == 4
+
+
 def test_ensemble_refusals(members, ensemble_dir, tmp_path, capsys):
     a, _, _ = members
     assert main(["ensemble", str(a), str(ensemble_dir), "--out", str(a.parent / "x")]) == 2
