@@ -205,12 +205,13 @@ def quantize_run(
     return add_metadata(graph, metadata), len(table)
 
 
-def measure_speed(fp32_path: Path, int8_bytes: bytes, img_size: int, batch: int = SPEED_BATCH,
-                  rounds: int = 3) -> dict[str, Any]:  # fmt: skip
-    """Images/s of model.onnx and the INT8 graph on this CPU at ``batch`` (the best of ``rounds`` alternating runs:
-    another job only slows a run down). INT8 is not faster everywhere: without VNNI ONNX Runtime's u8 x s8 kernel
-    gains at most ~1.1-1.2x over fp32, and a network whose activations (SiLU, squeeze-excitation) stay fp32 between
-    quantize / dequantize pairs ends up slower (efficientnet_b0 at 224 px: 0.88x on an AVX2 host)."""
+def measure_speed(fp32_path: Path, int8_bytes: bytes, img_size: int, batch: int = SPEED_BATCH, rounds: int = 3,
+                  min_seconds: float = 0.5) -> dict[str, Any]:  # fmt: skip
+    """Images/s of model.onnx and the INT8 graph on this CPU at ``batch`` (the best of ``rounds`` alternating rounds of
+    about ``min_seconds`` each: another job only slows a round down). INT8 is not faster everywhere: without VNNI
+    ONNX Runtime's u8 x s8 kernel gains at most ~1.1-1.2x over fp32, and a network whose activations (SiLU,
+    squeeze-excitation) stay fp32 between quantize / dequantize pairs ends up slower (efficientnet_b0 at 224 px:
+    0.88x on an AVX2 host)."""
     import time
 
     import onnxruntime as ort
@@ -219,13 +220,18 @@ def measure_speed(fp32_path: Path, int8_bytes: bytes, img_size: int, batch: int 
     sessions = {name: ort.InferenceSession(model, providers=["CPUExecutionProvider"])
                 for name, model in (("fp32", str(fp32_path)), ("int8", int8_bytes))}  # fmt: skip
     best = dict.fromkeys(sessions, 0.0)
-    for session in sessions.values():  # warm-up
+    runs = {}
+    for name, session in sessions.items():  # warm-up, and how many runs make a round of about min_seconds
         session.run(None, {session.get_inputs()[0].name: x})
+        start = time.perf_counter()
+        session.run(None, {session.get_inputs()[0].name: x})
+        runs[name] = max(1, round(min_seconds / (time.perf_counter() - start)))
     for _ in range(rounds):
         for name, session in sessions.items():
             start = time.perf_counter()
-            session.run(None, {session.get_inputs()[0].name: x})
-            best[name] = max(best[name], batch / (time.perf_counter() - start))
+            for _ in range(runs[name]):
+                session.run(None, {session.get_inputs()[0].name: x})
+            best[name] = max(best[name], runs[name] * batch / (time.perf_counter() - start))
     return {"batch": batch, "fp32_img_s": round(best["fp32"], 1), "int8_img_s": round(best["int8"], 1),
             "cpu": cpu_model()}  # fmt: skip
 
