@@ -20,6 +20,7 @@ from tqdm import tqdm
 from skinlesion.data.clinical import FIELDS, clinical_table, lesion_ids, read_metadata_csv
 from skinlesion.data.images import IMAGE_SUFFIXES
 from skinlesion.decision import lesion_pooling
+from skinlesion.device import retain_freed_memory
 from skinlesion.errors import SkinLesionError
 from skinlesion.evaluation import isic
 from skinlesion.inference import selection
@@ -124,6 +125,8 @@ def main(args: argparse.Namespace) -> None:
     files, ignored = inputs(args.inputs)
     if args.isic_csv:
         check_isic_names(files)
+    if len(files) > 1:
+        retain_freed_memory()  # a batch job in its own process (the Python API leaves the caller's malloc alone)
     classifier = load_classifier(args.run_dir, args.backend).switched(
         args.tta_views, args.metadata_prior, args.operating_point, args.pool_lesions)  # fmt: skip
     chain = classifier.chain
