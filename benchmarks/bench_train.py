@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py [--backbone efficientnet_b0] [--img-size 224] [--batch-size 32] [--iters 5]
     python benchmarks/bench_train.py --before HEAD~3 [--data-dir DIR] [--batches 15] [--workers 2] [--rounds 3]
     python benchmarks/bench_train.py --vs-timm [--data-dir DIR] [--images 400] [--epochs 2] [--workers 2]
-        [--rounds 3] [--timm-train-py PATH] [--timm-flags "--amp --amp-dtype bfloat16 --channels-last"]
+        [--rounds 3] [--timm-train-py PATH] [--timm-flags="--amp --amp-dtype bfloat16 --channels-last"]
 
 "plain" = fp32, contiguous (NCHW) memory format, eager. "default" = what `skinlesion train` does by
 default: channels_last, plus bf16 autocast where the CPU (or GPU) supports it. Both run the product's own step
@@ -135,8 +135,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=400, help="with --vs-timm: images used (lesion-grouped 80/20)")
     p.add_argument("--epochs", type=int, default=2, help="with --vs-timm: epochs")
     p.add_argument("--timm-train-py", help="with --vs-timm: a local train.py (default: fetched at the pinned commit)")
-    p.add_argument("--timm-flags", help="with --vs-timm: timm's precision / layout flags (default: --amp "
-                   "--amp-dtype bfloat16 --channels-last)")  # fmt: skip
+    p.add_argument("--timm-flags", help="with --vs-timm: timm's precision / layout flags, one string (write "
+                   "--timm-flags=\"...\"); default: --amp --amp-dtype bfloat16 --channels-last where the CPU does "
+                   "bf16 natively, else --channels-last")  # fmt: skip
     a = p.parse_args()
     if a.vs_timm:
         sys.path.insert(0, str(Path(__file__).parent))

@@ -38,7 +38,17 @@ import pandas as pd
 TIMM_COMMIT = "aa4b5850c1543fa488abf260f18390eda46cf85d"  # huggingface/pytorch-image-models, Aug 2026 main
 TIMM_TRAIN_SHA256 = "f0bb70b9e1c8c576eb1f7beba9cb46953d01ec1308d68c59ec055a6266f76388"
 TIMM_URL = f"https://raw.githubusercontent.com/huggingface/pytorch-image-models/{TIMM_COMMIT}/train.py"
-TIMM_BEST_CPU_FLAGS = ("--amp", "--amp-dtype", "bfloat16", "--channels-last")
+TIMM_BEST_CPU_FLAGS = ("--amp", "--amp-dtype", "bfloat16", "--channels-last")  # where the CPU does bf16 natively
+TIMM_FP32_CPU_FLAGS = ("--channels-last",)  # elsewhere: bf16 is emulated there (~10x slower), skinlesion trains fp32
+
+
+def best_timm_flags() -> tuple[str, ...]:
+    """timm's fastest flags on this CPU: bf16 autocast where skinlesion itself would use it, else fp32."""
+    import torch
+
+    from skinlesion.device import amp_dtype
+
+    return TIMM_BEST_CPU_FLAGS if amp_dtype(torch.device("cpu")) is not None else TIMM_FP32_CPU_FLAGS
 
 TIMM_FIRST_STEP = re.compile(r"Train: 0 \[\s*0/")
 TIMM_EPOCH_END = re.compile(r"Current checkpoints:")
@@ -164,7 +174,7 @@ def compare(args) -> None:
         train_py = timm_train_py(args.timm_train_py, Path(platformdirs.user_cache_dir("skinlesion")) / "bench")
         ham, splits, folder = same_images(args.data_dir, args.images, work)
         n = {p: sum(1 for _ in (folder / p).rglob("*.jpg")) for p in ("train", "validation")}
-        flags = tuple(args.timm_flags.split()) if args.timm_flags is not None else TIMM_BEST_CPU_FLAGS
+        flags = tuple(args.timm_flags.split()) if args.timm_flags is not None else best_timm_flags()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "SKINLESION_CACHE_DIR": str(work / "cache")}
         print(f"efficientnet_b0 from scratch, {args.img_size} px, batch {args.batch_size}, {args.epochs} epochs, "
               f"{args.workers} workers, CPU ({os.cpu_count()} cores); {n['train']} train / {n['validation']} val "

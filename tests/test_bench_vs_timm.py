@@ -91,3 +91,16 @@ def test_commands_train_the_same_thing(tmp_path):
     assert "efficientnet_b0" in timm and "efficientnet_b0" in ours and "--no-pretrained" in ours
     assert "--pretrained" not in timm and "--amp-dtype" in timm and "--channels-last" in timm
     assert vs_timm.timm_train_py(str(tmp_path / "given.py"), tmp_path) == tmp_path / "given.py"
+
+
+def test_timm_gets_its_fastest_flags_for_this_cpu(monkeypatch):
+    """bf16 autocast for timm only where skinlesion itself would train in bf16 (native); else fp32 + channels_last,
+    since emulated bf16 would make timm ~10x slower and the comparison meaningless."""
+    import torch
+
+    from skinlesion import device
+
+    monkeypatch.setattr(device, "amp_dtype", lambda d: torch.bfloat16)
+    assert vs_timm.best_timm_flags() == ("--amp", "--amp-dtype", "bfloat16", "--channels-last")
+    monkeypatch.setattr(device, "amp_dtype", lambda d: None)
+    assert vs_timm.best_timm_flags() == ("--channels-last",)
