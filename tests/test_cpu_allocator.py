@@ -18,7 +18,7 @@ def faults():
 for _ in range(8):  # warm-up: glibc settles on where a freed 64 MiB block goes within a few cycles
     torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB: above glibc's largest mmap threshold (32 MiB)
 before = faults()
-for _ in range(5):
+for _ in range(10):
     torch.empty(16 * 2**20).fill_(1.0)
 print(faults() - before)
 """
@@ -31,5 +31,7 @@ def test_freed_memory_is_reused_without_page_faults():
         return int(out.stdout.split()[-1])
 
     default, retained = faults("default"), faults("retain")
-    assert default > 5 * 16_000 * 0.9  # 64 MiB = 16,384 pages of 4 KiB faulted in again on every one of 5 cycles
-    assert retained < default / 20
+    assert default > 10 * 16_000 * 0.9  # 64 MiB = 16,384 pages of 4 KiB faulted in again on every one of 10 cycles
+    # Retained: the block is reused; now and then Python's own small allocations land after it and one cycle
+    # faults a fresh block in (seen once in CI), so the bound is loose but still far from every cycle.
+    assert retained < default / 4
