@@ -256,12 +256,14 @@ def load_test(
 
 
 def cpu_name() -> str:
-    """The CPU model and its vector extensions that matter for int8 / bf16 (Linux; 'unknown' elsewhere)."""
+    """The CPU model (the name `export --int8` stores) and its vector extensions that matter for int8 / bf16."""
+    from skinlesion.inference.timing import cpu_model
+
     info = Path("/proc/cpuinfo")
     if not info.exists():
-        return "unknown"
+        return cpu_model()
     text = info.read_text()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    name = cpu_model()
     flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     return f"{name} ({' '.join(f for f in wanted if f in flags) or 'no AVX2'})"

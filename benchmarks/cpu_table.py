@@ -88,7 +88,7 @@ def runners(run_dir: Path, img_size: int) -> dict[str, Callable[[np.ndarray], ob
     from skinlesion.inference.onnx_backend import OnnxBackend
     from skinlesion.model import checkpoint
 
-    retain_freed_memory()  # as the product's TorchBackend does on the CPU (ONNX Runtime has its own arena)
+    retain_freed_memory()  # as `evaluate` and `predict` do on the CPU (ONNX Runtime has its own arena)
     model = checkpoint.load(run_dir).model.float().eval()
     model_cl = checkpoint.load(run_dir).model.float().eval().to(memory_format=torch.channels_last)
     fp32, int8 = OnnxBackend(run_dir).session, OnnxBackend(run_dir, int8=True).session
@@ -108,19 +108,11 @@ def runners(run_dir: Path, img_size: int) -> dict[str, Callable[[np.ndarray], ob
 
 def images_per_s(fns: dict[str, Callable[[np.ndarray], object]], img_size: int, batch: int, rounds: int,
                  min_seconds: float = 1.0) -> dict[str, float]:  # fmt: skip
-    """Best-round images/s of each callable on one batch; the callables alternate within every round."""
+    """Best-round images/s of each callable on one random batch (the product's timing, `export --int8` uses it)."""
+    from skinlesion.inference.timing import images_per_s as timed
+
     x = np.random.default_rng(0).standard_normal((batch, 3, img_size, img_size)).astype(np.float32)
-    calls = {}
-    for name, fn in fns.items():  # warm-up, and how many calls make a round of about min_seconds
-        fn(x)
-        calls[name] = max(1, int(min_seconds / max(_seconds(lambda fn=fn: fn(x)), 1e-4)))
-    best = dict.fromkeys(fns, 0.0)
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            n = calls[name]
-            seconds = _seconds(lambda fn=fn, n=n: [fn(x) for _ in range(n)])
-            best[name] = max(best[name], n * batch / seconds)
-    return best
+    return timed(fns, x, rounds, min_seconds)
 
 
 def make_int8_run(run_dir: Path, backbone: str, img_size: int) -> None:

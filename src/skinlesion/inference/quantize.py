@@ -74,9 +74,10 @@ def kept_in_fp32(model_path: Path) -> list[str]:
 
     Why the first one after the stem: batch norm folded into that depthwise convolution leaves a few channels with
     very large weights and biases whose difference is then clipped to [0, 6], so 8-bit rounding there is amplified:
-    on a Lite0 trained on HAM10000, quantizing that one layer alone took the logits' SQNR to 16 dB (every other layer
-    alone: 24 dB or more; ``benchmarks/int8_sensitivity.py``), and keeping it in fp32 took INT8's decision agreement
-    with fp32 on val from 92.9 % to 95.6 % at no measurable speed cost (docs/benchmarks/README.md)."""
+    on a Lite0 trained on HAM10000, quantizing that one layer alone took the logits' SQNR to 14.1 dB (every other
+    layer but the stem alone: 24.8 dB or more; ``benchmarks/int8_sensitivity.py``), and keeping it in fp32 took
+    INT8's decision agreement with fp32 on val from 92.9 % to 95.6 % at no measurable speed cost
+    (docs/benchmarks/README.md)."""
     import onnx
 
     graph = onnx.load(str(model_path)).graph
@@ -212,40 +213,17 @@ def measure_speed(fp32_path: Path, int8_bytes: bytes, img_size: int, batch: int 
     ONNX Runtime's u8 x s8 kernel gains at most ~1.1-1.2x over fp32, and a network whose activations (SiLU,
     squeeze-excitation) stay fp32 between quantize / dequantize pairs ends up slower (efficientnet_b0 at 224 px:
     0.88x on an AVX2 host)."""
-    import time
-
     import onnxruntime as ort
+
+    from skinlesion.inference.timing import cpu_model, images_per_s
 
     x = np.random.default_rng(0).standard_normal((batch, 3, img_size, img_size)).astype(np.float32)
     sessions = {name: ort.InferenceSession(model, providers=["CPUExecutionProvider"])
                 for name, model in (("fp32", str(fp32_path)), ("int8", int8_bytes))}  # fmt: skip
-    best = dict.fromkeys(sessions, 0.0)
-    runs = {}
-    for name, session in sessions.items():  # warm-up, and how many runs make a round of about min_seconds
-        session.run(None, {session.get_inputs()[0].name: x})
-        start = time.perf_counter()
-        session.run(None, {session.get_inputs()[0].name: x})
-        runs[name] = max(1, round(min_seconds / (time.perf_counter() - start)))
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            for _ in range(runs[name]):
-                session.run(None, {session.get_inputs()[0].name: x})
-            best[name] = max(best[name], runs[name] * batch / (time.perf_counter() - start))
+    best = images_per_s({name: lambda x, s=s: s.run(None, {s.get_inputs()[0].name: x}) for name, s in sessions.items()},
+                        x, rounds, min_seconds)  # fmt: skip
     return {"batch": batch, "fp32_img_s": round(best["fp32"], 1), "int8_img_s": round(best["int8"], 1),
             "cpu": cpu_model()}  # fmt: skip
-
-
-def cpu_model() -> str:
-    """This CPU's model name (Linux; the platform's processor string elsewhere)."""
-    import platform
-
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def write(target: str | Path, model_bytes: bytes, drift: dict[str, Any] | None = None,

@@ -108,8 +108,8 @@ def auto(run_dir: Path, sha_of_best) -> Choice:
                 why = ("was not checked on labelled images at export" if drop is None else
                        f"lost {drop:.3f} balanced accuracy at export (over {drift.MAX_BALANCED_ACCURACY_DROP})")
                 note = f"{file} {why}; pass --backend onnx-int8 to use it anyway"
-        if note is None and name == "onnx-int8" and not faster(json.loads(props.get("int8_speed", "null"))):
-            speed = json.loads(props["int8_speed"])
+        speed = json.loads(props.get("int8_speed", "null"))
+        if note is None and name == "onnx-int8" and not faster(speed):
             note = (f"{file}: at export it ran at {speed['int8_img_s'] / speed['fp32_img_s']:.2f}x model.onnx's "
                     f"speed on this CPU ({speed['cpu']}); pass --backend onnx-int8 to use it anyway")  # fmt: skip
         if note is None:
