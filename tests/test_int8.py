@@ -255,3 +255,18 @@ def test_bias_correction_removes_the_mean_logit_shift(int8_run):
     assert mean_shift(written.SerializeToString())[4] == pytest.approx(0.5, abs=1e-3)
     corrected = quantize.correct_bias(written.SerializeToString(), run / "model.onnx", batches(), "input")
     assert np.abs(mean_shift(corrected)).max() < 1e-3
+
+
+def test_damaged_speed_metadata_is_one_line_or_no_evidence(int8_run, tmp_path, capsys):
+    """int8_speed that is not a JSON object: evaluate stops with one line naming the fix; an object without two
+    positive numbers is no evidence INT8 is faster, so auto keeps fp32 and says why."""
+    src, _ = int8_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    with_props(run / "model.int8.onnx", int8_drift=json.dumps(report(0.0)), int8_speed="[1, 2")
+    assert main(["evaluate", "--run-dir", str(run), "--bootstrap", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int8_speed metadata is unreadable" in err[0] and "export" in err[0]
+    with_props(run / "model.int8.onnx", int8_speed=json.dumps({"fp32_img_s": "fast", "int8_img_s": 10.0}))
+    choice = selection.choose(run)
+    assert choice.backend == "onnx" and any("has no valid speed" in n for n in choice.notes)

@@ -108,19 +108,47 @@ def auto(run_dir: Path, sha_of_best) -> Choice:
                 why = ("was not checked on labelled images at export" if drop is None else
                        f"lost {drop:.3f} balanced accuracy at export (over {drift.MAX_BALANCED_ACCURACY_DROP})")
                 note = f"{file} {why}; pass --backend onnx-int8 to use it anyway"
-        speed = json.loads(props.get("int8_speed", "null"))
-        if note is None and name == "onnx-int8" and not faster(speed):
-            note = (f"{file}: at export it ran at {speed['int8_img_s'] / speed['fp32_img_s']:.2f}x model.onnx's "
-                    f"speed on this CPU ({speed['cpu']}); pass --backend onnx-int8 to use it anyway")  # fmt: skip
+        speed = measured_json(file, props, "int8_speed") if note is None and name == "onnx-int8" else None
+        if not faster(speed):
+            ratio = speed_ratio(speed)
+            what = f"ran at {ratio:.2f}x model.onnx's speed" if ratio is not None else "has no valid speed"
+            note = (f"{file}: at export it {what} on this CPU ({speed.get('cpu', '?')}); pass --backend onnx-int8 "
+                    "to use it anyway")  # fmt: skip
         if note is None:
             return Choice(name, (*notes, *int8_note(file, props)))
         notes.append(f"note: not using {note}")
     return Choice("torch", tuple(notes))
 
 
+def measured_json(file: Path, props: dict[str, str], key: str) -> dict[str, Any] | None:
+    """A measurement export stored in ``file``'s metadata (None when absent); one line naming the fix when it is
+    not a JSON object (a damaged or hand-edited file)."""
+    text = props.get(key)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise SkinLesionError(f"{file}: its {key} metadata is unreadable; export it again with `skinlesion export "
+                              "--run-dir RUN --int8`")  # fmt: skip
+    return value
+
+
+def speed_ratio(speed: dict[str, Any]) -> float | None:
+    """INT8's images/s over fp32's as export timed them; None when they are not two positive numbers."""
+    int8, fp32 = speed.get("int8_img_s"), speed.get("fp32_img_s")
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in (int8, fp32))
+    return int8 / fp32 if numbers else None
+
+
 def faster(speed: dict[str, Any] | None) -> bool:
     """Whether INT8 ran faster than fp32 when export timed both (True when it was not timed: older files)."""
-    return speed is None or speed["int8_img_s"] > speed["fp32_img_s"]
+    if speed is None:
+        return True
+    ratio = speed_ratio(speed)
+    return ratio is not None and ratio > 1
 
 
 def load(run_dir: str | Path, backend: str = AUTO, device: str = "cpu") -> tuple[Classifier, Choice]:
