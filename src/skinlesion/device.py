@@ -51,9 +51,10 @@ def retain_freed_memory() -> bool:
     PyTorch's CPU tensors come from malloc; glibc serves the large ones (a training step's activations: tens of MB
     each) with fresh mmap()s and returns them on free, so every step faults in and zeroes its working set again
     (efficientnet_b0, 224 px, batch 32: ~800k page faults and ~1.2 s of system time per step on a 2-core host).
-    With mmap off and no trimming the heap keeps its high-water mark (what CUDA's caching allocator does on a GPU),
-    for ~0.3-1 GB more resident memory; on that host `evaluate --tta` with PyTorch took 86 s instead of 167 s and a
-    2-epoch training 50 s instead of 61 s (docs/benchmarks/README.md). Called by the batch jobs on the CPU
+    With mmap off and no trimming the heap keeps its high-water mark (what CUDA's caching allocator does on a GPU):
+    the peak is the same, only never handed back. On that host `evaluate --tta` with PyTorch took 90 s instead of
+    162 s at the same peak resident memory (1.69 vs 1.70 GB), and a 2-epoch training 50 s instead of 61 s
+    (docs/benchmarks/README.md). Called by the batch jobs on the CPU
     (training, evaluate, the predict command), not by the server, which hands large blocks back on purpose
     (serve/app.py); ONNX Runtime has its own arena and is unaffected."""
     if not sys.platform.startswith("linux"):
