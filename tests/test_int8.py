@@ -58,6 +58,9 @@ def test_int8_file_is_quantized_traceable_and_carries_its_drift(int8_run):
     assert measured["split"] == "val" and measured["images"] == len(split_part(run, "val"))
     assert set(measured["metrics"]) == {"balanced_accuracy", "macro_auc", "mel_recall"}
     assert f"INT8 vs fp32 on val ({measured['images']} images" in printed
+    shift = json.loads(props[quantize.LOGIT_SHIFT_KEY])
+    assert len(shift) == len(json.loads(props["classes"]))
+    assert "classifier bias corrected by INT8's mean logit shift on the calibration images: akiec " in printed
     speed = json.loads(props["int8_speed"])
     assert (f"speed on this CPU at batch 32: fp32 {speed['fp32_img_s']:.1f} img/s, INT8 {speed['int8_img_s']:.1f} "
             "img/s") in printed  # fmt: skip

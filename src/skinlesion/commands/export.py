@@ -4,11 +4,12 @@ also model.int8.onnx (static INT8), with its agreement with PyTorch and its drif
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from skinlesion.errors import SkinLesionError
-from skinlesion.inference import drift, selection
+from skinlesion.inference import drift, quantize, selection
 from skinlesion.inference.int8_export import export_int8
 from skinlesion.inference.onnx_export import TOLERANCE, check_opset, export_onnx, written_opset
 from skinlesion.inference.options import ScoringOptions
@@ -40,6 +41,11 @@ def int8(args: argparse.Namespace, fp32_path: Path) -> None:
           f"calibrated on {result.calibration_images} training images)")  # fmt: skip
     print(f"check: INT8 vs PyTorch on {SAMPLE}: max |dp| = {p_diff:.2e}, max |dlogit| = {logit_diff:.2e} "
           f"(largest |logit| {logit_scale:.3g})")  # fmt: skip
+    props = quantize.metadata_props(result.path)
+    if quantize.LOGIT_SHIFT_KEY in props:
+        shift = zip(json.loads(props["classes"]), json.loads(props[quantize.LOGIT_SHIFT_KEY]), strict=True)
+        print("classifier bias corrected by INT8's mean logit shift on the calibration images: "
+              + ", ".join(f"{c} {v:+.3f}" for c, v in shift))  # fmt: skip
     fast = result.speed
     print(f"speed on this CPU at batch {fast['batch']}: fp32 {fast['fp32_img_s']:.1f} img/s, INT8 "
           f"{fast['int8_img_s']:.1f} img/s ({fast['int8_img_s'] / fast['fp32_img_s']:.2f}x)")  # fmt: skip
