@@ -273,3 +273,12 @@ def test_damaged_speed_metadata_is_one_line_or_no_evidence(int8_run, tmp_path, c
     with_props(run / "model.int8.onnx", int8_speed=json.dumps({"fp32_img_s": "fast", "int8_img_s": 10.0}))
     choice = selection.choose(run)
     assert choice.backend == "onnx" and any("has no valid speed" in n for n in choice.notes)
+
+
+def test_export_records_the_rounding_and_refuses_an_unknown_one(int8_run, onnx_run, capsys):
+    run, printed = int8_run
+    how = json.loads(quantize.metadata_props(run / "model.int8.onnx")["quantization"])
+    assert how["weight_rounding"].startswith("GPTQ") and "weights rounded by GPTQ" in printed
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "--run-dir", str(onnx_run), "--int8", "--weight-rounding", "stochastic"])
+    assert stop.value.code == 2 and "--weight-rounding" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from typing import Any
 
 from skinlesion import __version__, fileio, rules
 from skinlesion.errors import SkinLesionError
+from skinlesion.inference.weight_rounding import ROUNDINGS
 from skinlesion.training.config import DATA_OPTIONS, GROUPS, LABEL_SET_NAMES, OUTPUT_KEYS, TrainConfig, field_type
 from skinlesion.training.recipes import RECIPES
 
@@ -379,6 +380,9 @@ def _add_export(sub) -> None:
                    "accuracy)")  # fmt: skip
     g.add_argument("--calibration-images", type=AT_LEAST_1, default=300,
                    help="training images that set the INT8 activation ranges (default 300)")  # fmt: skip
+    g.add_argument("--weight-rounding", choices=ROUNDINGS, default="gptq",
+                   help="how INT8 weights are rounded: gptq (default: each layer's output kept close to fp32 on the "
+                   "calibration images) or nearest (ONNX Runtime's own, each weight to its nearest step)")  # fmt: skip
     _cache_args(g)  # the val images of the drift check: the run's image cache, or decoded files
     p.set_defaults(module="skinlesion.commands.export")
 

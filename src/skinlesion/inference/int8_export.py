@@ -34,13 +34,14 @@ def export_int8(
     options: ScoringOptions | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
+    rounding: str = "gptq",
 ) -> Int8Export:
     """Quantize the run's model.onnx (``fp32_path``), compare it with PyTorch and with fp32, time both on this CPU,
     write model.int8.onnx beside it (atomically, drift and speed in its metadata)."""
     run_dir = Path(run_dir)
     run_folder = run_dir if run_dir.is_dir() else run_dir.parent
     fp32_path = Path(fp32_path) if fp32_path else run_folder / "model.onnx"
-    int8_bytes, calibrated = quantize.quantize_run(run_folder, fp32_path, n_images, seed)
+    int8_bytes, calibrated = quantize.quantize_run(run_folder, fp32_path, n_images, seed, rounding=rounding)
     loaded = checkpoint.load(checkpoint.checkpoint_file(run_dir))
     chain = DecisionChain.from_meta(loaded.meta)
     parity = check_against_torch(loaded.model.float().eval(), int8_bytes, sample_inputs(loaded.preprocessing), chain)

@@ -23,6 +23,7 @@ from skinlesion import fileio
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.run_folder import split_part
 from skinlesion.errors import SkinLesionError
+from skinlesion.inference import weight_rounding
 
 INT8_SUFFIX = ".int8.onnx"
 CALIBRATION_IMAGES = 300  # a few hundred images fix the activation ranges; more only costs time
@@ -75,10 +76,10 @@ def kept_in_fp32(model_path: Path) -> list[str]:
 
     Why the first one after the stem: batch norm folded into that depthwise convolution leaves a few channels with
     very large weights and biases whose difference is then clipped to [0, 6], so 8-bit rounding there is amplified:
-    on a Lite0 trained on HAM10000, quantizing that one layer alone took the logits' SQNR to 14.1 dB (every other
-    layer but the stem alone: 24.8 dB or more; ``benchmarks/int8_sensitivity.py``), and keeping it in fp32 took
-    INT8's decision agreement with fp32 on val from 92.9 % to 95.6 % at no measurable speed cost
-    (docs/benchmarks/README.md)."""
+    on a Lite0 trained on HAM10000, quantizing that one layer alone took the logits' SQNR to 16.2 dB even with GPTQ
+    rounding (every other layer but the stem alone: 24.6 dB or more; ``benchmarks/int8_sensitivity.py``), and
+    keeping it in fp32 (with nearest rounding, before GPTQ) took INT8's decision agreement with fp32 on val from
+    92.9 % to 95.6 % at no measurable speed cost (docs/benchmarks/README.md)."""
     import onnx
 
     graph = onnx.load(str(model_path)).graph
@@ -106,14 +107,18 @@ def first_convs_after(graph: Any, nodes: Sequence[Any], max_depth: int = 4) -> l
 
 
 def quantize_file(fp32_path: Path, batches: Callable[[], Iterator[np.ndarray]], reduce_range: bool = REDUCE_RANGE,
-                  only: Sequence[str] | None = None) -> bytes:
+                  only: Sequence[str] | None = None, rounding: str = "gptq",
+                  damping: float = weight_rounding.DAMPING) -> bytes:
     """The int8 QDQ graph of ``fp32_path`` (no metadata yet), calibrated on the images ``batches()`` yields, its
-    classifier bias corrected on them (``correct_bias``); ``only``: quantize just these nodes (what
+    convolution weights rounded by GPTQ on them (``rounded``; ``rounding="nearest"``: as ONNX Runtime rounded them)
+    and its classifier bias corrected on them (``correct_bias``); ``only``: quantize just these nodes (what
     benchmarks/int8_sensitivity.py measures one layer at a time) instead of all but ``kept_in_fp32``."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if rounding not in weight_rounding.ROUNDINGS:
+        raise SkinLesionError(f"--weight-rounding {rounding}: choose one of {', '.join(weight_rounding.ROUNDINGS)}")
     input_name = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
     with tempfile.TemporaryDirectory(prefix="skinlesion-int8-") as tmp:
         prepared, out = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
@@ -125,20 +130,38 @@ def quantize_file(fp32_path: Path, batches: Callable[[], Iterator[np.ndarray]], 
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                             nodes_to_exclude=[] if only else kept_in_fp32(prepared),
                             nodes_to_quantize=list(only or []))  # fmt: skip
+            graph = (rounded(out, prepared, batches(), input_name, reduce_range, damping) if rounding == "gptq"
+                     else out.read_bytes())  # fmt: skip
         except SkinLesionError:
             raise
         except Exception as e:  # noqa: BLE001 - a quantizer failure is reported in one line
             raise SkinLesionError(f"INT8 quantization of {fp32_path} failed ({fileio.first_line(e)}); the fp32 "
                                   "model.onnx is unaffected") from e  # fmt: skip
-        return correct_bias(out.read_bytes(), fp32_path, batches(), input_name)
+        return correct_bias(graph, fp32_path, batches(), input_name)
+
+
+def rounded(int8_path: Path, prepared: Path, batches: Iterator[np.ndarray], input_name: str,
+            reduce_range: bool, damping: float = weight_rounding.DAMPING) -> bytes:  # fmt: skip
+    """The QDQ graph at ``int8_path`` with its convolution weights re-rounded by GPTQ (``weight_rounding``) against
+    the fp32 weights of ``prepared`` (the graph ORT quantized: batch norm already folded in)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    model = onnx.load(str(int8_path))
+    fp32_weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(prepared)).graph.initializer}
+    qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.INT8, reduce_range=reduce_range, symmetric=True)
+    weight_rounding.round_weights(model, fp32_weights, batches, input_name, int(qmin), int(qmax), damping)
+    return model.SerializeToString()
 
 
 def correct_bias(int8_bytes: bytes, fp32_path: Path, batches: Iterator[np.ndarray], input_name: str) -> bytes:
     """Subtract the INT8 graph's mean logit shift from fp32 on ``batches`` from its classifier bias (kept in fp32).
 
     Rounding shifts every class's logit a little on average (on a Lite0 trained on HAM10000, as `export --int8`
-    prints it: melanoma +0.114, bkl -0.131); removing it
-    (bias correction, Nagel et al. 2019) took balanced accuracy's INT8 drift on val from -0.036 to -0.019. An
+    prints it: with nearest rounding melanoma +0.114, bkl -0.131, with GPTQ at most 0.052); removing it (bias
+    correction, Nagel et al. 2019) took balanced accuracy's INT8 drift on val from -0.036 to -0.019 (nearest
+    rounding). An
     ensemble's logits are its members' mean, so each member's classifier takes the same correction. A graph without
     a Gemm classifier with a constant bias is left as it is."""
     import onnx
@@ -164,12 +187,15 @@ def correct_bias(int8_bytes: bytes, fp32_path: Path, batches: Iterator[np.ndarra
     return model.SerializeToString()
 
 
-def int8_metadata(fp32_props: dict[str, str], fp32_sha256: str, n_images: int, reduce_range: bool) -> dict[str, str]:
+def int8_metadata(fp32_props: dict[str, str], fp32_sha256: str, n_images: int, reduce_range: bool,
+                  rounding: str = "gptq") -> dict[str, str]:  # fmt: skip
     """model.onnx's metadata plus what makes the int8 file traceable (stale when best.pt changes: source_sha256)."""
     import onnxruntime as ort
 
     how = {"format": "QDQ", "weights": "int8, per output channel", "activations": "uint8, per tensor",
            "fp32": "stem convolutions, the first convolution after each, the classifier",
+           "weight_rounding": (f"GPTQ on the calibration images (damping {weight_rounding.DAMPING})"
+                               if rounding == "gptq" else "nearest"),
            "bias_correction": "classifier bias minus the mean logit shift on the calibration images",
            "calibration": {"method": "MinMax", "images": n_images, "split": "train"},
            "reduce_range": reduce_range, "onnxruntime": ort.__version__}  # fmt: skip
@@ -188,6 +214,7 @@ def quantize_run(
     n_images: int = CALIBRATION_IMAGES,
     seed: int = 0,
     reduce_range: bool = REDUCE_RANGE,
+    rounding: str = "gptq",
 ) -> tuple[bytes, int]:
     """model.int8.onnx's bytes for a run folder with an exported model.onnx (``fp32_path``, default RUN/model.onnx),
     calibrated on ``n_images`` of the run's training images (fewer when it has fewer), and how many. Nothing is
@@ -204,8 +231,8 @@ def quantize_run(
     table = calibration_table(run_dir, n_images, seed)
     preprocessing = Preprocessing.from_meta(props)
     files = table["path"].tolist()
-    graph = quantize_file(fp32_path, lambda: calibration_batches(files, preprocessing), reduce_range)
-    metadata = int8_metadata(props, fileio.sha256_file(fp32_path), len(table), reduce_range)
+    graph = quantize_file(fp32_path, lambda: calibration_batches(files, preprocessing), reduce_range, rounding=rounding)
+    metadata = int8_metadata(props, fileio.sha256_file(fp32_path), len(table), reduce_range, rounding)
     return add_metadata(graph, {**props_of(graph), **metadata}), len(table)
 
 
