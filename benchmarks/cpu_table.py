@@ -128,7 +128,7 @@ def make_int8_run(run_dir: Path, backbone: str, img_size: int) -> None:
     fp32 = export_onnx(run_dir)[0]
     files = sorted((sample_dir() / "images").glob("*.jpg"))
     preprocessing = Preprocessing.from_meta(props_of(fp32.read_bytes()))
-    graph = quantize.quantize_file(fp32, lambda: quantize.calibration_batches(files, preprocessing))
+    graph = quantize.quantize_file(fp32, quantize.CalibrationImages(files, preprocessing))
     meta = quantize.int8_metadata(props_of(fp32.read_bytes()), "", len(files), quantize.REDUCE_RANGE)
     quantize.write(quantize.int8_path(fp32), add_metadata(graph, meta))
 

@@ -46,14 +46,13 @@ def main() -> None:
     x = np.concatenate(list(quantize.calibration_batches(files, preprocessing)))
     reference = logits(str(fp32_path), x)
 
-    def batches():
-        return quantize.calibration_batches(calibration, preprocessing)
+    images = quantize.CalibrationImages(calibration, preprocessing)
 
     variants = [("nearest", None)] + [("gptq", float(d)) for d in a.dampings.split(",")]
     rows = []
     for rounding, damping in variants:
         start = time.perf_counter()
-        graph = quantize.quantize_file(fp32_path, batches, rounding=rounding,
+        graph = quantize.quantize_file(fp32_path, images, rounding=rounding,
                                        damping=damping or weight_rounding.DAMPING)  # fmt: skip
         seconds = time.perf_counter() - start
         y = logits(graph, x)

@@ -57,15 +57,14 @@ def main() -> None:
         quant_pre_process(str(fp32_path), str(prepared))
         convs = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
         kept = set(quantize.kept_in_fp32(prepared))
-    def batches():
-        return quantize.calibration_batches(calibration, preprocessing)
+    images = quantize.CalibrationImages(calibration, preprocessing)
 
     rows = []
     for i, name in enumerate(convs):
-        graph = quantize.quantize_file(fp32_path, batches, only=[name])
+        graph = quantize.quantize_file(fp32_path, images, only=[name])
         rows.append({"node": name, "position": i, "kept_in_fp32": name in kept, **compare(reference, logits(graph, x))})
         print(f"\r{i + 1}/{len(convs)} convolutions", end="", flush=True)
-    whole = compare(reference, logits(quantize.quantize_file(fp32_path, batches), x))
+    whole = compare(reference, logits(quantize.quantize_file(fp32_path, images), x))
     print(f"\n# {fp32_path}: each of {len(convs)} convolutions quantized alone; {len(val)} val images, "
           f"{len(calibration)} calibration images")  # fmt: skip
     print(f"{'node':28}{'position':>9}{'logit SQNR dB':>15}{'top-1 agree':>13}  kept in fp32")

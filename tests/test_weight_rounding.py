@@ -76,12 +76,10 @@ def test_gptq_file_is_closer_to_fp32_than_nearest(onnx_run, calibration):
     the calibration images (what GPTQ minimises layer by layer)."""
     files, preprocessing = calibration
 
-    def batches():
-        return quantize.calibration_batches(files, preprocessing)
-
+    images = quantize.CalibrationImages(files, preprocessing)
     fp32 = onnx_run / "model.onnx"
-    graphs = {how: quantize.quantize_file(fp32, batches, rounding=how) for how in weight_rounding.ROUNDINGS}
-    x = np.concatenate(list(batches()))
+    graphs = {how: quantize.quantize_file(fp32, images, rounding=how) for how in weight_rounding.ROUNDINGS}
+    x = np.concatenate(list(images))
     reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 
     def sqnr(graph: bytes) -> float:

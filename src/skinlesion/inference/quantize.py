@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,10 @@ from skinlesion.inference import weight_rounding
 
 INT8_SUFFIX = ".int8.onnx"
 CALIBRATION_IMAGES = 300  # a few hundred images fix the activation ranges; more only costs time
-CALIBRATION_BATCH = 32
+# ORT's calibrator and GPTQ's probe output every activation of a batch at once, so the peak grows with the batch
+# (`/usr/bin/time skinlesion export --int8`, Lite0 at 128 px: 2.48 GB max RSS at 32 images, 1.97 GB at 8). Ranges,
+# GPTQ's moments and the bias correction are extremes or sums over all images: the batch does not change them.
+CALIBRATION_BATCH = 8
 SPEED_BATCH = 32  # the batch evaluate and predict score with
 LOGIT_SHIFT_KEY = "int8_logit_shift"  # the mean INT8 - fp32 logit per class that correct_bias removed
 # reduce_range: 7-bit weights. AVX2 / AVX-512 CPUs without VNNI multiply u8 x s8 pairs into saturating 16-bit
@@ -58,9 +62,27 @@ def calibration_batches(
         yield normalize(preprocessing.batch(files[start : start + batch_size])).numpy()
 
 
-def reader(batches: Iterator[np.ndarray], input_name: str) -> Any:
-    """ONNX Runtime's calibration reader over ``batches`` (built here: onnxruntime is imported on use only)."""
+@dataclass(frozen=True)
+class CalibrationImages:
+    """Calibration images as normalised float32 batches (``calibration_batches``), read again on every pass over
+    them: ONNX Runtime's ranges, GPTQ's layer inputs, the bias correction."""
+
+    files: Sequence[str | Path]
+    preprocessing: Preprocessing
+    batch_size: int = CALIBRATION_BATCH
+
+    def __len__(self) -> int:
+        return -(-len(self.files) // self.batch_size)  # batches
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return calibration_batches(self.files, self.preprocessing, self.batch_size)
+
+
+def reader(images: CalibrationImages, input_name: str) -> Any:
+    """ONNX Runtime's calibration reader over ``images`` (built here: onnxruntime is imported on use only)."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    batches = iter(images)
 
     class Batches(CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -106,10 +128,10 @@ def first_convs_after(graph: Any, nodes: Sequence[Any], max_depth: int = 4) -> l
     return found
 
 
-def quantize_file(fp32_path: Path, batches: Callable[[], Iterator[np.ndarray]], reduce_range: bool = REDUCE_RANGE,
+def quantize_file(fp32_path: Path, images: CalibrationImages, reduce_range: bool = REDUCE_RANGE,
                   only: Sequence[str] | None = None, rounding: str = "gptq",
                   damping: float = weight_rounding.DAMPING) -> bytes:
-    """The int8 QDQ graph of ``fp32_path`` (no metadata yet), calibrated on the images ``batches()`` yields, its
+    """The int8 QDQ graph of ``fp32_path`` (no metadata yet), calibrated on ``images``, its
     convolution weights rounded by GPTQ on them (``rounded``; ``rounding="nearest"``: as ONNX Runtime rounded them)
     and its classifier bias corrected on them (``correct_bias``); ``only``: quantize just these nodes (what
     benchmarks/int8_sensitivity.py measures one layer at a time) instead of all but ``kept_in_fp32``."""
@@ -125,22 +147,22 @@ def quantize_file(fp32_path: Path, batches: Callable[[], Iterator[np.ndarray]], 
         try:
             # Shape inference and constant folding first (what ORT recommends before quantize_static).
             quant_pre_process(str(fp32_path), str(prepared))
-            quantize_static(str(prepared), str(out), reader(batches(), input_name), quant_format=QuantFormat.QDQ,
+            quantize_static(str(prepared), str(out), reader(images, input_name), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                             nodes_to_exclude=[] if only else kept_in_fp32(prepared),
                             nodes_to_quantize=list(only or []))  # fmt: skip
-            graph = (rounded(out, prepared, batches(), input_name, reduce_range, damping) if rounding == "gptq"
+            graph = (rounded(out, prepared, images, input_name, reduce_range, damping) if rounding == "gptq"
                      else out.read_bytes())  # fmt: skip
         except SkinLesionError:
             raise
         except Exception as e:  # noqa: BLE001 - a quantizer failure is reported in one line
             raise SkinLesionError(f"INT8 quantization of {fp32_path} failed ({fileio.first_line(e)}); the fp32 "
                                   "model.onnx is unaffected") from e  # fmt: skip
-        return correct_bias(graph, fp32_path, batches(), input_name)
+        return correct_bias(graph, fp32_path, iter(images), input_name)
 
 
-def rounded(int8_path: Path, prepared: Path, batches: Iterator[np.ndarray], input_name: str,
+def rounded(int8_path: Path, prepared: Path, batches: Iterable[np.ndarray], input_name: str,
             reduce_range: bool, damping: float = weight_rounding.DAMPING) -> bytes:  # fmt: skip
     """The QDQ graph at ``int8_path`` with its convolution weights re-rounded by GPTQ (``weight_rounding``) against
     the fp32 weights of ``prepared`` (the graph ORT quantized: batch norm already folded in)."""
@@ -231,7 +253,7 @@ def quantize_run(
     table = calibration_table(run_dir, n_images, seed)
     preprocessing = Preprocessing.from_meta(props)
     files = table["path"].tolist()
-    graph = quantize_file(fp32_path, lambda: calibration_batches(files, preprocessing), reduce_range, rounding=rounding)
+    graph = quantize_file(fp32_path, CalibrationImages(files, preprocessing), reduce_range, rounding=rounding)
     metadata = int8_metadata(props, fileio.sha256_file(fp32_path), len(table), reduce_range, rounding)
     return add_metadata(graph, {**props_of(graph), **metadata}), len(table)
 

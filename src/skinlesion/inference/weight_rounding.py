@@ -13,7 +13,7 @@ this module.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,7 @@ def quantized_convs(model: Any, fp32_weights: dict[str, np.ndarray]) -> list[Qua
     return found
 
 
-def input_moments(model: Any, convs: list[QuantizedConv], batches: Iterator[np.ndarray], input_name: str) -> list[Any]:
+def input_moments(model: Any, convs: list[QuantizedConv], batches: Iterable[np.ndarray], input_name: str) -> list[Any]:
     """``H = X Xᵀ`` per convolution and group, (group, D, D) float64 with D = Cin / group x kH x kW, summed over the
     calibration ``batches``. X is what the INT8 graph feeds the layer (its dequantized input, run without graph
     optimizations so every tensor exists), unfolded into the kernel's receptive fields."""
@@ -82,7 +82,9 @@ def input_moments(model: Any, convs: list[QuantizedConv], batches: Iterator[np.n
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     moments: list[Any] = [None] * len(convs)
-    for batch in tqdm(batches, desc="INT8 weight rounding: layer inputs", unit="batch", leave=False, file=sys.stderr):
+    total = len(batches) if isinstance(batches, Sized) else None
+    for batch in tqdm(batches, total=total, desc="INT8 weight rounding: layer inputs", unit="batch", leave=False,
+                      file=sys.stderr):  # fmt: skip
         tensors = dict(zip(names, session.run(names, {input_name: batch}), strict=True))
         for i, conv in enumerate(convs):
             h = _moments(conv, torch.from_numpy(tensors[conv.node.input[0]]))
@@ -132,7 +134,7 @@ def gptq(weight: Any, moments: Any, scale: Any, qmin: int, qmax: int, damping: f
     return q
 
 
-def round_weights(model: Any, fp32_weights: dict[str, np.ndarray], batches: Iterator[np.ndarray], input_name: str,
+def round_weights(model: Any, fp32_weights: dict[str, np.ndarray], batches: Iterable[np.ndarray], input_name: str,
                   qmin: int, qmax: int, damping: float = DAMPING) -> int:  # fmt: skip
     """Replace the int8 weights of ``model`` (a QDQ ModelProto, changed in place) by GPTQ's, with H from the
     calibration ``batches``; returns how many convolutions were rounded."""
