@@ -49,11 +49,13 @@ def main() -> None:
     images = quantize.CalibrationImages(calibration, preprocessing)
 
     variants = [("nearest", None)] + [("gptq", float(d)) for d in a.dampings.split(",")]
+    if any(d is not None and d <= 0 for _, d in variants):
+        ap.error("--dampings: every damping must be > 0 (H is often singular without it)")
     rows = []
     for rounding, damping in variants:
         start = time.perf_counter()
         graph = quantize.quantize_file(fp32_path, images, rounding=rounding,
-                                       damping=damping or weight_rounding.DAMPING)  # fmt: skip
+                                       damping=weight_rounding.DAMPING if damping is None else damping)  # fmt: skip
         seconds = time.perf_counter() - start
         y = logits(graph, x)
         sqnr = 10 * np.log10(float((reference**2).sum()) / float(((reference - y) ** 2).sum()))

@@ -101,3 +101,81 @@ def test_gptq_file_is_closer_to_fp32_than_nearest(onnx_run, calibration):
         scale = k.removesuffix("_quantized") + "_scale"
         np.testing.assert_array_equal(weights["gptq"][scale], weights["nearest"][scale])
 
+
+
+def small_qdq_graph(tmp_path):
+    """A hand-built graph with a dilated strided depthwise, a grouped convolution with uneven padding, a strided
+    pointwise and one weight read by two convolutions, quantized by ONNX Runtime with the product's settings."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": (8, 3, 3, 3), "w2": (8, 1, 3, 3), "w3": (8, 4, 3, 3), "w4": (16, 8, 1, 1),
+               "shared": (16, 16, 1, 1)}  # fmt: skip
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n) for n, s in weights.items()]
+    conv = helper.make_node
+    nodes = [conv("Conv", ["x", "w1"], ["c1"], name="c1", pads=[1, 1, 1, 1]), conv("Relu", ["c1"], ["r1"]),
+             conv("Conv", ["r1", "w2"], ["c2"], name="c2", group=8, pads=[2, 2, 2, 2], dilations=[2, 2],
+                  strides=[2, 2]), conv("Relu", ["c2"], ["r2"]),
+             conv("Conv", ["r2", "w3"], ["c3"], name="c3", group=2, pads=[0, 1, 1, 0]), conv("Relu", ["c3"], ["r3"]),
+             conv("Conv", ["r3", "w4"], ["c4"], name="c4", strides=[2, 2]), conv("Relu", ["c4"], ["r4"]),
+             conv("Conv", ["r4", "shared"], ["c5"], name="c5"), conv("Sigmoid", ["r4"], ["s4"]),
+             conv("Conv", ["s4", "shared"], ["c6"], name="c6"), conv("Add", ["c5", "c6"], ["a"]),
+             conv("GlobalAveragePool", ["a"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 24, 20])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    fp32, prepared, int8 = tmp_path / "m.onnx", tmp_path / "prepared.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, str(fp32))
+    quant_pre_process(str(fp32), str(prepared))
+    batches = [rng.standard_normal((8, 3, 24, 20)).astype(np.float32) for _ in range(4)]
+    feed = iter(batches)
+
+    class Reader:
+        def get_next(self):
+            batch = next(feed, None)
+            return None if batch is None else {"x": batch}
+
+    quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
+    fp32_weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(prepared)).graph.initializer}
+    return fp32, onnx.load(str(int8)), fp32_weights, batches
+
+
+def test_round_weights_on_dilated_grouped_and_shared_convolutions(tmp_path):
+    """Without moving errors (huge damping) round_weights writes exactly ONNX Runtime's integers (same scales, sign
+    and range); with GPTQ a weight read by two convolutions is rounded for both inputs together, and the graph's
+    output gets closer to fp32."""
+    import copy
+
+    fp32, model, fp32_weights, batches = small_qdq_graph(tmp_path)
+    convs = weight_rounding.quantized_convs(model, fp32_weights)
+    assert sorted(c.node.name for c in convs) == ["c1", "c2", "c3", "c4", "c5", "c6"]
+    ints = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_quantized")}
+
+    unmoved = copy.deepcopy(model)
+    assert weight_rounding.round_weights(unmoved, fp32_weights, batches, "x", -64, 64, damping=1e9) == 5  # 5 weights
+    for t in unmoved.graph.initializer:
+        if t.name in ints:
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), ints[t.name])
+
+    rounded = copy.deepcopy(model)
+    weight_rounding.round_weights(rounded, fp32_weights, batches, "x", -64, 64)
+    moments = weight_rounding.input_moments(model, convs, batches, "x")
+    c5, c6 = (next(i for i, c in enumerate(convs) if c.node.name == n) for n in ("c5", "c6"))
+    w = torch.from_numpy(convs[c5].fp32_weight.reshape(16, -1))
+    both = weight_rounding.gptq(w, moments[c5][0] + moments[c6][0], torch.from_numpy(convs[c5].scale), -64, 64)
+    written = next(t for t in rounded.graph.initializer if t.name == convs[c5].weight_name)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(written).reshape(16, -1), both.numpy().astype(np.int8))
+
+    x = np.random.default_rng(1).standard_normal((32, 3, 24, 20)).astype(np.float32)
+    reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    def error(m) -> float:
+        y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        return float(((reference - y) ** 2).sum())
+
+    assert error(rounded) < error(model)

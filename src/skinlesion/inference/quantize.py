@@ -1,11 +1,12 @@
 """model.onnx -> model.int8.onnx: ONNX Runtime's static INT8 quantization, calibrated on the run's own images.
 
-QDQ format, weights int8 per output channel, activations uint8 per tensor (MinMax ranges) calibrated on a seeded
-sample of the run's training-part images taken through the run's one ``Preprocessing`` and ``BatchNormalizer``
-(what every backend sees). The graph is the whole network (an ensemble's too: its members, the resize and the mean
-are one graph), so the int8 file is scored by ``OnnxBackend`` and the same ``DecisionChain`` as model.onnx. Its
-metadata is model.onnx's (``source_sha256``: the best.pt it came from, so a retrained run makes it stale) plus
-``precision`` ``int8``, ``fp32_sha256`` (the model.onnx it was quantized from) and ``quantization`` (how).
+QDQ format, weights int8 per output channel (rounded by GPTQ: ``weight_rounding``), activations uint8 per tensor
+(MinMax ranges) calibrated on a seeded sample of the run's training-part images taken through the run's one
+``Preprocessing`` and ``BatchNormalizer`` (what every backend sees). The graph is the whole network (an ensemble's
+too: its members, the resize and the mean are one graph), so the int8 file is scored by ``OnnxBackend`` and the same
+``DecisionChain`` as model.onnx. Its metadata is model.onnx's (``source_sha256``: the best.pt it came from, so a
+retrained run makes it stale) plus ``precision`` ``int8``, ``fp32_sha256`` (the model.onnx it was quantized from)
+and ``quantization`` (how).
 """
 
 from __future__ import annotations
@@ -183,9 +184,8 @@ def correct_bias(int8_bytes: bytes, fp32_path: Path, batches: Iterator[np.ndarra
     Rounding shifts every class's logit a little on average (on a Lite0 trained on HAM10000, as `export --int8`
     prints it: with nearest rounding melanoma +0.114, bkl -0.131, with GPTQ at most 0.052); removing it (bias
     correction, Nagel et al. 2019) took balanced accuracy's INT8 drift on val from -0.036 to -0.019 (nearest
-    rounding). An
-    ensemble's logits are its members' mean, so each member's classifier takes the same correction. A graph without
-    a Gemm classifier with a constant bias is left as it is."""
+    rounding). An ensemble's logits are its members' mean, so each member's classifier takes the same correction. A
+    graph without a Gemm classifier with a constant bias is left as it is."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper

@@ -40,8 +40,9 @@ class QuantizedConv:
 
 def quantized_convs(model: Any, fp32_weights: dict[str, np.ndarray]) -> list[QuantizedConv]:
     """The Conv nodes of a QDQ ``model`` whose weight is a DequantizeLinear of an int8 initializer that was quantized
-    from ``fp32_weights[<name>]`` (ORT names it ``<name>_quantized``); fp32 convolutions are left out."""
-    from onnx import helper, numpy_helper
+    from ``fp32_weights[<name>]`` (ORT names it ``<name>_quantized``), symmetric (zero point 0) per output channel
+    (axis 0); fp32 convolutions and any other layout are left as ORT rounded them."""
+    from onnx import TensorProto, helper, numpy_helper
 
     initializers = {t.name: t for t in model.graph.initializer}
     producer = {out: node for node in model.graph.node for out in node.output}
@@ -52,8 +53,12 @@ def quantized_convs(model: Any, fp32_weights: dict[str, np.ndarray]) -> list[Qua
             continue
         source = fp32_weights.get(dq.input[0].removesuffix("_quantized"))
         scale = numpy_helper.to_array(initializers[dq.input[1]])
-        if source is None or scale.ndim != 1 or len(scale) != source.shape[0]:
-            continue  # not per output channel, or not traceable to its fp32 weight: left as ORT rounded it
+        zero = dq.input[2] if len(dq.input) > 2 and dq.input[2] else None
+        symmetric = zero is None or (zero in initializers and not numpy_helper.to_array(initializers[zero]).any())
+        axis = next((helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), 1)
+        if (source is None or initializers[dq.input[0]].data_type != TensorProto.INT8 or not symmetric
+                or scale.ndim != 1 or len(scale) != source.shape[0] or axis != 0):  # fmt: skip
+            continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or len(source.shape) != 4:
             continue
@@ -137,15 +142,26 @@ def gptq(weight: Any, moments: Any, scale: Any, qmin: int, qmax: int, damping: f
 def round_weights(model: Any, fp32_weights: dict[str, np.ndarray], batches: Iterable[np.ndarray], input_name: str,
                   qmin: int, qmax: int, damping: float = DAMPING) -> int:  # fmt: skip
     """Replace the int8 weights of ``model`` (a QDQ ModelProto, changed in place) by GPTQ's, with H from the
-    calibration ``batches``; returns how many convolutions were rounded."""
+    calibration ``batches``; returns how many weights were rounded."""
     import torch
     from onnx import numpy_helper
 
     convs = quantized_convs(model, fp32_weights)
     if not convs:
         return 0
-    initializers = {t.name: t for t in model.graph.initializer}
+    # A weight read by several convolutions is rounded once, for all their inputs (left as ORT rounded it if they
+    # disagree on groups or kernel).
+    shared: dict[str, tuple[QuantizedConv, Any]] = {}
+    mixed: set[str] = set()
     for conv, moments in zip(convs, input_moments(model, convs, batches, input_name), strict=True):
+        first = shared.get(conv.weight_name)
+        if first is not None and (first[0].group, first[0].kernel) != (conv.group, conv.kernel):
+            mixed.add(conv.weight_name)
+        shared[conv.weight_name] = (conv, moments if first is None or conv.weight_name in mixed else first[1] + moments)
+    for name in mixed:
+        del shared[name]
+    initializers = {t.name: t for t in model.graph.initializer}
+    for conv, moments in shared.values():
         rows = conv.fp32_weight.shape[0]
         weight = torch.from_numpy(conv.fp32_weight.reshape(rows, -1))
         scale = torch.from_numpy(conv.scale)
@@ -160,4 +176,4 @@ def round_weights(model: Any, fp32_weights: dict[str, np.ndarray], batches: Iter
         old = initializers[conv.weight_name]
         new = q.numpy().reshape(tuple(old.dims)).astype(np.int8)
         old.CopyFrom(numpy_helper.from_array(new, conv.weight_name))
-    return len(convs)
+    return len(shared)
