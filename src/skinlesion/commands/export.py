@@ -35,12 +35,12 @@ def main(args: argparse.Namespace) -> None:
 
 def int8(args: argparse.Namespace, fp32_path: Path) -> None:
     options = ScoringOptions.from_args(args)
-    result = export_int8(args.run_dir, fp32_path, args.calibration_images, options,
-                         rounding=getattr(args, "weight_rounding", "gptq"))
+    rounding = getattr(args, "weight_rounding", "gptq")
+    result = export_int8(args.run_dir, fp32_path, args.calibration_images, options, rounding=rounding)
     p_diff, logit_diff, logit_scale = result.parity
     print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB, static INT8 QDQ, per-channel weights, "
           f"calibrated on {result.calibration_images} training images, weights rounded by "
-          f"{'GPTQ' if getattr(args, 'weight_rounding', 'gptq') == 'gptq' else 'nearest step'})")  # fmt: skip
+          f"{'GPTQ' if rounding == 'gptq' else 'nearest step'})")  # fmt: skip
     print(f"check: INT8 vs PyTorch on {SAMPLE}: max |dp| = {p_diff:.2e}, max |dlogit| = {logit_diff:.2e} "
           f"(largest |logit| {logit_scale:.3g})")  # fmt: skip
     props = quantize.metadata_props(result.path)

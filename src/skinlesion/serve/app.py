@@ -12,10 +12,8 @@ oversubscribe the CPU nor hold several decoded images at once.
 from __future__ import annotations
 
 import base64
-import ctypes
 import io
 import json
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from skinlesion.data.clinical import clinical_values
 from skinlesion.data.images import MAX_ASPECT, MAX_IMAGE_PIXELS, ImageTooLargeError, ImageTooSmallError
 from skinlesion.decision import operating_point
 from skinlesion.decision.safeguards import Guarded
+from skinlesion.device import return_freed_memory
 from skinlesion.errors import SkinLesionError
 from skinlesion.inference import selection
 from skinlesion.inference.classifier import Classifier
@@ -49,24 +48,6 @@ PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
-
-
-def return_freed_memory() -> None:
-    """glibc only: allocations of 4 MiB or more (decoded uploads, their tensors) get their own mmap, so freeing one
-    gives it back to the OS, and at most 2 malloc arenas (inference is serialized anyway). glibc's defaults raise
-    that threshold to 32 MiB as large blocks are freed and keep freed memory in an arena per threadpool thread: RSS
-    then rose by ~140 MiB over 500 concurrent requests and by ~300-450 MiB per few large or hostile uploads."""
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return
-        libc = ctypes.CDLL(None)
-    except (ValueError, OSError, AttributeError):
-        return
-    libc.mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD (also turns off its dynamic raising)
-    libc.mallopt(-8, 2)  # M_ARENA_MAX
-    # Undo device.retain_freed_memory where a batch job ran in this process first (the Python API, tests).
-    libc.mallopt(-4, 65536)  # M_MMAP_MAX: glibc's default
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: glibc's default
 
 
 def gradcam_views(explainer: Classifier, image: Image.Image, target_class: str) -> dict[str, Any]:
